@@ -1,0 +1,204 @@
+"""``hlfd-segment``: segment kidney/liver and tumours in CT files with a model package.
+
+Exit status: 0 success; 1 an input, model or output error (one line on stderr, no output file
+left behind); 2 command-line usage error. In a batch, one failure does not stop the others and
+the exit status is 1 if any case failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .errors import HLFDError, InputError
+from .io import (
+    IMAGE_SUFFIXES,
+    LABELMAP_SUFFIXES,
+    full_suffix,
+    read_image,
+    write_json,
+    write_labelmap,
+)
+
+DEFAULT_SUFFIX = ".seg.nrrd"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hlfd-segment",
+        description="Segment kidney + kidney tumour or liver + liver tumour in CT volumes.",
+        epilog="Inputs: " + ", ".join(IMAGE_SUFFIXES) + " files or a DICOM series folder. "
+        "Outputs by extension: " + ", ".join(LABELMAP_SUFFIXES) + ".",
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="CT file(s) or DICOM folder(s)")
+    p.add_argument("-o", "--output", help="output file; a folder when several inputs are given")
+    p.add_argument("-m", "--model", help="model package folder or .zip, or a registry id")
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps"
+    )
+    p.add_argument("--report", help="write a JSON report (volumes in mL, timings, model, device)")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (slower)")
+    p.add_argument(
+        "--format",
+        default=DEFAULT_SUFFIX,
+        choices=LABELMAP_SUFFIXES,
+        help="output type in batch mode (default %(default)s)",
+    )
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--offline", action="store_true", help="never download; use the cache only")
+    p.add_argument("--list-models", action="store_true", help="list registry and cached models")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+    return p
+
+
+def _list_models() -> None:
+    from .registry import cached_models, load_registry
+
+    entries = load_registry()
+    print(f"{len(entries)} registry model(s)")
+    for e in entries:
+        print(f"  {e.id}@{e.version}  {e.task:7s} {e.title}")
+    cached = cached_models()
+    print(f"{len(cached)} cached package(s)")
+    for path in cached:
+        print(f"  {path}")
+
+
+def _output_path(src: Path, out_dir: Path, suffix: str) -> Path:
+    stem = src.name[: -len(full_suffix(src, IMAGE_SUFFIXES)) or None]
+    return out_dir / f"{stem}{suffix}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.list_models:
+            _list_models()
+            return 0
+        if not args.inputs or not args.output or not args.model:
+            parser.error("INPUT, -o/--output and -m/--model are required")
+        return _run(args)
+    except HLFDError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"hlfd-segment: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hlfd-segment: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .modelpackage import load_package
+    from .pipeline import Segmenter
+    from .registry import resolve_model, tqdm_progress
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    inputs = [Path(p) for p in args.inputs]
+    output = Path(args.output)
+    batch = len(inputs) > 1 or output.is_dir()
+    if batch:
+        if output.exists() and not output.is_dir():
+            raise InputError(f"{output}: several inputs need -o to be a folder")
+        output.mkdir(parents=True, exist_ok=True)
+        targets = [_output_path(src, output, args.format) for src in inputs]
+    else:
+        if not full_suffix(output, LABELMAP_SUFFIXES):
+            raise InputError(
+                f"{output}: unknown output type; use one of {', '.join(LABELMAP_SUFFIXES)}"
+            )
+        targets = [output]
+    for path in [*targets, *([Path(args.report)] if args.report else [])]:
+        if not path.parent.is_dir():
+            raise InputError(f"{path}: output folder {path.parent} does not exist")
+
+    show = not args.quiet
+    model = resolve_model(
+        args.model, offline=args.offline, progress=tqdm_progress("download") if show else None
+    )
+    segmenter = Segmenter(load_package(model), device=args.device, tta=args.tta)
+    failures: list[str] = []
+    reports = []
+    cases = tqdm(
+        list(zip(inputs, targets)), desc="cases", unit="case", disable=not (show and batch)
+    )
+    for src, dst in cases:
+        try:
+            report = _segment_one(segmenter, src, dst, progress_bar=show and not batch)
+            if not batch and args.report:
+                _write_or_undo(report, Path(args.report), dst)
+            reports.append(report)
+        except HLFDError as exc:
+            if not batch:
+                raise
+            if args.verbose:
+                traceback.print_exc()
+            failures.append(f"{src}: {exc}")
+            tqdm.write(f"hlfd-segment: failed: {exc}", file=sys.stderr)
+    if batch:
+        if args.report:
+            write_json({"cases": reports, "failures": failures}, args.report)
+        print(f"{len(reports)} segmented, {len(failures)} failed; outputs in {output}")
+        for line in failures:
+            print(f"  FAILED {line}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _write_or_undo(report: dict, path: Path, output: Path) -> None:
+    """Write the report; if that fails, remove the fresh output so nothing partial remains."""
+    try:
+        write_json(report, path)
+    except OSError as exc:
+        output.unlink(missing_ok=True)
+        raise InputError(f"{path}: cannot write report ({exc.strerror})") from None
+
+
+def _segment_one(segmenter, src: Path, dst: Path, progress_bar: bool) -> dict:
+    """Read, segment and write one case; return its report."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=100,
+        desc=src.name,
+        unit="%",
+        disable=not progress_bar,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]",
+    )
+
+    def progress(stage: str, fraction: float) -> None:
+        bar.set_postfix_str(stage, refresh=False)
+        bar.update(round(100 * fraction) - bar.n)
+
+    try:
+        t = time.perf_counter()
+        image = read_image(src)
+        read_s = time.perf_counter() - t
+        result = segmenter(image, where=str(src), progress=progress)
+        del image
+        t = time.perf_counter()
+        write_labelmap(result.labels, dst, segmenter.package.labels)
+        result.timings = {"read": read_s, **result.timings, "write": time.perf_counter() - t}
+    finally:
+        bar.close()
+    result.timings["total"] = time.perf_counter() - t0
+    for warning in result.warnings:
+        print(f"hlfd-segment: warning: {warning}", file=sys.stderr)
+    if progress_bar:
+        vols = ", ".join(f"{v['name']} {v['volume_ml']:.1f} mL" for v in result.volumes)
+        took = f"{result.timings['total']:.1f} s on {result.device}, {result.precision}"
+        print(f"{dst}: {vols} ({took})")
+    return {**result.report(segmenter.package, str(src)), "output": str(dst)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

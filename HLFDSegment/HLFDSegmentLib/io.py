@@ -1,0 +1,143 @@
+"""Images in (NIfTI, NRRD/NHDR, MHA/MHD, DICOM series folder), labelmaps and reports out.
+
+Images stay SimpleITK images (LPS physical space, any direction) so the original geometry is
+kept exactly. Every output is written under a temporary name in the target folder and renamed
+at the end: a failure never leaves a partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def full_suffix(path: str | os.PathLike[str], known: Sequence[str]) -> str:
+    """The longest suffix of ``path`` among ``known`` (".seg.nrrd" before ".nrrd"), or ""."""
+    name = Path(path).name.lower()
+    return max((s for s in known if name.endswith(s)), key=len, default="")
+
+
+def read_image(path: str | os.PathLike[str]) -> sitk.Image:
+    """Read an image file or DICOM series folder (content is checked by :func:`check_image`)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    try:
+        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"{path}: cannot read image ({_itk_reason(exc)})") from None
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+    return image
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"{folder}: folder holds no DICOM series")
+    files = max((reader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def _itk_reason(exc: RuntimeError) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if "Description:" in line:
+            return line.split("Description:", 1)[1].strip()
+    return lines[-1] if lines else "unknown ITK error"
+
+
+def check_image(image: sitk.Image, where: str) -> list[str]:
+    """Raise :class:`InputError` for images that cannot be CT volumes; return soft warnings."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{where}: {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+            "a scalar CT volume is needed"
+        )
+    size = image.GetSize()
+    shown = "x".join(map(str, size))
+    if 0 in size:
+        raise InputError(f"{where}: image has a zero-size axis ({shown})")
+    if len(size) != 3 or 1 in size:
+        kind = "4D" if len(size) > 3 else "2D"
+        raise InputError(f"{where}: {kind} image of size {shown}; a 3D CT volume is needed")
+    arr = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise InputError(f"{where}: {bad} voxels are NaN or infinite")
+    lo, hi = (float(v) for v in (arr.min(), arr.max()))
+    if lo == hi:
+        raise InputError(f"{where}: constant image (every voxel is {lo:g}); nothing to segment")
+    warnings = []
+    sample = arr[:: max(1, arr.shape[0] // 16), ::4, ::4]
+    p1, p99 = np.percentile(sample, [1, 99])
+    if p1 > -500 or p99 < 0 or hi > 10000:
+        warnings.append(
+            f"{where}: intensities (1st-99th percentile {p1:.0f}..{p99:.0f}) do not look "
+            "like CT in Hounsfield units; results may be meaningless"
+        )
+    return warnings
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same ``suffix``), renamed to ``path`` on success."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: output folder {path.parent} does not exist")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_labelmap(
+    labels: sitk.Image, path: str | os.PathLike[str], segments: Sequence[Mapping[str, Any]] = ()
+) -> None:
+    """Write a uint8 labelmap by extension: ``.seg.nrrd`` (Slicer segmentation with ``segments``),
+    or ``.nii.gz`` / ``.nii`` / ``.nrrd`` / ``.mha`` labelmap."""
+    suffix = full_suffix(path, LABELMAP_SUFFIXES)
+    if not suffix:
+        raise InputError(f"{path}: unknown output type; use one of {', '.join(LABELMAP_SUFFIXES)}")
+    with atomic_path(path, suffix) as tmp:
+        if suffix == ".seg.nrrd":
+            from .segfile import write_seg_nrrd
+
+            write_seg_nrrd(labels, segments, tmp)
+        else:
+            sitk.WriteImage(labels, str(tmp), useCompression=suffix != ".nii")
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike[str]) -> None:
+    """Write a single-file image (.nii.gz, .nii, .nrrd, .mha; type by extension), atomically."""
+    suffix = full_suffix(path, LABELMAP_SUFFIXES[1:])
+    if not suffix:
+        raise InputError(f"{path}: unknown image type; use one of {', '.join(LABELMAP_SUFFIXES[1:])}")
+    with atomic_path(path, suffix) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=suffix != ".nii")
+
+
+def write_json(data: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_path(path, ".json") as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")

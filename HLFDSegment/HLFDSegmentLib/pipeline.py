@@ -1,0 +1,386 @@
+"""The segmentation pipeline every path runs (CLI, Slicer worker, training evaluation).
+
+read -> reorient + resample to the model grid (one linear resampling from the original) ->
+clip + normalise -> infer (2D: batched slices; 3D: MONAI sliding window, Gaussian blending) ->
+argmax to uint8 -> postprocess on the model grid -> nearest-neighbour back onto exactly the
+input grid -> volumes. Float data only ever exists on the (coarser) model grid.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import InputError
+from .io import check_image
+from .modelpackage import ModelPackage
+
+Progress = Callable[[str, float], None]
+"""Progress callback: (stage name, fraction of the whole run done in [0, 1])."""
+
+_AXIS_OF_LETTER = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
+_STAGES = {
+    "preprocess": (0.0, 0.1),
+    "infer": (0.1, 0.85),
+    "postprocess": (0.85, 0.92),
+    "resample": (0.92, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid in LPS physical space: size/spacing/origin in (x, y, z), direction row-major."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> Grid:
+        return cls(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+    def resample(
+        self, image: sitk.Image, interpolator: int, pixel_type: int, default: float = 0.0
+    ) -> sitk.Image:
+        return sitk.Resample(
+            image,
+            self.size,
+            sitk.Transform(),
+            interpolator,
+            self.origin,
+            self.spacing,
+            self.direction,
+            default,
+            pixel_type,
+        )
+
+
+def oriented_grid(grid: Grid, code: str) -> Grid:
+    """The voxels of ``grid`` with axes permuted/flipped to the nearest ``code`` (e.g. "LPS")."""
+    d = np.asarray(grid.direction, dtype=float).reshape(3, 3)
+    order: list[int] = []
+    for letter in code:
+        phys, sign = _AXIS_OF_LETTER[letter]
+        weights = [abs(d[phys, a]) if a not in order else -1.0 for a in range(3)]
+        order.append(int(np.argmax(weights)))
+    direction = np.zeros((3, 3))
+    origin = np.asarray(grid.origin, dtype=float)
+    for new, (letter, old) in enumerate(zip(code, order)):
+        phys, sign = _AXIS_OF_LETTER[letter]
+        flip = 1.0 if d[phys, old] * sign >= 0 else -1.0
+        direction[:, new] = flip * d[:, old]
+        if flip < 0:
+            origin = origin + d[:, old] * grid.spacing[old] * (grid.size[old] - 1)
+    return Grid(
+        tuple(grid.size[a] for a in order),
+        tuple(grid.spacing[a] for a in order),
+        tuple(origin),
+        tuple(direction.ravel()),
+    )
+
+
+def respaced_grid(grid: Grid, spacing: Iterable[float | None]) -> Grid:
+    """``grid`` with a new spacing (None keeps an axis), covering the same physical extent."""
+    new_spacing = tuple(float(s) if s else old for s, old in zip(spacing, grid.spacing))
+    size = tuple(
+        max(1, round(n * old / new)) for n, old, new in zip(grid.size, grid.spacing, new_spacing)
+    )
+    d = np.asarray(grid.direction).reshape(3, 3)
+    # keep the outer voxel edge: first centre moves by half the spacing change along each axis
+    shift = np.array([(new - old) / 2 for new, old in zip(new_spacing, grid.spacing)])
+    origin = np.asarray(grid.origin) + d @ shift
+    return Grid(size, new_spacing, tuple(origin), grid.direction)
+
+
+def select_device(name: str = "auto") -> tuple[torch.device, str | None]:
+    """Resolve ``auto|cpu|cuda|mps`` (or ``cuda:N``); fall back to CPU with a note if absent."""
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu"), None
+    if name.startswith("cuda") and not cuda:
+        return torch.device("cpu"), f"device {name!r} asked but no CUDA GPU is available; using CPU"
+    if name == "mps" and not mps:
+        return torch.device("cpu"), "device 'mps' asked but Apple MPS is not available; using CPU"
+    if name.split(":")[0] not in {"cpu", "cuda", "mps"}:
+        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return torch.device(name), None
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX-512 BF16 / AMX); elsewhere bf16 is slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@dataclass
+class Result:
+    """Labels on the input grid plus what a report needs."""
+
+    labels: sitk.Image
+    volumes: list[dict[str, Any]]
+    timings: dict[str, float]
+    device: str
+    precision: str
+    warnings: list[str] = field(default_factory=list)
+
+    def report(self, package: ModelPackage, source: str = "") -> dict[str, Any]:
+        return {
+            "input": source,
+            "model": {
+                "name": package.name,
+                "version": package.version,
+                "task": package.card["task"],
+                "path": str(package.path),
+            },
+            "device": self.device,
+            "precision": self.precision,
+            "grid": {
+                "size": list(self.labels.GetSize()),
+                "spacing_mm": list(self.labels.GetSpacing()),
+            },
+            "segments": self.volumes,
+            "seconds": {k: round(v, 3) for k, v in self.timings.items()},
+            "warnings": self.warnings,
+        }
+
+
+class Segmenter:
+    """A loaded model ready to segment CT volumes: ``Segmenter(package)(image) -> Result``."""
+
+    def __init__(self, package: ModelPackage, device: str = "auto", tta: bool = False):
+        self.package = package
+        self.card = package.card
+        self.device, note = select_device(device)
+        self.notes = [note] if note else []
+        self.tta = tta
+        net = package.build_network()
+        channels_last = package.spatial_dims == 2 and self.device.type != "mps"
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
+        self.net = net.to(self.device).eval()
+        self.size_divisible = int(getattr(net, "size_divisible", 1))
+        allow_bf16 = self.card["inference"].get("bf16_cpu", True)
+        if self.device.type == "cuda":
+            self.amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif self.device.type == "cpu" and allow_bf16 and cpu_has_fast_bf16():
+            self.amp = torch.bfloat16
+        else:
+            self.amp = None
+        self.precision = "float32" if self.amp is None else str(self.amp).removeprefix("torch.")
+
+    # -- stages ---------------------------------------------------------------------------------
+    def model_grid(self, image: sitk.Image) -> Grid:
+        pre = self.card["preprocessing"]
+        return respaced_grid(oriented_grid(Grid.of(image), pre["orientation"]), pre["spacing"])
+
+    def normalise(self, image: sitk.Image, grid: Grid) -> np.ndarray:
+        """Resample (linear) onto the model grid, clip to the window and normalise; (z, y, x)."""
+        pre = self.card["preprocessing"]
+        lo, hi = pre["window"]
+        resampled = grid.resample(image, sitk.sitkLinear, sitk.sitkFloat32, default=lo)
+        arr = sitk.GetArrayFromImage(resampled)
+        del resampled
+        np.clip(arr, lo, hi, out=arr)
+        norm = pre["normalize"]
+        if norm["mode"] == "minmax":
+            arr -= lo
+            arr /= hi - lo
+        else:
+            arr -= norm.get("mean", 0.0)
+            arr /= norm.get("std", 1.0)
+        return arr
+
+    def _background_value(self) -> float:
+        pre = self.card["preprocessing"]
+        norm = pre["normalize"]
+        lo = pre["window"][0]
+        if norm["mode"] == "minmax":
+            return 0.0
+        return (lo - norm.get("mean", 0.0)) / norm.get("std", 1.0)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities, averaged over the flips of the card's TTA set when enabled."""
+        flips = [[]]
+        if self.tta:
+            spatial = x.ndim - 2
+            axis_of = {"x": x.ndim - 1, "y": x.ndim - 2, "z": x.ndim - 3}
+            default = [["x"], ["y"]] if spatial == 2 else [["x"], ["y"], ["z"]]
+            flips += [
+                [axis_of[a] for a in f] for f in self.card["inference"].get("tta_flips", default)
+            ]
+        total = None
+        with torch.autocast(
+            self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
+        ):
+            for dims in flips:
+                xi = x.flip(dims) if dims else x
+                if self.channels_last and xi.ndim == 4:
+                    xi = xi.contiguous(memory_format=torch.channels_last)
+                p = torch.softmax(self.net(xi).float(), dim=1)
+                p = p.flip(dims) if dims else p
+                total = p if total is None else total + p
+        return total / len(flips)
+
+    def infer(self, arr: np.ndarray, progress: Progress | None = None) -> np.ndarray:
+        """uint8 labels (z, y, x) on the model grid for a normalised (z, y, x) array."""
+        with torch.inference_mode():
+            if self.package.spatial_dims == 2:
+                return self._infer_2d(arr, progress)
+            return self._infer_3d(arr, progress)
+
+    def _infer_2d(self, arr: np.ndarray, progress: Progress | None) -> np.ndarray:
+        z, h, w = arr.shape
+        m = self.size_divisible
+        ph, pw = (-h) % m, (-w) % m
+        batch = int(self.card["inference"].get("slice_batch", 16))
+        out = np.empty((z, h, w), dtype=np.uint8)
+        fill = self._background_value()
+        for start in range(0, z, batch):
+            chunk = torch.from_numpy(arr[start : start + batch]).unsqueeze(1)
+            if ph or pw:
+                chunk = torch.nn.functional.pad(chunk, (0, pw, 0, ph), value=fill)
+            probs = self._forward(chunk.to(self.device))
+            out[start : start + batch] = probs[..., :h, :w].argmax(1).to(torch.uint8).cpu().numpy()
+            if progress:
+                progress("infer", min(z, start + batch) / z)
+        return out
+
+    def _infer_3d(self, arr: np.ndarray, progress: Progress | None) -> np.ndarray:
+        from monai.inferers import sliding_window_inference
+
+        cfg = self.card["inference"]
+        roi = tuple(reversed(cfg["roi_size"]))  # card (x, y, z) -> array (z, y, x)
+        overlap = float(cfg.get("overlap", 0.25))
+        sw_batch = int(cfg.get("sw_batch_size", 1))
+        stride = [max(1, int(r * (1 - overlap))) for r in roi]
+        steps = [
+            math.ceil((n - r) / s) + 1 if n > r else 1 for n, r, s in zip(arr.shape, roi, stride)
+        ]
+        total = max(1, math.ceil(math.prod(steps) / sw_batch))
+        done = 0
+
+        def predictor(x: torch.Tensor) -> torch.Tensor:
+            nonlocal done
+            y = self._forward(x)
+            done += 1
+            if progress:
+                progress("infer", min(1.0, done / total))
+            return y
+
+        x = torch.from_numpy(arr)[None, None]
+        probs = sliding_window_inference(
+            x,
+            roi,
+            sw_batch,
+            predictor,
+            overlap=overlap,
+            mode="gaussian",
+            padding_mode="constant",
+            cval=self._background_value(),
+            sw_device=self.device,
+            device=torch.device("cpu"),
+        )
+        return probs[0].argmax(0).to(torch.uint8).numpy()
+
+    def postprocess(self, labels: np.ndarray, voxel_ml: float) -> np.ndarray:
+        """Apply the card's rules in place: organs keep their largest components, lesions stay
+        inside/touching their organ, lesion islands below ``min_island_ml`` join the organ."""
+        rules = self.card["postprocessing"]
+        if not rules.get("enabled", True):
+            return labels
+        by_value = {lab["value"]: lab for lab in self.card["labels"]}
+        min_voxels = rules.get("min_island_ml", 0.0) / voxel_ml
+        for organ in (lab for lab in self.card["labels"] if "keep_largest" in lab):
+            lesions = [v for v, lab in by_value.items() if lab.get("inside") == organ["value"]]
+            union = np.isin(labels, [organ["value"], *lesions])
+            components = _components(union)
+            sizes = np.bincount(components.ravel())
+            organ_votes = np.bincount(components[labels == organ["value"]], minlength=len(sizes))
+            eligible = [c for c in np.argsort(sizes)[::-1] if c and organ_votes[c]]
+            keep = np.zeros(len(sizes), dtype=bool)
+            keep[eligible[: organ["keep_largest"]]] = True
+            labels[union & ~keep[components]] = 0
+            for lesion in lesions:
+                islands = _components(labels == lesion)
+                small = np.flatnonzero(np.bincount(islands.ravel()) < min_voxels)
+                labels[np.isin(islands, small[small > 0])] = organ["value"]
+        return labels
+
+    # -- whole run ------------------------------------------------------------------------------
+    def __call__(
+        self, image: sitk.Image, where: str = "input image", progress: Progress | None = None
+    ) -> Result:
+        timings: dict[str, float] = {}
+        warnings = [*self.notes, *check_image(image, where)]
+
+        def report(stage: str, fraction: float) -> None:
+            if progress:
+                lo, hi = _STAGES[stage]
+                progress(stage, lo + (hi - lo) * fraction)
+
+        t = time.perf_counter()
+        report("preprocess", 0.0)
+        grid = self.model_grid(image)
+        arr = self.normalise(image, grid)
+        timings["preprocess"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        labels = self.infer(arr, report)
+        del arr
+        timings["infer"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        report("postprocess", 0.0)
+        labels = self.postprocess(labels, math.prod(grid.spacing) / 1000.0)
+        timings["postprocess"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        report("resample", 0.0)
+        model_labels = sitk.GetImageFromArray(labels)
+        model_labels.SetSpacing(grid.spacing)
+        model_labels.SetOrigin(grid.origin)
+        model_labels.SetDirection(grid.direction)
+        out = Grid.of(image).resample(model_labels, sitk.sitkNearestNeighbor, sitk.sitkUInt8)
+        timings["resample"] = time.perf_counter() - t
+        report("resample", 1.0)
+        return Result(
+            out,
+            segment_volumes(out, self.card["labels"]),
+            timings,
+            str(self.device),
+            self.precision,
+            warnings,
+        )
+
+
+def _components(mask: np.ndarray) -> np.ndarray:
+    """26-connected components of a boolean (z, y, x) mask as an int array (0 = background)."""
+    cc = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.view(np.uint8)), True)
+    return sitk.GetArrayFromImage(cc)
+
+
+def segment_volumes(labels: sitk.Image, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Voxel count and volume (mL) of each labelled segment on the labelmap's own grid."""
+    counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=256)
+    voxel_ml = math.prod(labels.GetSpacing()) / 1000.0
+    return [
+        {
+            "value": e["value"],
+            "name": e["name"],
+            "voxels": int(counts[e["value"]]),
+            "volume_ml": round(float(counts[e["value"]]) * voxel_ml, 3),
+        }
+        for e in entries
+    ]

@@ -1,0 +1,66 @@
+"""Shared fixtures: small real images with oblique geometry and small real model packages."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from HLFDSegmentLib.modelpackage import make_card, save_package
+from HLFDSegmentLib.nets import build_network
+
+
+def oblique_direction(degrees: float = 20.0, flip_x: bool = True) -> tuple[float, ...]:
+    """A rotation about z (and a flipped x axis): a non-axis-aligned, non-identity direction."""
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    if flip_x:
+        rot[:, 0] *= -1
+    return tuple(rot.ravel())
+
+
+def make_image(array: np.ndarray, spacing=(0.7, 0.8, 2.5), origin=(-30.0, 12.5, 101.0),
+               direction=None) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction or oblique_direction())
+    return image
+
+
+def block_ct(shape=(12, 40, 36), seed: int = 0) -> np.ndarray:
+    """int16 (z, y, x) volume of air, fat, soft tissue and bright blocks: no value near a threshold."""
+    rng = np.random.default_rng(seed)
+    arr = np.full(shape, -1000, dtype=np.int16)
+    z, y, x = shape
+    arr[:, 4 : y - 4, 3 : x - 3] = -100
+    arr[2 : z - 2, 8 : y - 10, 6 : x // 2] = 0
+    arr[3 : z - 3, 12 : y - 14, 8 : x // 2 - 3] = 250
+    arr[1:4, y // 2 :, x // 2 : x - 5] = 250
+    arr += rng.integers(-5, 6, size=shape, dtype=np.int16)
+    return arr
+
+
+@pytest.fixture
+def ct_image() -> sitk.Image:
+    return make_image(block_ct())
+
+
+def build_package(out: Path, architecture: str = "tiny_unet2d", spatial_dims: int = 2,
+                  seed: int = 0, **card) -> Path:
+    """A real package: a zoo network with seeded random weights and a card for the kidney task."""
+    kwargs = card.pop("network_kwargs", {"base": 4} if architecture == "tiny_unet2d" else {})
+    torch.manual_seed(seed)
+    net = build_network(architecture, spatial_dims, 1, 3, **kwargs)
+    card = make_card(name="test-model", version="0.0.1", task="kidney", architecture=architecture,
+                     spatial_dims=spatial_dims, network_kwargs=kwargs, **card)
+    return save_package(out, card, net.state_dict())
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory) -> Path:
+    return build_package(tmp_path_factory.mktemp("pkg") / "tiny")

@@ -1,0 +1,179 @@
+"""Pipeline stages: grids, voxel-exact geometry round trips, inference paths, postprocessing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import block_ct, build_package, make_image, oblique_direction
+
+from HLFDSegmentLib.errors import InputError
+from HLFDSegmentLib.modelpackage import load_package
+from HLFDSegmentLib.pipeline import (
+    Grid,
+    Segmenter,
+    oriented_grid,
+    respaced_grid,
+    segment_volumes,
+    select_device,
+)
+
+
+class ThresholdNet(torch.nn.Module):
+    """A fixed 1x1 convolution whose argmax is a pure intensity threshold (0 / 1 / 2 at
+    normalised 0.3 and 0.6): any voxel moved by a geometry bug changes the answer."""
+
+    size_divisible = 1
+
+    def __init__(self, spatial_dims: int):
+        super().__init__()
+        conv = torch.nn.Conv2d if spatial_dims == 2 else torch.nn.Conv3d
+        self.conv = conv(1, 3, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([0.0, 1.0, 3.0]).view(3, 1, *[1] * spatial_dims))
+            self.conv.bias.copy_(torch.tensor([0.3, 0.0, -1.2]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def expected_threshold(arr: np.ndarray) -> np.ndarray:
+    x = (np.clip(arr.astype(np.float32), -200, 300) + 200) / 500
+    return np.where(x > 0.6, 2, np.where(x > 0.3, 1, 0)).astype(np.uint8)
+
+
+def threshold_segmenter(tmp_path, spatial_dims: int, orientation: str, tta=False) -> Segmenter:
+    arch = "tiny_unet2d" if spatial_dims == 2 else "monai_unet3d"
+    kwargs = {"base": 4} if spatial_dims == 2 else {"channels": [4, 8, 16], "strides": [2, 2]}
+    pkg = build_package(
+        tmp_path / "pkg", arch, spatial_dims, network_kwargs=kwargs,
+        preprocessing={"orientation": orientation, "spacing": [None, None, None]},
+        postprocessing={"enabled": False},
+        inference={"roi_size": [16, 16, 8]} if spatial_dims == 3 else {},
+    )
+    seg = Segmenter(load_package(pkg), device="cpu", tta=tta)
+    seg.net = ThresholdNet(spatial_dims)
+    seg.size_divisible = 1
+    seg.channels_last = False
+    return seg
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "RAS", "SLP"])
+@pytest.mark.parametrize("flip_x", [True, False])
+def test_oriented_grid_addresses_the_same_points(orientation, flip_x):
+    image = make_image(block_ct(), direction=oblique_direction(25, flip_x))
+    grid = Grid.of(image)
+    new = oriented_grid(grid, orientation)
+    assert sorted(new.size) == sorted(grid.size)
+    back = new.resample(image, sitk.sitkNearestNeighbor, sitk.sitkInt16)
+    # same voxels, only permuted/flipped: the set of values and every physical point agree
+    corner = (0, 0, 0)
+    far = tuple(n - 1 for n in new.size)
+    for idx in (corner, far):
+        p = back.TransformIndexToPhysicalPoint(idx)
+        assert image.GetPixel(image.TransformPhysicalPointToIndex(p)) == back.GetPixel(idx)
+    assert np.array_equal(
+        np.sort(sitk.GetArrayViewFromImage(back), axis=None),
+        np.sort(sitk.GetArrayViewFromImage(image), axis=None),
+    )
+
+
+def test_respaced_grid_keeps_extent():
+    grid = Grid((100, 80, 10), (0.75, 0.75, 5.0), (1.0, 2.0, 3.0), oblique_direction())
+    new = respaced_grid(grid, [1.5, 1.5, None])
+    assert new.size == (50, 40, 10)
+    assert new.spacing == (1.5, 1.5, 5.0)
+    d = np.asarray(grid.direction).reshape(3, 3)
+    edge_old = np.asarray(grid.origin) - d @ (np.asarray(grid.spacing) / 2)
+    edge_new = np.asarray(new.origin) - d @ (np.asarray(new.spacing) / 2)
+    assert np.allclose(edge_old, edge_new)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("orientation", ["LPS", "RAS"])
+def test_labels_land_voxel_exactly_on_oblique_anisotropic_input(tmp_path, spatial_dims, orientation):
+    arr = block_ct()
+    image = make_image(arr, spacing=(0.7, 0.9, 2.5), direction=oblique_direction(20, True))
+    result = threshold_segmenter(tmp_path, spatial_dims, orientation)(image)
+    out = result.labels
+    assert out.GetSize() == image.GetSize()
+    assert out.GetSpacing() == image.GetSpacing()
+    assert out.GetOrigin() == image.GetOrigin()
+    assert out.GetDirection() == image.GetDirection()
+    assert out.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(out), expected_threshold(arr))
+
+
+def test_tta_of_a_pointwise_net_changes_nothing(tmp_path):
+    arr = block_ct()
+    image = make_image(arr)
+    plain = threshold_segmenter(tmp_path / "a", 2, "LPS")(image)
+    tta = threshold_segmenter(tmp_path / "b", 2, "LPS", tta=True)(image)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(tta.labels),
+                                  sitk.GetArrayViewFromImage(plain.labels))
+
+
+def test_volume_smaller_than_the_3d_patch_is_padded(tmp_path):
+    arr = block_ct((4, 10, 9))
+    arr[1:3, 3:7, 2:6] = 250
+    image = make_image(arr)
+    result = threshold_segmenter(tmp_path, 3, "LPS")(image)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(result.labels), expected_threshold(arr))
+
+
+def test_real_network_runs_with_resampling_and_reports(tiny_package, ct_image):
+    seg = Segmenter(load_package(tiny_package), device="cpu")
+    stages = []
+    result = seg(ct_image, progress=lambda stage, f: stages.append((stage, f)))
+    assert result.labels.GetSize() == ct_image.GetSize()
+    assert set(np.unique(sitk.GetArrayViewFromImage(result.labels))) <= {0, 1, 2}
+    fractions = [f for _, f in stages]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert {s for s, _ in stages} == {"preprocess", "infer", "postprocess", "resample"}
+    report = result.report(seg.package, "x.nii.gz")
+    assert [s["name"] for s in report["segments"]] == ["Kidney", "Kidney tumor"]
+    assert set(report["seconds"]) == {"preprocess", "infer", "postprocess", "resample"}
+
+
+def test_postprocess_keeps_two_kidneys_and_lesions_inside(tiny_package):
+    seg = Segmenter(load_package(tiny_package), device="cpu")
+    labels = np.zeros((20, 40, 40), dtype=np.uint8)
+    labels[2:12, 5:15, 5:15] = 1  # left kidney, 1000 voxels
+    labels[5:8, 8:11, 8:11] = 2  # tumour inside it
+    labels[2:12, 5:15, 25:35] = 1  # right kidney
+    labels[10:14, 10:14, 14:16] = 2  # tumour bulging out of the left kidney: kept (touches)
+    labels[15:18, 30:33, 2:5] = 1  # small third organ blob: removed
+    labels[15:19, 20:24, 20:24] = 2  # lesion far from any kidney: removed
+    labels[7, 8, 28] = 2  # one-voxel lesion island inside the right kidney: becomes kidney
+    voxel_ml = 1.0 / 1000  # 1 mm^3 voxels; min_island_ml 0.1 -> 100 voxels
+    out = seg.postprocess(labels.copy(), voxel_ml)
+    assert out[16, 31, 3] == 0
+    assert out[17, 22, 22] == 0
+    assert out[6, 9, 9] == 1  # 27-voxel tumour < 100 voxels joins the kidney
+    assert out[7, 8, 28] == 1
+    assert (out[2:12, 5:15, 25:35] == 1).all()
+    assert np.count_nonzero(out == 1) >= 2000
+    big = labels.copy()
+    big[1:15, 20:38, 8:30] = 0
+    big[2:14, 15:30, 8:22] = 2  # 2520-voxel tumour touching the left kidney: kept
+    big[2:12, 5:15, 5:15] = 1
+    kept = seg.postprocess(big.copy(), voxel_ml)
+    assert (kept[2:14, 15:30, 8:22] == 2).all()
+
+
+def test_segment_volumes_in_ml():
+    labels = sitk.GetImageFromArray(np.pad(np.ones((10, 10, 10), np.uint8), 2))
+    labels.SetSpacing((0.5, 0.5, 2.0))
+    vols = segment_volumes(labels, [{"value": 1, "name": "Kidney"}, {"value": 2, "name": "T"}])
+    assert vols[0] == {"value": 1, "name": "Kidney", "voxels": 1000, "volume_ml": 0.5}
+    assert vols[1]["voxels"] == 0
+
+
+def test_device_selection_falls_back_with_a_note():
+    assert select_device("cpu") == (torch.device("cpu"), None)
+    if not torch.cuda.is_available():
+        device, note = select_device("cuda")
+        assert device.type == "cpu" and "no CUDA GPU" in note
+    with pytest.raises(InputError, match="unknown device 'tpu'"):
+        select_device("tpu")
