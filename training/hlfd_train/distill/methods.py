@@ -1,0 +1,432 @@
+"""The registered distillation methods.
+
+Common rules (see the "Distillation design" section of ARCHITECTURE.md):
+
+* Adapters (1x1 projections, auxiliary class heads) are created once, in ``__init__``, on the
+  student side; teacher tensors are detached and never pass through a trainable layer.
+* A method's ``weight`` is its total weight: terms over several stages share it equally.
+* Generic methods (``kd``, ``at``, ``fitnet``, ``deep``, ``cwd``) resize the student tensor to
+  the teacher's grid when they differ. The feedback methods (``ifd``, ``hifd``, ``hlfd``)
+  compare at the student tap's own resolution instead: the teacher targets (attention maps,
+  class logits) are resized there with parameter-free interpolation, because a deep teacher
+  stage is much smaller than the shallow student stage it supervises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import (
+    at_loss,
+    attention_distance,
+    attention_map,
+    cwd_loss,
+    kl_from_probs,
+    kl_pixelwise,
+    normalize_map,
+    resize_to,
+)
+from .registry import DistillMethod, register_method
+
+ENCODER = ("e1", "e2", "e3", "e4", "e5")
+DECODER = ("d5", "d4", "d3", "d2")
+
+
+def _nonempty(method: DistillMethod, key: str) -> tuple[str, ...]:
+    stages = method.config[key]
+    if not stages:
+        raise ValueError(f"distillation method {method.name!r}: {key!r} must not be empty")
+    return stages
+
+
+def unified_attention_target(
+    teacher_feats: Sequence[torch.Tensor], size: Sequence[int], p: float
+) -> torch.Tensor:
+    """One-channel attention target (N,1,*size) from several teacher stages.
+
+    Each stage's map ``mean_c |F|**p`` is resized to ``size``, normalised to unit L2 norm, the
+    maps are stacked along the channel axis (N,k,*size) and reduced by their mean, which is
+    normalised again: every stage contributes equally, whatever its activation scale.
+    """
+    maps = [
+        normalize_map(resize_to(attention_map(f, p, normalize=False), size)) for f in teacher_feats
+    ]
+    return normalize_map(torch.cat(maps, dim=1).mean(dim=1, keepdim=True))
+
+
+def feedback_attention_target(
+    teacher_feat: torch.Tensor, size: Sequence[int], p: float
+) -> torch.Tensor:
+    """Teacher attention map resized (parameter-free, usually upsampled) to ``size``, normalised."""
+    return normalize_map(resize_to(attention_map(teacher_feat, p, normalize=False), size))
+
+
+def _student_attention(student_feat: torch.Tensor, p: float) -> torch.Tensor:
+    return attention_map(student_feat, p, normalize=True)
+
+
+@register_method("none")
+class NoDistillation(DistillMethod):
+    """Plain student training: no distillation term."""
+
+    def compute(self, student, teacher, student_logits, teacher_logits):
+        return {}
+
+
+@register_method("kd")
+class PixelwiseKD(DistillMethod):
+    """Hinton KD on every voxel: ``weight * T**2 * KL(p_t || p_s)`` over the class channel."""
+
+    defaults: ClassVar[dict[str, Any]] = {"weight": 1.0, "temperature": 4.0}
+
+    def __init__(self, teacher_channels, student_channels, spatial_dims, **cfg):
+        super().__init__(teacher_channels, student_channels, spatial_dims, **cfg)
+        self.positive("temperature")
+        self.non_negative("weight")
+
+    def needs_logits(self) -> bool:
+        return True
+
+    def compute(self, student, teacher, student_logits, teacher_logits):
+        loss = kl_pixelwise(student_logits, teacher_logits, self.config["temperature"])
+        return {"kd": self.config["weight"] * loss}
+
+
+@register_method("at")
+class AttentionTransfer(DistillMethod):
+    """Attention transfer (Zagoruyko & Komodakis 2017) on matched stages, exponent ``p``."""
+
+    defaults: ClassVar[dict[str, Any]] = {"weight": 1.0, "p": 2.0, "stages": ENCODER}
+
+    def __init__(self, teacher_channels, student_channels, spatial_dims, **cfg):
+        super().__init__(teacher_channels, student_channels, spatial_dims, **cfg)
+        self.positive("p")
+        self.non_negative("weight")
+        self.stages = _nonempty(self, "stages")
+
+    def required_taps(self):
+        return self.stages, self.stages
+
+    def compute(self, student, teacher, student_logits, teacher_logits):
+        w = self.config["weight"] / len(self.stages)
+        return {
+            f"at_{s}": w * at_loss(student[s], teacher[s], self.config["p"]) for s in self.stages
+        }
+
+
+class _ProjectedMSE(DistillMethod):
+    """Student feature -> 1x1 conv adapter (student -> teacher channels) -> MSE to teacher."""
+
+    prefix: ClassVar[str] = ""
+
+    def _build(self, stages: tuple[str, ...]) -> None:
+        self.non_negative("weight")
+        self.stages = stages
+        self.adapters = nn.ModuleDict(
+            {
+                s: self.conv1x1(self.channels("student", s), self.channels("teacher", s))
+                for s in stages
+            }
+        )
+
+    def required_taps(self):
+        return self.stages, self.stages
+
+    def compute(self, student, teacher, student_logits, teacher_logits):
+        w = self.config["weight"] / len(self.stages)
+        terms = {}
+        for s in self.stages:
+            t = teacher[s]
+            projected = resize_to(self.adapters[s](student[s]), t.shape[2:])
+            terms[f"{self.prefix}_{s}"] = w * F.mse_loss(projected, t)
+        return terms
+
+
+@register_method("fitnet")
+class FitNet(_ProjectedMSE):
+    """FitNets (Romero et al. 2015): hint at one middle stage through a 1x1 regressor."""
+
+    defaults: ClassVar[dict[str, Any]] = {"weight": 1.0, "hint": "e3"}
+    prefix = "fitnet"
+
+    def __init__(self, teacher_channels, student_channels, spatial_dims, **cfg):
+        super().__init__(teacher_channels, student_channels, spatial_dims, **cfg)
+        self._build((self.config["hint"],))
+
+
+@register_method("deep")
+class LayerToLayer(_ProjectedMSE):
+    """Layer-to-layer feature distillation: every stage, student (adapted) vs teacher."""
+
+    defaults: ClassVar[dict[str, Any]] = {"weight": 1.0, "stages": ENCODER + DECODER}
+    prefix = "deep"
+
+    def __init__(self, teacher_channels, student_channels, spatial_dims, **cfg):
+        super().__init__(teacher_channels, student_channels, spatial_dims, **cfg)
+        self._build(_nonempty(self, "stages"))
+
+
+@register_method("cwd")
+class ChannelWise(DistillMethod):
+    """Channel-wise distillation (Shu et al. 2021).
+
+    By default on the logits (tau 1, weight 3: the authors' segmentation setting); feature
+    ``stages`` may be added, each with a 1x1 adapter from student to teacher channels.
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {
+        "weight": 3.0,
+        "temperature": 1.0,
+        "logits": True,
+        "stages": (),
+    }
+
+    def __init__(self, teacher_channels, student_channels, spatial_dims, **cfg):
+        super().__init__(teacher_channels, student_channels, spatial_dims, **cfg)
+        self.positive("temperature")
+        self.non_negative("weight")
+        self.stages = self.config["stages"]
+        if not self.stages and not self.config["logits"]:
+            raise ValueError("distillation method 'cwd': set 'logits' or give 'stages'")
+        self.adapters = nn.ModuleDict(
+            {
+                s: self.conv1x1(self.channels("student", s), self.channels("teacher", s))
+                for s in self.stages
+            }
+        )
+
+    def required_taps(self):
+        return self.stages, self.stages
+
+    def needs_logits(self) -> bool:
+        return self.config["logits"]
+
+    def compute(self, student, teacher, student_logits, teacher_logits):
+        tau = self.config["temperature"]
+        w = self.config["weight"] / (len(self.stages) + int(self.config["logits"]))
+        terms = {
+            f"cwd_{s}": w * cwd_loss(self.adapters[s](student[s]), teacher[s], tau)
+            for s in self.stages
+        }
+        if self.config["logits"]:
+            terms["cwd_logits"] = w * cwd_loss(student_logits, teacher_logits, tau)
+        return terms
+
+
+@register_method("ifd")
+class IndividualFeedback(DistillMethod):
+    """Individual feedback: the deepest teacher stage's attention -> each student stage.
+
+    The teacher map is upsampled (parameter-free) to each student stage's size.
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {
+        "weight": 1.0,
+        "p": 4.0,
+        "source": "e5",
+        "targets": ("e2", "e3", "e4"),
+    }
+
+    def __init__(self, teacher_channels, student_channels, spatial_dims, **cfg):
+        super().__init__(teacher_channels, student_channels, spatial_dims, **cfg)
+        self.positive("p")
+        self.non_negative("weight")
+        self.targets = _nonempty(self, "targets")
+
+    def required_taps(self):
+        return self.targets, (self.config["source"],)
+
+    def compute(self, student, teacher, student_logits, teacher_logits):
+        p, w = self.config["p"], self.config["weight"] / len(self.targets)
+        src = teacher[self.config["source"]]
+        terms = {}
+        for s in self.targets:
+            target = feedback_attention_target(src, student[s].shape[2:], p)
+            terms[f"ifd_{s}"] = w * attention_distance(_student_attention(student[s], p), target)
+        return terms
+
+
+@register_method("hifd")
+class HierarchicalFeedback(DistillMethod):
+    """Hierarchical (unified) feedback: teacher stages' combined attention -> one student stage."""
+
+    defaults: ClassVar[dict[str, Any]] = {
+        "weight": 1.0,
+        "p": 4.0,
+        "sources": ("e2", "e3", "e4"),
+        "target": "e1",
+    }
+
+    def __init__(self, teacher_channels, student_channels, spatial_dims, **cfg):
+        super().__init__(teacher_channels, student_channels, spatial_dims, **cfg)
+        self.positive("p")
+        self.non_negative("weight")
+        self.sources = _nonempty(self, "sources")
+
+    def required_taps(self):
+        return (self.config["target"],), self.sources
+
+    def compute(self, student, teacher, student_logits, teacher_logits):
+        p = self.config["p"]
+        s = student[self.config["target"]]
+        target = unified_attention_target([teacher[t] for t in self.sources], s.shape[2:], p)
+        return {
+            "hifd": self.config["weight"] * attention_distance(_student_attention(s, p), target)
+        }
+
+
+@register_method("hlfd")
+class HLFD(DistillMethod):
+    """Hierarchical Layer-selective Feedback Distillation (ISBI 2024) = FLFD + PLFD.
+
+    FLFD (attention maps, exponent ``p``): unified teacher e2,e3,e4 -> student e1 (see
+    :func:`unified_attention_target`); individual teacher e5 -> student e2, e3, e4.
+    PLFD (KL at temperature ``T``): unified teacher d5,d4,d3 -> student d5; individual teacher
+    output -> student d4, d3, d2. Student decoder stages get 1x1 auxiliary heads to class
+    logits (the adapters). Teacher decoder stages carry no class map and a teacher-side head
+    would have to be trained, which is forbidden (teacher targets never pass through a
+    trainable layer); so the teacher distribution "at d_k" is the teacher's final logits
+    resized (area average) to the teacher d_k grid. Unified PLFD averages the three softened
+    distributions (each brought to the student d5 grid); individual PLFD resizes the teacher
+    logits to each student head's grid.
+
+    Every comparison is made at the student tap's resolution. Terms: ``flfd_unified``,
+    ``flfd_individual``, ``plfd_unified``, ``plfd_individual``, each already multiplied by
+    level weight x branch weight; the individual branches average their three stages.
+    Ablations: ``feature_level`` / ``pixel_level`` / ``unified`` / ``individual`` switches
+    drop terms (and their taps and heads) without renormalising the remaining weights.
+    ``num_classes`` 0 means "the channel count of the ``out`` tap".
+    """
+
+    LAYER_MAP: ClassVar[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
+        # term: (teacher sources, student receivers)
+        "flfd_unified": (("e2", "e3", "e4"), ("e1",)),
+        "flfd_individual": (("e5",), ("e2", "e3", "e4")),
+        "plfd_unified": (("d5", "d4", "d3"), ("d5",)),
+        "plfd_individual": (("out",), ("d4", "d3", "d2")),
+    }
+
+    defaults: ClassVar[dict[str, Any]] = {
+        "flfd_weight": 0.9,
+        "plfd_weight": 0.1,
+        "unified_weight": 0.5,
+        "individual_weight": 0.5,
+        "p": 4.0,
+        "temperature": 4.0,
+        "feature_level": True,
+        "pixel_level": True,
+        "unified": True,
+        "individual": True,
+        "num_classes": 0,
+    }
+
+    def __init__(self, teacher_channels, student_channels, spatial_dims, **cfg):
+        super().__init__(teacher_channels, student_channels, spatial_dims, **cfg)
+        c = self.config
+        self.positive("p", "temperature")
+        self.non_negative("flfd_weight", "plfd_weight", "unified_weight", "individual_weight")
+        if not (c["feature_level"] or c["pixel_level"]) or not (c["unified"] or c["individual"]):
+            raise ValueError(
+                "distillation method 'hlfd': the ablation switches leave no term; use 'none'"
+            )
+        self.terms = tuple(
+            term
+            for term in self.LAYER_MAP
+            if c["feature_level" if term.startswith("flfd") else "pixel_level"]
+            and c["unified" if term.endswith("unified") else "individual"]
+        )
+        heads = sorted(
+            {s for t in self.terms if t.startswith("plfd") for s in self.LAYER_MAP[t][1]},
+            key=DECODER.index,
+        )
+        self.num_classes = 0
+        if heads:
+            self.num_classes = c["num_classes"] or self.channels("teacher", "out")
+            if self.num_classes < 1:
+                raise ValueError("distillation method 'hlfd': 'num_classes' must be >= 1")
+        self.aux_heads = nn.ModuleDict(
+            {d: self.conv1x1(self.channels("student", d), self.num_classes) for d in heads}
+        )
+
+    def required_taps(self):
+        student: list[str] = []
+        teacher: list[str] = []
+        for term in self.terms:
+            sources, receivers = self.LAYER_MAP[term]
+            student += [s for s in receivers if s not in student]
+            teacher += [t for t in sources if t != "out" and t not in teacher]
+        return tuple(student), tuple(teacher)
+
+    def needs_logits(self) -> bool:
+        return any(t.startswith("plfd") for t in self.terms)
+
+    def aux_logits(self, student: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Class logits of the student decoder stages through the auxiliary heads."""
+        return {d: head(student[d]) for d, head in self.aux_heads.items()}
+
+    def targets(
+        self,
+        student: dict[str, torch.Tensor],
+        teacher: dict[str, torch.Tensor],
+        teacher_logits: torch.Tensor | None,
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Teacher-side targets per term and receiving student tap (no trainable op).
+
+        FLFD targets are unit-norm attention maps (N,1,*student size); PLFD targets are class
+        probabilities at temperature T (N,K,*student size).
+        """
+        p, tau = self.config["p"], self.config["temperature"]
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for term in self.terms:
+            sources, receivers = self.LAYER_MAP[term]
+            out[term] = {}
+            for r in receivers:
+                size = student[r].shape[2:]
+                if term == "flfd_unified":
+                    tgt = unified_attention_target([teacher[t] for t in sources], size, p)
+                elif term == "flfd_individual":
+                    tgt = feedback_attention_target(teacher[sources[0]], size, p)
+                elif term == "plfd_unified":
+                    probs = [
+                        F.softmax(
+                            resize_to(resize_to(teacher_logits, teacher[t].shape[2:]), size) / tau,
+                            1,
+                        )
+                        for t in sources
+                    ]
+                    tgt = torch.stack(probs).mean(dim=0)
+                else:
+                    tgt = F.softmax(resize_to(teacher_logits, size) / tau, dim=1)
+                out[term][r] = tgt
+        return out
+
+    def compute(self, student, teacher, student_logits, teacher_logits):
+        c = self.config
+        if (
+            teacher_logits is not None
+            and self.needs_logits()
+            and teacher_logits.shape[1] != self.num_classes
+        ):
+            raise ValueError(
+                f"distillation method 'hlfd': teacher logits have {teacher_logits.shape[1]} "
+                f"channels, the auxiliary heads {self.num_classes}"
+            )
+        targets = self.targets(student, teacher, teacher_logits)
+        aux = self.aux_logits(student)
+        terms = {}
+        for term, per_tap in targets.items():
+            level = c["flfd_weight"] if term.startswith("flfd") else c["plfd_weight"]
+            branch = c["unified_weight"] if term.endswith("unified") else c["individual_weight"]
+            losses = []
+            for r, tgt in per_tap.items():
+                if term.startswith("flfd"):
+                    losses.append(attention_distance(_student_attention(student[r], c["p"]), tgt))
+                else:
+                    losses.append(kl_from_probs(aux[r], tgt, c["temperature"]))
+            terms[term] = level * branch * torch.stack(losses).mean()
+        return terms
