@@ -300,22 +300,22 @@ class Segmenter:
         rules = self.card["postprocessing"]
         if not rules.get("enabled", True):
             return labels
-        by_value = {lab["value"]: lab for lab in self.card["labels"]}
-        min_voxels = rules.get("min_island_ml", 0.0) / voxel_ml
+        min_voxels = round(rules.get("min_island_ml", 0.0) / voxel_ml)
         for organ in (lab for lab in self.card["labels"] if "keep_largest" in lab):
-            lesions = [v for v, lab in by_value.items() if lab.get("inside") == organ["value"]]
-            union = np.isin(labels, [organ["value"], *lesions])
-            components = _components(union)
-            sizes = np.bincount(components.ravel())
-            organ_votes = np.bincount(components[labels == organ["value"]], minlength=len(sizes))
-            eligible = [c for c in np.argsort(sizes)[::-1] if c and organ_votes[c]]
-            keep = np.zeros(len(sizes), dtype=bool)
-            keep[eligible[: organ["keep_largest"]]] = True
+            value = organ["value"]
+            lesions = [lab["value"] for lab in self.card["labels"] if lab.get("inside") == value]
+            union = np.isin(labels, [value, *lesions])
+            cc = _components(union)  # numbered by decreasing size
+            components = sitk.GetArrayViewFromImage(cc)
+            votes = np.bincount(components[labels == value], minlength=int(components.max()) + 1)
+            keep = np.zeros(len(votes), dtype=bool)
+            keep[np.flatnonzero(votes[1:])[: organ["keep_largest"]] + 1] = True
             labels[union & ~keep[components]] = 0
+            del union, components, cc
             for lesion in lesions:
-                islands = _components(labels == lesion)
-                small = np.flatnonzero(np.bincount(islands.ravel()) < min_voxels)
-                labels[np.isin(islands, small[small > 0])] = organ["value"]
+                mask = labels == lesion
+                kept = _components(mask, min_voxels)  # the view below borrows its memory
+                labels[mask & (sitk.GetArrayViewFromImage(kept) == 0)] = value
         return labels
 
     # -- whole run ------------------------------------------------------------------------------
@@ -365,15 +365,19 @@ class Segmenter:
         )
 
 
-def _components(mask: np.ndarray) -> np.ndarray:
-    """26-connected components of a boolean (z, y, x) mask as an int array (0 = background)."""
+def _components(mask: np.ndarray, min_voxels: int = 0) -> sitk.Image:
+    """26-connected components of a boolean (z, y, x) mask, numbered 1.. by decreasing size;
+    components smaller than ``min_voxels`` are dropped (0)."""
     cc = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.view(np.uint8)), True)
-    return sitk.GetArrayFromImage(cc)
+    return sitk.RelabelComponent(cc, min_voxels, True)
 
 
 def segment_volumes(labels: sitk.Image, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Voxel count and volume (mL) of each labelled segment on the labelmap's own grid."""
-    counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=256)
+    arr = sitk.GetArrayViewFromImage(labels)
+    counts = np.zeros(256, dtype=np.int64)
+    for start in range(0, arr.shape[0], 16):  # slabs: bincount makes an int64 copy of its input
+        counts += np.bincount(arr[start : start + 16].ravel(), minlength=256)
     voxel_ml = math.prod(labels.GetSpacing()) / 1000.0
     return [
         {
