@@ -111,6 +111,15 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
         tmp.unlink(missing_ok=True)
 
 
+def label_counts(labels: sitk.Image) -> np.ndarray:
+    """Voxels per label value 0..255 of a uint8 labelmap (in slabs: bincount copies to int64)."""
+    array = sitk.GetArrayViewFromImage(labels)
+    counts = np.zeros(256, dtype=np.int64)
+    for start in range(0, array.shape[0], 16):
+        counts += np.bincount(array[start : start + 16].ravel(), minlength=256)
+    return counts
+
+
 def write_labelmap(
     labels: sitk.Image, path: str | os.PathLike[str], segments: Sequence[Mapping[str, Any]] = ()
 ) -> None:
@@ -132,7 +141,9 @@ def write_image(image: sitk.Image, path: str | os.PathLike[str]) -> None:
     """Write a single-file image (.nii.gz, .nii, .nrrd, .mha; type by extension), atomically."""
     suffix = full_suffix(path, LABELMAP_SUFFIXES[1:])
     if not suffix:
-        raise InputError(f"{path}: unknown image type; use one of {', '.join(LABELMAP_SUFFIXES[1:])}")
+        raise InputError(
+            f"{path}: unknown image type; use one of {', '.join(LABELMAP_SUFFIXES[1:])}"
+        )
     with atomic_path(path, suffix) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=suffix != ".nii")
 

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from .errors import InputError
-from .io import check_image
+from .io import check_image, label_counts
 from .modelpackage import ModelPackage
 
 Progress = Callable[[str, float], None]
@@ -376,10 +376,7 @@ def _components(mask: np.ndarray, min_voxels: int = 0) -> sitk.Image:
 
 def segment_volumes(labels: sitk.Image, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Voxel count and volume (mL) of each labelled segment on the labelmap's own grid."""
-    arr = sitk.GetArrayViewFromImage(labels)
-    counts = np.zeros(256, dtype=np.int64)
-    for start in range(0, arr.shape[0], 16):  # slabs: bincount makes an int64 copy of its input
-        counts += np.bincount(arr[start : start + 16].ravel(), minlength=256)
+    counts = label_counts(labels)
     voxel_ml = math.prod(labels.GetSpacing()) / 1000.0
     return [
         {
