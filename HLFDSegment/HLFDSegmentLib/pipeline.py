@@ -100,6 +100,28 @@ def respaced_grid(grid: Grid, spacing: Iterable[float | None]) -> Grid:
     return Grid(size, new_spacing, tuple(origin), grid.direction)
 
 
+def model_grid(image: sitk.Image, pre: dict[str, Any]) -> Grid:
+    """The grid a model sees: ``image``'s voxels reoriented and resampled per the card."""
+    return respaced_grid(oriented_grid(Grid.of(image), pre["orientation"]), pre["spacing"])
+
+
+def normalise(image: sitk.Image, grid: Grid, pre: dict[str, Any]) -> np.ndarray:
+    """Resample (linear) onto the model grid, clip to the window and normalise; (z, y, x)."""
+    lo, hi = pre["window"]
+    resampled = grid.resample(image, sitk.sitkLinear, sitk.sitkFloat32, default=lo)
+    arr = sitk.GetArrayFromImage(resampled)
+    del resampled
+    np.clip(arr, lo, hi, out=arr)
+    norm = pre["normalize"]
+    if norm["mode"] == "minmax":
+        arr -= lo
+        arr /= hi - lo
+    else:
+        arr -= norm.get("mean", 0.0)
+        arr /= norm.get("std", 1.0)
+    return arr
+
+
 def select_device(name: str = "auto") -> tuple[torch.device, str | None]:
     """Resolve ``auto|cpu|cuda|mps`` (or ``cuda:N``); fall back to CPU with a note if absent."""
     cuda = torch.cuda.is_available()
@@ -184,25 +206,10 @@ class Segmenter:
 
     # -- stages ---------------------------------------------------------------------------------
     def model_grid(self, image: sitk.Image) -> Grid:
-        pre = self.card["preprocessing"]
-        return respaced_grid(oriented_grid(Grid.of(image), pre["orientation"]), pre["spacing"])
+        return model_grid(image, self.card["preprocessing"])
 
     def normalise(self, image: sitk.Image, grid: Grid) -> np.ndarray:
-        """Resample (linear) onto the model grid, clip to the window and normalise; (z, y, x)."""
-        pre = self.card["preprocessing"]
-        lo, hi = pre["window"]
-        resampled = grid.resample(image, sitk.sitkLinear, sitk.sitkFloat32, default=lo)
-        arr = sitk.GetArrayFromImage(resampled)
-        del resampled
-        np.clip(arr, lo, hi, out=arr)
-        norm = pre["normalize"]
-        if norm["mode"] == "minmax":
-            arr -= lo
-            arr /= hi - lo
-        else:
-            arr -= norm.get("mean", 0.0)
-            arr /= norm.get("std", 1.0)
-        return arr
+        return normalise(image, grid, self.card["preprocessing"])
 
     def _background_value(self) -> float:
         pre = self.card["preprocessing"]
