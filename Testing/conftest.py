@@ -23,8 +23,9 @@ def oblique_direction(degrees: float = 20.0, flip_x: bool = True) -> tuple[float
     return tuple(rot.ravel())
 
 
-def make_image(array: np.ndarray, spacing=(0.7, 0.8, 2.5), origin=(-30.0, 12.5, 101.0),
-               direction=None) -> sitk.Image:
+def make_image(
+    array: np.ndarray, spacing=(0.7, 0.8, 2.5), origin=(-30.0, 12.5, 101.0), direction=None
+) -> sitk.Image:
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
@@ -33,7 +34,7 @@ def make_image(array: np.ndarray, spacing=(0.7, 0.8, 2.5), origin=(-30.0, 12.5, 
 
 
 def block_ct(shape=(12, 40, 36), seed: int = 0) -> np.ndarray:
-    """int16 (z, y, x) volume of air, fat, soft tissue and bright blocks: no value near a threshold."""
+    """int16 (z, y, x) volume of air, fat, tissue and bright blocks, no value near a threshold."""
     rng = np.random.default_rng(seed)
     arr = np.full(shape, -1000, dtype=np.int16)
     z, y, x = shape
@@ -50,14 +51,22 @@ def ct_image() -> sitk.Image:
     return make_image(block_ct())
 
 
-def build_package(out: Path, architecture: str = "tiny_unet2d", spatial_dims: int = 2,
-                  seed: int = 0, **card) -> Path:
+def build_package(
+    out: Path, architecture: str = "tiny_unet2d", spatial_dims: int = 2, seed: int = 0, **card
+) -> Path:
     """A real package: a zoo network with seeded random weights and a card for the kidney task."""
     kwargs = card.pop("network_kwargs", {"base": 4} if architecture == "tiny_unet2d" else {})
     torch.manual_seed(seed)
     net = build_network(architecture, spatial_dims, 1, 3, **kwargs)
-    card = make_card(name="test-model", version="0.0.1", task="kidney", architecture=architecture,
-                     spatial_dims=spatial_dims, network_kwargs=kwargs, **card)
+    card = make_card(
+        name="test-model",
+        version="0.0.1",
+        task="kidney",
+        architecture=architecture,
+        spatial_dims=spatial_dims,
+        network_kwargs=kwargs,
+        **card,
+    )
     return save_package(out, card, net.state_dict())
 
 

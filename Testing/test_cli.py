@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import block_ct, make_image
 
 from HLFDSegmentLib.cli import main
 from HLFDSegmentLib.io import read_image, write_image
+
+from conftest import block_ct, make_image
 
 
 @pytest.fixture
@@ -46,8 +47,9 @@ def test_segments_to_seg_nrrd_with_report(tmp_path, capsys, ct_file, tiny_packag
     import slicerio
 
     out, report = tmp_path / "case.seg.nrrd", tmp_path / "case.json"
-    code, _, err = run(capsys, ct_file, "-o", out, "--model", tiny_package, "--report", report,
-                       "--device", "cpu")
+    code, _, err = run(
+        capsys, ct_file, "-o", out, "--model", tiny_package, "--report", report, "--device", "cpu"
+    )
     assert code == 0, err
     seg = slicerio.read_segmentation(str(out))
     assert [s["name"] for s in seg["segments"]] == ["Kidney", "Kidney tumor"]
@@ -55,7 +57,8 @@ def test_segments_to_seg_nrrd_with_report(tmp_path, capsys, ct_file, tiny_packag
     assert data["model"]["name"] == "test-model" and data["device"] == "cpu"
     assert [s["name"] for s in data["segments"]] == ["Kidney", "Kidney tumor"]
     assert {"read", "preprocess", "infer", "postprocess", "resample", "write", "total"} <= set(
-        data["seconds"])
+        data["seconds"]
+    )
     for entry in data["segments"]:
         assert entry["voxels"] == np.count_nonzero(seg["voxels"] == entry["value"])
 
@@ -77,8 +80,9 @@ def test_batch_continues_after_a_failure(tmp_path, capsys, ct_file, tiny_package
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"garbage")
     out_dir, report = tmp_path / "out", tmp_path / "batch.json"
-    code, out, err = run(capsys, ct_file, bad, second, "-o", out_dir, "-m", tiny_package,
-                         "--report", report)
+    code, out, err = run(
+        capsys, ct_file, bad, second, "-o", out_dir, "-m", tiny_package, "--report", report
+    )
     assert code == 1
     assert sorted(p.name for p in out_dir.iterdir()) == ["case.seg.nrrd", "second.seg.nrrd"]
     assert "2 segmented, 1 failed" in out and "bad.nii.gz: cannot read image" in err
@@ -109,16 +113,29 @@ def nan_ct() -> np.ndarray:
     ("make_input", "message"),
     [
         (lambda d: d / "missing.nii.gz", "missing.nii.gz: no such file"),
-        (lambda d: (d / "c.nii.gz").write_bytes(b"\x1f\x8bjunk") and d / "c.nii.gz",
-         "c.nii.gz: cannot read image"),
-        (lambda d: write_raw(d, "flat.nrrd", np.zeros((40, 30), np.int16) + np.arange(30, dtype=np.int16)),
-         "flat.nrrd: 2D image of size 30x40"),
+        (
+            lambda d: (d / "c.nii.gz").write_bytes(b"\x1f\x8bjunk") and d / "c.nii.gz",
+            "c.nii.gz: cannot read image",
+        ),
+        (
+            lambda d: write_raw(
+                d, "flat.nrrd", np.zeros((40, 30), np.int16) + np.arange(30, dtype=np.int16)
+            ),
+            "flat.nrrd: 2D image of size 30x40",
+        ),
         (lambda d: write_4d(d / "t.nii.gz"), "t.nii.gz: 4D image of size 18x40x12x3"),
         (lambda d: write_raw(d, "nan.nrrd", nan_ct()), "1 voxels are NaN or infinite"),
         (lambda d: write_raw(d, "const.nrrd", np.full((5, 9, 9), 40, np.int16)), "constant image"),
-        (lambda d: (d / "zero.nhdr").write_text(
-            "NRRD0004\ntype: short\ndimension: 3\nsizes: 0 4 4\nencoding: raw\ndata file: z.raw\n")
-         and d / "zero.nhdr", "zero.nhdr"),
+        (
+            lambda d: (
+                (d / "zero.nhdr").write_text(
+                    "NRRD0004\ntype: short\ndimension: 3\nsizes: 0 4 4\n"
+                    "encoding: raw\ndata file: z.raw\n"
+                )
+                and d / "zero.nhdr"
+            ),
+            "zero.nhdr",
+        ),
     ],
     ids=["missing", "corrupt", "2d", "4d", "nan", "constant", "zero-size"],
 )
@@ -157,8 +174,9 @@ def test_bad_outputs_fail_before_any_work(tmp_path, capsys, ct_file, tiny_packag
 
 
 def test_non_ct_input_warns_and_small_volume_is_padded(tmp_path, capsys, tiny_package):
-    mr = write_raw(tmp_path, "mr.nrrd",
-                   np.random.default_rng(0).integers(0, 900, (3, 5, 7)).astype(np.int16))
+    mr = write_raw(
+        tmp_path, "mr.nrrd", np.random.default_rng(0).integers(0, 900, (3, 5, 7)).astype(np.int16)
+    )
     out = tmp_path / "mr.nii.gz"
     code, _, err = run(capsys, mr, "-o", out, "-m", tiny_package)
     assert code == 0
@@ -167,8 +185,17 @@ def test_non_ct_input_warns_and_small_volume_is_padded(tmp_path, capsys, tiny_pa
 
 
 def test_verbose_shows_the_traceback(tmp_path, capsys, tiny_package):
-    code = main([str(tmp_path / "nope.nii"), "-o", str(tmp_path / "o.nii.gz"), "-m",
-                 str(tiny_package), "--verbose", "--quiet"])
+    code = main(
+        [
+            str(tmp_path / "nope.nii"),
+            "-o",
+            str(tmp_path / "o.nii.gz"),
+            "-m",
+            str(tiny_package),
+            "--verbose",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" in err
 
@@ -191,8 +218,13 @@ def test_console_script_runs_a_large_volume_within_bounded_memory(tmp_path, tiny
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024);"
         "sys.exit(r.returncode)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     peak_mb = int(proc.stdout.strip().splitlines()[-1])
     assert peak_mb < 4096, f"peak RSS {peak_mb} MB"

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from hlfd_train.distill import (
     HLFD,
     METHODS,
@@ -22,7 +24,6 @@ from hlfd_train.distill import (
     run_with_taps,
     segmentation_loss,
 )
-from torch import nn
 
 STAGES = ("e1", "e2", "e3", "e4", "e5", "d5", "d4", "d3", "d2")
 K = 3  # classes

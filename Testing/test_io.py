@@ -5,17 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import block_ct, make_image, oblique_direction
 
 from HLFDSegmentLib.errors import InputError
 from HLFDSegmentLib.io import check_image, full_suffix, read_image, write_image, write_labelmap
 
+from conftest import block_ct, make_image, oblique_direction
+
 
 def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-5) -> bool:
-    return (a.GetSize() == b.GetSize()
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol)
+    )
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"])
@@ -27,8 +30,9 @@ def test_files_round_trip_with_oblique_geometry(tmp_path, ct_image, suffix):
         write_image(ct_image, path)
     back = read_image(path)
     assert same_geometry(back, ct_image)
-    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back),
-                                  sitk.GetArrayViewFromImage(ct_image))
+    np.testing.assert_array_equal(
+        sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(ct_image)
+    )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -42,12 +46,18 @@ def write_dicom_series(image: sitk.Image, folder) -> None:
     for k in range(image.GetDepth()):
         sl = image[:, :, k]
         for tag, value in {
-            "0008|0060": "CT", "0020|000e": series_uid, "0020|000d": series_uid + ".0",
-            "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0008|0060": "CT",
+            "0020|000e": series_uid,
+            "0020|000d": series_uid + ".0",
+            "0008|0018": f"{series_uid}.{k + 1}",
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(
+                f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))
+            ),
             "0020|0037": "\\".join(f"{v:.6f}" for v in (*direction[0::3], *direction[1::3])),
             "0018|0050": f"{image.GetSpacing()[2]:.6f}",
-            "0028|1052": "0", "0028|1053": "1",
+            "0028|1052": "0",
+            "0028|1053": "1",
         }.items():
             sl.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
@@ -56,12 +66,17 @@ def write_dicom_series(image: sitk.Image, folder) -> None:
 
 def test_dicom_series_folder_keeps_geometry(tmp_path):
     # DICOM frames are right-handed (slice normal = row x column), so no flipped axis here
-    image = make_image(block_ct((6, 20, 18)), spacing=(0.7, 0.7, 2.5),
-                       direction=oblique_direction(20, flip_x=False))
+    image = make_image(
+        block_ct((6, 20, 18)),
+        spacing=(0.7, 0.7, 2.5),
+        direction=oblique_direction(20, flip_x=False),
+    )
     write_dicom_series(image, tmp_path / "dicom")
     back = read_image(tmp_path / "dicom")
     assert same_geometry(back, image, tol=1e-4)
-    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image))
+    np.testing.assert_array_equal(
+        sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)
+    )
 
 
 def test_unreadable_inputs(tmp_path):
@@ -96,7 +111,9 @@ def test_check_image_refusals():
 
 
 def test_non_ct_intensities_warn_but_pass():
-    mr = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 800, (8, 16, 16)).astype(np.int16))
+    mr = sitk.GetImageFromArray(
+        np.random.default_rng(0).integers(0, 800, (8, 16, 16)).astype(np.int16)
+    )
     assert "do not look like CT" in check_image(mr, "mr.nii")[0]
     assert check_image(make_image(block_ct()), "ct.nii") == []
 
@@ -111,9 +128,18 @@ def test_labelmap_outputs_by_extension_and_atomicity(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         write_labelmap(labels, tmp_path / "nowhere" / "l.nii.gz")
     with pytest.raises(ValueError):  # a label value without a segment entry
-        write_labelmap(make_image(np.full((4, 8, 8), 3, np.uint8)), tmp_path / "s.seg.nrrd",
-                       [{"value": 1, "name": "Kidney", "color": [1, 2, 3],
-                         "terminology": {"category": {}, "type": {}}}])
+        write_labelmap(
+            make_image(np.full((4, 8, 8), 3, np.uint8)),
+            tmp_path / "s.seg.nrrd",
+            [
+                {
+                    "value": 1,
+                    "name": "Kidney",
+                    "color": [1, 2, 3],
+                    "terminology": {"category": {}, "type": {}},
+                }
+            ],
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.mha", "l.nii.gz", "l.nrrd"]
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_package
 
 from HLFDSegmentLib.errors import ModelError
 from HLFDSegmentLib.modelpackage import (
@@ -83,7 +82,10 @@ def test_tampered_weights_are_refused(pkg):
         (lambda c: c["network"].update(spatial_dims="2"), r"field 'network/spatial_dims'"),
         (lambda c: c["labels"][0].update(color=[0, 0, 300]), r"field 'labels/0/color/2'"),
         (lambda c: c["network"].update(architecture="vgg99"), r"unknown architecture 'vgg99'"),
-        (lambda c: c["network"].update(out_channels=4), r"'network/out_channels' is 4 but 2 labels"),
+        (
+            lambda c: c["network"].update(out_channels=4),
+            r"'network/out_channels' is 4 but 2 labels",
+        ),
         (lambda c: c["labels"][1].update(value=3), r"field 'labels': values must be 1..2"),
         (lambda c: c["labels"][1].update(inside=7), r"labels/1/inside': no label 7"),
         (lambda c: c.update(format_version=2), r"field 'format_version'"),
@@ -132,8 +134,14 @@ def test_zip_slip_member_names_are_refused(pkg, tmp_path, member):
 def test_weights_that_do_not_fit_the_network_are_refused(tmp_path):
     from HLFDSegmentLib.modelpackage import make_card
 
-    card = make_card(name="m", version="1", task="liver", architecture="tiny_unet2d",
-                     spatial_dims=2, network_kwargs={"base": 4})
+    card = make_card(
+        name="m",
+        version="1",
+        task="liver",
+        architecture="tiny_unet2d",
+        spatial_dims=2,
+        network_kwargs={"base": 4},
+    )
     out = save_package(tmp_path / "m", card, {"conv.weight": torch.zeros(3, 1, 1, 1)})
     with pytest.raises(ModelError, match=r"model\.safetensors: weights do not fit network"):
         load_package(out).build_network()

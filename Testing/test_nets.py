@@ -6,6 +6,10 @@ import itertools
 
 import pytest
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
 from HLFDSegmentLib.nets import (
     ARCHITECTURES,
     TAP_NAMES,
@@ -17,9 +21,6 @@ from HLFDSegmentLib.nets import (
     tap_modules,
     tap_paths,
 )
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-from torch import nn
 
 EXPECTED = {
     "unetpp2d",

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import block_ct, build_package, make_image, oblique_direction
 
 from HLFDSegmentLib.errors import InputError
 from HLFDSegmentLib.modelpackage import load_package
@@ -18,6 +17,8 @@ from HLFDSegmentLib.pipeline import (
     segment_volumes,
     select_device,
 )
+
+from conftest import block_ct, build_package, make_image, oblique_direction
 
 
 class ThresholdNet(torch.nn.Module):
@@ -47,7 +48,10 @@ def threshold_segmenter(tmp_path, spatial_dims: int, orientation: str, tta=False
     arch = "tiny_unet2d" if spatial_dims == 2 else "monai_unet3d"
     kwargs = {"base": 4} if spatial_dims == 2 else {"channels": [4, 8, 16], "strides": [2, 2]}
     pkg = build_package(
-        tmp_path / "pkg", arch, spatial_dims, network_kwargs=kwargs,
+        tmp_path / "pkg",
+        arch,
+        spatial_dims,
+        network_kwargs=kwargs,
         preprocessing={"orientation": orientation, "spacing": [None, None, None]},
         postprocessing={"enabled": False},
         inference={"roi_size": [16, 16, 8]} if spatial_dims == 3 else {},
@@ -92,7 +96,9 @@ def test_respaced_grid_keeps_extent():
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("orientation", ["LPS", "RAS"])
-def test_labels_land_voxel_exactly_on_oblique_anisotropic_input(tmp_path, spatial_dims, orientation):
+def test_labels_land_voxel_exactly_on_oblique_anisotropic_input(
+    tmp_path, spatial_dims, orientation
+):
     arr = block_ct()
     image = make_image(arr, spacing=(0.7, 0.9, 2.5), direction=oblique_direction(20, True))
     result = threshold_segmenter(tmp_path, spatial_dims, orientation)(image)
@@ -110,8 +116,9 @@ def test_tta_of_a_pointwise_net_changes_nothing(tmp_path):
     image = make_image(arr)
     plain = threshold_segmenter(tmp_path / "a", 2, "LPS")(image)
     tta = threshold_segmenter(tmp_path / "b", 2, "LPS", tta=True)(image)
-    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(tta.labels),
-                                  sitk.GetArrayViewFromImage(plain.labels))
+    np.testing.assert_array_equal(
+        sitk.GetArrayViewFromImage(tta.labels), sitk.GetArrayViewFromImage(plain.labels)
+    )
 
 
 def test_volume_smaller_than_the_3d_patch_is_padded(tmp_path):
@@ -119,7 +126,9 @@ def test_volume_smaller_than_the_3d_patch_is_padded(tmp_path):
     arr[1:3, 3:7, 2:6] = 250
     image = make_image(arr)
     result = threshold_segmenter(tmp_path, 3, "LPS")(image)
-    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(result.labels), expected_threshold(arr))
+    np.testing.assert_array_equal(
+        sitk.GetArrayViewFromImage(result.labels), expected_threshold(arr)
+    )
 
 
 def test_real_network_runs_with_resampling_and_reports(tiny_package, ct_image):

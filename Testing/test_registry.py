@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
 from HLFDSegmentLib import registry
 from HLFDSegmentLib.errors import HLFDError, ModelError
 from HLFDSegmentLib.registry import (

@@ -1,112 +1,343 @@
-"""`.seg.nrrd` output read back by slicerio and by real MRML nodes (slicer-core), oblique grid."""
+""".seg.nrrd writer: read back by slicerio, by real MRML (slicer-core) and by our reader, on an
+oblique, flipped, anisotropic grid; Slicer's own terminology parser; no partial output on errors."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
+from HLFDSegmentLib import segfile
+from HLFDSegmentLib.modelpackage import standard_labels
+from HLFDSegmentLib.segfile import read_seg_nrrd, terminology_tag, write_seg_nrrd
+
 from conftest import make_image
 
-from HLFDSegmentLib.io import write_labelmap
-from HLFDSegmentLib.modelpackage import standard_labels
-from HLFDSegmentLib.segfile import terminology_tag
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+LEFT = {"scheme": "SCT", "code": "7771000", "meaning": "Left"}
 
 
-def ijk_to_lps(image: sitk.Image) -> np.ndarray:
-    m = np.eye(4)
-    m[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
-    m[:3, 3] = image.GetOrigin()
-    return m
+def sitk_ijk_to_lps(image: sitk.Image) -> np.ndarray:
+    """IJK -> LPS from SimpleITK's own index-to-point mapping (independent of the writer)."""
+    origin = np.array(image.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, 0.0)))
+    matrix = np.eye(4)
+    matrix[:3, 3] = origin
+    for axis in range(3):
+        index = [0.0, 0.0, 0.0]
+        index[axis] = 1.0
+        matrix[:3, axis] = np.array(image.TransformContinuousIndexToPhysicalPoint(index)) - origin
+    return matrix
 
 
-@pytest.fixture
-def seg_file(tmp_path):
-    arr = np.zeros((7, 12, 10), np.uint8)
+def labels_and_segments() -> tuple[np.ndarray, list[dict]]:
+    """Non-consecutive values (1, 7), an empty segment (4) listed first, a non-ASCII name, and a
+    terminology with every optional code (type and region modifiers)."""
+    arr = np.zeros((7, 12, 10), np.uint8)  # (z, y, x)
     arr[1:5, 2:9, 1:6] = 1
-    arr[2:4, 3:5, 2:4] = 2
-    labels = make_image(arr)
+    arr[2:4, 3:5, 2:4] = 7
+    kidney, tumour = standard_labels("kidney")
+    tumour = dict(tumour, value=7)
+    empty = {
+        "value": 4,
+        "name": "Tumör (leer)",
+        "color": [0, 0, 255],
+        "terminology": dict(tumour["terminology"], region_modifier=LEFT),
+    }
+    kidney = dict(kidney, terminology=dict(kidney["terminology"], type_modifier=LEFT))
+    return arr, [empty, kidney, tumour]
+
+
+@pytest.fixture(params=[True, False], ids=["gzip", "raw"])
+def written(request, tmp_path):
+    arr, segments = labels_and_segments()
+    image = make_image(arr)
     path = tmp_path / "case.seg.nrrd"
-    write_labelmap(
-        labels,
-        path,
-        standard_labels("kidney")
-        + [
-            {
-                "value": 3,
-                "name": "Empty",
-                "color": [0, 0, 255],
-                "terminology": standard_labels("kidney")[0]["terminology"],
-            }
-        ],
-    )
-    return path, labels, arr
+    write_seg_nrrd(image, segments, path, compress=request.param)
+    return path, image, arr, segments
 
 
-def test_terminology_tag_format():
-    tag = terminology_tag(standard_labels("liver")[1])
-    assert tag == (
-        "Segmentation category and type - 3D Slicer General Anatomy list"
-        "~SCT^49755003^Morphologically Altered Structure~SCT^108369006^Neoplasm~^^"
-        "~Anatomic codes - DICOM master list~SCT^10200004^Liver~^^|"
-    )
+def test_geometry_is_oblique_flipped_and_anisotropic():
+    image = make_image(np.zeros((2, 2, 2), np.uint8))
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    assert np.linalg.det(direction) < 0 and abs(direction[0, 1]) > 0.3
+    assert image.GetSpacing() == (0.7, 0.8, 2.5) and any(image.GetOrigin())
 
 
-def test_slicerio_reads_names_colours_terminology_geometry(seg_file):
-    import slicerio
-
-    path, labels, arr = seg_file
-    seg = slicerio.read_segmentation(str(path))
-    assert [s["name"] for s in seg["segments"]] == ["Kidney", "Kidney tumor", "Empty"]
-    assert [s["labelValue"] for s in seg["segments"]] == [1, 2, 3]
-    assert np.allclose(seg["segments"][0]["color"], np.array([185, 102, 83]) / 255, atol=1e-5)
-    term = seg["segments"][1]["terminology"]
-    assert term["category"][1] == "49755003" and term["type"][1] == "108369006"
-    assert term["anatomicRegion"][1] == "64033007"
-    assert np.allclose(seg["ijkToLPS"], ijk_to_lps(labels))
-    np.testing.assert_array_equal(seg["voxels"], arr.transpose(2, 1, 0))
-
-
-def test_mrml_storage_node_reads_it_back_voxel_exactly(seg_file):
+def test_terminology_tag_is_what_slicer_serializes_and_parses():
     import slicer
 
-    path, labels, arr = seg_file
+    logic = slicer.vtkSlicerTerminologiesModuleLogic
+    _, segments = labels_and_segments()
+    for entry in segments:
+        term = entry["terminology"]
+        args = []
+        for key in segfile._CODE_KEYS:
+            code = term.get(key) or {"scheme": "", "code": "", "meaning": ""}
+            if key == "region":
+                args.append(segfile.REGION_CONTEXT)
+            args += [code["code"], code["scheme"], code["meaning"]]
+        assert terminology_tag(entry) == logic.SerializeTerminologyEntry(
+            segfile.SEGMENT_CONTEXT, *args
+        )
+
+        parsed = slicer.vtkSlicerTerminologyEntry()
+        assert logic.DeserializeTerminologyEntry(terminology_tag(entry), parsed)
+        assert parsed.GetTerminologyContextName() == segfile.SEGMENT_CONTEXT
+        assert parsed.GetTypeObject().GetCodeValue() == term["type"]["code"]
+        if term.get("region"):
+            assert parsed.GetRegionContextName() == segfile.REGION_CONTEXT
+            assert parsed.GetRegionObject().GetCodeMeaning() == term["region"]["meaning"]
+        assert segfile.parse_terminology_tag(terminology_tag(entry)) == {
+            k: term.get(k) for k in segfile._CODE_KEYS
+        }
+
+
+def test_slicerio_reads_voxels_names_colours_terminology_geometry(written):
+    import slicerio
+
+    path, image, arr, segments = written
+    seg = slicerio.read_segmentation(str(path))
+    np.testing.assert_array_equal(seg["voxels"], arr.transpose(2, 1, 0))  # slicerio: (i, j, k)
+    np.testing.assert_allclose(seg["ijkToLPS"], sitk_ijk_to_lps(image), atol=1e-12)
+    assert seg["masterRepresentation"] == "Binary labelmap"
+    assert seg["referenceImageExtentOffset"] == [0, 0, 0]
+    assert [s["name"] for s in seg["segments"]][1:] == ["Kidney", "Kidney tumor"]  # pynrrd: ASCII
+    assert [s["labelValue"] for s in seg["segments"]] == [4, 1, 7]
+    assert {s["layer"] for s in seg["segments"]} == {0}
+    for got, entry in zip(seg["segments"], segments, strict=True):
+        np.testing.assert_allclose(np.array(got["color"]) * 255, entry["color"], atol=1e-3)
+        assert not got["nameAutoGenerated"] and not got["colorAutoGenerated"]
+        term, want = got["terminology"], entry["terminology"]
+        assert term["category"][1] == want["category"]["code"]
+        assert term["type"][1] == want["type"]["code"]
+        if want.get("type_modifier"):
+            assert term["typeModifier"][1] == want["type_modifier"]["code"]
+        if want.get("region"):
+            assert term["anatomicRegion"][1] == want["region"]["code"]
+        if want.get("region_modifier"):
+            assert term["anatomicRegionModifier"][1] == want["region_modifier"]["code"]
+
+
+def test_own_reader_round_trip(written):
+    path, image, arr, segments = written
+    back, meta = read_seg_nrrd(path)
+    np.testing.assert_array_equal(back, arr)
+    np.testing.assert_allclose(meta["spacing"], image.GetSpacing())
+    np.testing.assert_allclose(meta["origin"], image.GetOrigin())
+    np.testing.assert_allclose(meta["direction"], image.GetDirection(), atol=1e-12)
+    for got, entry in zip(meta["segments"], segments, strict=True):
+        assert (got["value"], got["name"], got["color"]) == (
+            entry["value"],
+            entry["name"],
+            entry["color"],
+        )
+        assert got["terminology"] == {k: entry["terminology"].get(k) for k in segfile._CODE_KEYS}
+
+
+def _reference_volume(scene, image: sitk.Image):
+    import slicer
+    import vtk
+
+    volume = slicer.util.addVolumeFromArray(np.zeros(image.GetSize()[::-1], np.uint8))
+    ras = LPS_TO_RAS @ sitk_ijk_to_lps(image)
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, ras[r, c])
+    volume.SetIJKToRASMatrix(matrix)
+    return volume, ras
+
+
+def _read_mrml(path):
+    import slicer
+
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
     storage.SetFileName(str(path))
     assert storage.ReadData(node)
-    segmentation = node.GetSegmentation()
-    assert segmentation.GetNumberOfSegments() == 3
-    kidney = segmentation.GetSegment("Segment_1")
-    assert kidney.GetName() == "Kidney" and not kidney.GetNameAutoGenerated()
-    assert not kidney.GetColorAutoGenerated()
-    assert np.allclose(kidney.GetColor(), np.array([185, 102, 83]) / 255, atol=1e-5)
-    tag = segmentation.GetSegment("Segment_2").GetTerminology()
-    assert "SCT^108369006^Neoplasm" in tag and "SCT^64033007^Kidney" in tag
+    return scene, node
 
-    # export onto a reference volume built on the same (oblique) grid: RAS = diag(-1,-1,1) LPS
-    ref = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+
+def _export(scene, node, reference, colours=None) -> np.ndarray:
+    import slicer
+
+    segmentation = node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    assert logic.ExportSegmentsToLabelmapNode(node, ids, labelmap, reference, 0, colours)
+    return slicer.util.arrayFromVolume(labelmap)
+
+
+def test_mrml_storage_node_reads_it_and_exports_voxel_exactly(tmp_path):
     import vtk
 
-    image = vtk.vtkImageData()
-    image.SetDimensions(*labels.GetSize())
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    ref.SetAndObserveImageData(image)
-    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps(labels)
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, ras[r, c])
-    ref.SetIJKToRASMatrix(matrix)
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-    ids = vtk.vtkStringArray()
-    for sid in ("Segment_1", "Segment_2", "Segment_3"):
-        ids.InsertNextValue(sid)
-    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-        node, ids, labelmap, ref
-    )
-    from vtk.util.numpy_support import vtk_to_numpy
+    arr, segments = labels_and_segments()
+    image = make_image(arr)
+    path = tmp_path / "case.seg.nrrd"
+    write_seg_nrrd(image, segments, path)
+    scene, node = _read_mrml(path)
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 3
+    for i, entry in enumerate(segments):
+        segment = segmentation.GetNthSegment(i)
+        assert segment.GetName() == entry["name"] and segment.GetLabelValue() == entry["value"]
+        assert not segment.GetNameAutoGenerated() and not segment.GetColorAutoGenerated()
+        np.testing.assert_allclose(np.array(segment.GetColor()) * 255, entry["color"], atol=1e-3)
+        tag = vtk.reference("")
+        assert segment.GetTag("TerminologyEntry", tag) and str(tag) == terminology_tag(entry)
 
-    exported = vtk_to_numpy(labelmap.GetImageData().GetPointData().GetScalars())
-    np.testing.assert_array_equal(exported.reshape(arr.shape), arr)
+    reference, ras = _reference_volume(scene, image)
+    labelmap = segmentation.GetNthSegment(1).GetRepresentation("Binary labelmap")
+    world = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(world)
+    np.testing.assert_allclose([[world.GetElement(r, c) for c in range(4)] for r in range(4)], ras)
+
+    # a colour table that names each value keeps the label values: voxel-exact round trip
+    colours = scene.AddNewNodeByClass("vtkMRMLColorTableNode")
+    colours.SetTypeToUser()
+    colours.SetNumberOfColors(256)
+    for entry in segments:
+        colours.SetColor(entry["value"], entry["name"], *(c / 255 for c in entry["color"]), 1.0)
+    np.testing.assert_array_equal(_export(scene, node, reference, colours), arr)
+    # without one, Slicer numbers the segments 1..n in order: the empty first one keeps its slot
+    lut = np.zeros(256, np.uint8)
+    lut[[s["value"] for s in segments]] = [1, 2, 3]
+    np.testing.assert_array_equal(_export(scene, node, reference), lut[arr])
+
+
+def test_slicer_resave_keeps_fields_grid_and_segments(tmp_path):
+    """Slicer re-saves our file with the same header fields and, thanks to the reference image
+    geometry we store, on the full CT grid (not cropped to the segments)."""
+    arr, segments = labels_and_segments()
+    ours = tmp_path / "ours.seg.nrrd"
+    write_seg_nrrd(make_image(arr), segments, ours)
+    scene, node = _read_mrml(ours)
+    resaved = tmp_path / "slicer.seg.nrrd"
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(resaved))
+    assert storage.WriteData(node)
+
+    (a, meta_a), (b, meta_b) = read_seg_nrrd(ours), read_seg_nrrd(resaved)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(meta_a["ijk_to_lps"], meta_b["ijk_to_lps"], atol=1e-9)
+    assert meta_a["segments"] == meta_b["segments"]
+    assert sorted(meta_a["fields"]) == sorted(meta_b["fields"])
+    geometry = {"space directions", "space origin"}  # compared above (Slicer prints 17 digits)
+    for key in meta_a["fields"].keys() - geometry:
+        assert meta_a["fields"][key] == meta_b["fields"][key], key
+
+
+def test_empty_labelmap_keeps_every_segment(tmp_path):
+    import slicerio
+
+    image = make_image(np.zeros((3, 5, 4), np.uint8))
+    segments = standard_labels("liver")
+    path = tmp_path / "empty.seg.nrrd"
+    write_seg_nrrd(image, segments, path)
+    assert [s["name"] for s in slicerio.read_segmentation(str(path))["segments"]] == [
+        "Liver",
+        "Liver tumor",
+    ]
+    scene, node = _read_mrml(path)
+    assert node.GetSegmentation().GetNumberOfSegments() == 2
+    reference, _ = _reference_volume(scene, image)
+    assert not _export(scene, node, reference).any()
+
+
+def _folder_holds(folder, *names):
+    """Exactly these files: no temporary left over, no (partial) target written."""
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names)
+
+
+def test_unknown_label_fails_midway_without_partial_output(tmp_path, monkeypatch):
+    arr, segments = labels_and_segments()
+    arr[-1, 0, 0] = 9  # found in the last slab, after the header and earlier slabs are written
+    monkeypatch.setattr(segfile, "_SLAB_BYTES", 1)
+    with pytest.raises(ValueError, match=r"case\.seg\.nrrd: label values \[9\] have no segment"):
+        write_seg_nrrd(make_image(arr), segments, tmp_path / "case.seg.nrrd")
+    _folder_holds(tmp_path)
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path):
+    arr, segments = labels_and_segments()
+    path = tmp_path / "case.seg.nrrd"
+    write_seg_nrrd(make_image(arr), segments, path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="have no segment entry"):
+        write_seg_nrrd(make_image(arr), segments[:1], path)
+    assert path.read_bytes() == before
+    _folder_holds(tmp_path, "case.seg.nrrd")
+
+
+def test_rename_failure_and_bad_folders_leave_nothing(tmp_path):
+    arr, segments = labels_and_segments()
+    image = make_image(arr)
+    (tmp_path / "case.seg.nrrd").mkdir()  # the final rename onto a folder fails
+    with pytest.raises(IsADirectoryError):
+        write_seg_nrrd(image, segments, tmp_path / "case.seg.nrrd")
+    _folder_holds(tmp_path, "case.seg.nrrd")
+    with pytest.raises(FileNotFoundError, match="is not an existing folder"):
+        write_seg_nrrd(image, segments, tmp_path / "missing" / "case.seg.nrrd")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="is not an existing folder"):
+        write_seg_nrrd(image, segments, tmp_path / "file" / "case.seg.nrrd")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
+def test_unwritable_folder(tmp_path):
+    arr, segments = labels_and_segments()
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o500)
+    try:
+        with pytest.raises(PermissionError, match="cannot write in"):
+            write_seg_nrrd(make_image(arr), segments, folder / "case.seg.nrrd")
+        _folder_holds(folder)
+    finally:
+        folder.chmod(0o700)
+
+
+def _bad(key, value, where="terminology"):
+    """The segments with one field of the first entry (empty, all codes set) replaced."""
+    _, segments = labels_and_segments()
+    entry = dict(segments[0])
+    if where == "terminology":
+        entry["terminology"] = dict(entry["terminology"], **{key: value})
+    else:
+        entry[key] = value
+    return [entry, *segments[1:]]
+
+
+@pytest.mark.parametrize(
+    ("segments", "message"),
+    [
+        (_bad("value", 1, "entry"), "unique int in 1..255"),
+        (_bad("value", 0, "entry"), "unique int in 1..255"),
+        (_bad("color", [0, 0, 256], "entry"), "3 ints in 0..255"),
+        (_bad("color", [0.5, 0, 1], "entry"), "3 ints in 0..255"),
+        (_bad("name", "a\nb", "entry"), "control chars"),
+        (_bad("name", "", "entry"), "non-empty"),
+        (_bad("category", None), "'category' is required"),
+        (_bad("type", {"scheme": "SCT", "code": "1"}), "scheme, code and meaning"),
+        (_bad("type", {"scheme": "SCT", "code": "1", "meaning": "a~b"}), "contains one of"),
+        (_bad("region", None), "'region_modifier' given without 'region'"),
+    ],
+)
+def test_bad_segment_entries_are_rejected_before_writing(tmp_path, segments, message):
+    arr, _ = labels_and_segments()
+    with pytest.raises(ValueError, match=message):
+        write_seg_nrrd(make_image(arr), segments, tmp_path / "case.seg.nrrd")
+    _folder_holds(tmp_path)
+
+
+def test_bad_images_are_rejected(tmp_path):
+    arr, segments = labels_and_segments()
+    with pytest.raises(ValueError, match="must be uint8, got 16-bit signed integer"):
+        write_seg_nrrd(make_image(arr.astype(np.int16)), segments, tmp_path / "a.seg.nrrd")
+    with pytest.raises(ValueError, match="3D SimpleITK image"):
+        write_seg_nrrd(sitk.GetImageFromArray(arr[0]), segments, tmp_path / "a.seg.nrrd")
+    _folder_holds(tmp_path)

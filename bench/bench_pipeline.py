@@ -5,7 +5,7 @@ resample back, write .seg.nrrd) as a fresh process ``--repeats`` times on the sa
 the table gives median wall time, median peak RSS and the ratio to the student, all measured in
 this one run. Random weights: timing only. Usage:
 
-    python bench/bench_pipeline.py [--repeats 3] [--slices 200] [--out docs/results/bench-pipeline.md]
+    python bench/bench_pipeline.py [--repeats 3] [--slices 200] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -49,8 +49,15 @@ print(wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 def build(root: Path, arch: str, dims: int, kwargs: dict, overrides: dict) -> Path:
     torch.manual_seed(0)
     net = build_network(arch, dims, 1, 3, **kwargs)
-    card = make_card(name=arch.replace("_", "-"), version="bench", task="kidney",
-                     architecture=arch, spatial_dims=dims, network_kwargs=kwargs, **overrides)
+    card = make_card(
+        name=arch.replace("_", "-"),
+        version="bench",
+        task="kidney",
+        architecture=arch,
+        spatial_dims=dims,
+        network_kwargs=kwargs,
+        **overrides,
+    )
     return save_package(root / arch, card, net.state_dict())
 
 
@@ -72,8 +79,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t = time.perf_counter()
-        phantom = make_phantom(PhantomConfig(task="kidney", shape=(args.slices, 512, 512),
-                                             spacing=(0.78, 0.78, 2.5)), seed=0)
+        phantom = make_phantom(
+            PhantomConfig(task="kidney", shape=(args.slices, 512, 512), spacing=(0.78, 0.78, 2.5)),
+            seed=0,
+        )
         ct = root / "ct.nii.gz"
         write_image(phantom.to_sitk()[0], ct)
         print(f"phantom {args.slices}x512x512 written in {time.perf_counter() - t:.1f} s")
@@ -84,10 +93,25 @@ def main() -> None:
             walls, rss, stages = [], [], []
             for i in range(args.repeats):
                 out, report = root / "seg.seg.nrrd", root / f"r{i}.json"
-                cmd = [str(script), str(ct), "-o", str(out), "-m", str(pkg), "--device", "cpu",
-                       "--report", str(report), "--quiet"]
-                res = subprocess.run([sys.executable, "-c", _RUNNER, *cmd], capture_output=True,
-                                     text=True, check=True)
+                cmd = [
+                    str(script),
+                    str(ct),
+                    "-o",
+                    str(out),
+                    "-m",
+                    str(pkg),
+                    "--device",
+                    "cpu",
+                    "--report",
+                    str(report),
+                    "--quiet",
+                ]
+                res = subprocess.run(
+                    [sys.executable, "-c", _RUNNER, *cmd],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 wall, peak = map(float, res.stdout.split())
                 walls.append(wall)
                 rss.append(peak)
@@ -95,25 +119,29 @@ def main() -> None:
                 print(f"  {name} run {i + 1}: {wall:.1f} s, {peak:.0f} MB")
             params, macs = describe(arch, dims, kwargs)
             infer = statistics.median(s["infer"] for s in stages)
-            rows.append((name, params, macs, statistics.median(walls), infer,
-                         statistics.median(rss)))
+            rows.append(
+                (name, params, macs, statistics.median(walls), infer, statistics.median(rss))
+            )
     student = rows[0][3]
     lines = [
         f"# Pipeline benchmark ({args.slices}x512x512 int16 CT, CPU)",
         "",
-        f"Command: `python bench/bench_pipeline.py --repeats {args.repeats} --slices {args.slices}`  ",
+        f"Command: `python bench/bench_pipeline.py --repeats {args.repeats} "
+        f"--slices {args.slices}`  ",
         f"Code {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}, {_cpu_name()}.  ",
         "Whole `hlfd-segment` process (read .nii.gz, preprocess, infer, postprocess, resample, "
         f"write .seg.nrrd); median of {args.repeats} runs; random weights.",
         "",
-        "| model | params (M) | GMACs per 256² slice / 96³ window | wall (s) | of which inference (s) "
-        "| peak RSS (MB) | wall / student |",
+        "| model | params (M) | GMACs per 256² slice / 96³ window | wall (s) "
+        "| of which inference (s) | peak RSS (MB) | wall / student |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, params, macs, wall, infer, peak in rows:
-        lines.append(f"| {name} | {params:.2f} | {macs:.2f} | {wall:.1f} | {infer:.1f} | "
-                     f"{peak:.0f} | {wall / student:.2f} |")
+        lines.append(
+            f"| {name} | {params:.2f} | {macs:.2f} | {wall:.1f} | {infer:.1f} | "
+            f"{peak:.0f} | {wall / student:.2f} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

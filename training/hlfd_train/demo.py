@@ -38,17 +38,30 @@ def load_slices(case_dirs: list[Path], pre: dict) -> tuple[torch.Tensor, torch.T
         image = read_image(case / "imaging.nii.gz")
         grid = model_grid(image, pre)
         images.append(normalise(image, grid, pre))
-        lab = grid.resample(read_image(case / "segmentation.nii.gz"), sitk.sitkNearestNeighbor,
-                            sitk.sitkUInt8)
+        lab = grid.resample(
+            read_image(case / "segmentation.nii.gz"), sitk.sitkNearestNeighbor, sitk.sitkUInt8
+        )
         labels.append(sitk.GetArrayFromImage(lab))
     size = max(a.shape[1] for a in images), max(a.shape[2] for a in images)
-    pad = [np.pad(a, ((0, 0), (0, size[0] - a.shape[1]), (0, size[1] - a.shape[2]))) for a in images]
-    lpad = [np.pad(a, ((0, 0), (0, size[0] - a.shape[1]), (0, size[1] - a.shape[2]))) for a in labels]
+    pad = [
+        np.pad(a, ((0, 0), (0, size[0] - a.shape[1]), (0, size[1] - a.shape[2]))) for a in images
+    ]
+    lpad = [
+        np.pad(a, ((0, 0), (0, size[0] - a.shape[1]), (0, size[1] - a.shape[2]))) for a in labels
+    ]
     return torch.from_numpy(np.concatenate(pad))[:, None], torch.from_numpy(np.concatenate(lpad))
 
 
-def train(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, minutes: float, seed: int,
-          crop: int = 160, batch: int = 12, lr: float = 2e-3) -> list[float]:
+def train(
+    net: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    minutes: float,
+    seed: int,
+    crop: int = 160,
+    batch: int = 12,
+    lr: float = 2e-3,
+) -> list[float]:
     """Supervised training with foreground-biased sampling, flips and random crops."""
     gen = torch.Generator().manual_seed(seed)
     fg = (y > 0).flatten(1).any(1)
@@ -79,8 +92,11 @@ def train(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, minutes: float
         losses.append(loss.item())
         step += 1
         if step % 20 == 0:
-            print(f"  step {step:4d}  loss {np.mean(losses[-20:]):.3f}  "
-                  f"{time.perf_counter() - start:5.0f} s", flush=True)
+            print(
+                f"  step {step:4d}  loss {np.mean(losses[-20:]):.3f}  "
+                f"{time.perf_counter() - start:5.0f} s",
+                flush=True,
+            )
     return losses
 
 
@@ -90,8 +106,11 @@ def dice_hd95(pred: np.ndarray, truth: np.ndarray, spacing, value: int) -> tuple
     p = torch.from_numpy(pred == value)[None, None]
     t = torch.from_numpy(truth == value)[None, None]
     dice = float(compute_dice(p, t, include_background=True)[0, 0])
-    hd = float(compute_hausdorff_distance(p, t, include_background=True, percentile=95,
-                                          spacing=list(spacing[::-1]))[0, 0])
+    hd = float(
+        compute_hausdorff_distance(
+            p, t, include_background=True, percentile=95, spacing=list(spacing[::-1])
+        )[0, 0]
+    )
     return dice, hd
 
 
@@ -105,13 +124,17 @@ def overlay(image: sitk.Image, labels: sitk.Image, path: Path) -> None:
     zs, ys, xs = np.nonzero(lab == 2) if (lab == 2).any() else np.nonzero(lab >= 0)
     z, y, x = int(np.median(zs)), int(np.median(ys)), int(np.median(xs))
     sx, sy, sz = image.GetSpacing()
-    views = [(ct[z], lab[z], sy / sx, "axial"), (ct[:, y][::-1], lab[:, y][::-1], sz / sx, "coronal"),
-             (ct[:, :, x][::-1], lab[:, :, x][::-1], sz / sy, "sagittal")]
+    views = [
+        (ct[z], lab[z], sy / sx, "axial"),
+        (ct[:, y][::-1], lab[:, y][::-1], sz / sx, "coronal"),
+        (ct[:, :, x][::-1], lab[:, :, x][::-1], sz / sy, "sagittal"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 5))
     for ax, (c, lb, aspect, title) in zip(axes, views):
         ax.imshow(c, cmap="gray", vmin=-200, vmax=300, aspect=aspect)
-        ax.imshow(np.ma.masked_equal(lb, 0), cmap="autumn", alpha=0.45, aspect=aspect,
-                  vmin=1, vmax=2)
+        ax.imshow(
+            np.ma.masked_equal(lb, 0), cmap="autumn", alpha=0.45, aspect=aspect, vmin=1, vmax=2
+        )
         ax.set_title(title)
         ax.axis("off")
     fig.tight_layout()
@@ -119,33 +142,55 @@ def overlay(image: sitk.Image, labels: sitk.Image, path: Path) -> None:
     plt.close(fig)
 
 
-def run(out: Path, task: str = "kidney", cases: int = 8, minutes: float = 4.0, seed: int = 0,
-        architecture: str = "mobilenetv2_unet2d", shape=(64, 256, 256)) -> dict:
+def run(
+    out: Path,
+    task: str = "kidney",
+    cases: int = 8,
+    minutes: float = 4.0,
+    seed: int = 0,
+    architecture: str = "mobilenetv2_unet2d",
+    shape=(64, 256, 256),
+) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = PhantomConfig(task=task, shape=tuple(shape), spacing=(1.5, 1.5, 2.5),
-                        tumour_radius_mm=(10.0, 22.0))
+    cfg = PhantomConfig(
+        task=task, shape=tuple(shape), spacing=(1.5, 1.5, 2.5), tumour_radius_mm=(10.0, 22.0)
+    )
     print(f"[1/5] phantom dataset: {cases} training cases + 1 held-out ({task})")
     write_dataset(out / "data", "kits19", cfg, cases + 1, seed)
     case_dirs = sorted((out / "data").glob("case_*"))
     train_dirs, held_out = case_dirs[:-1], case_dirs[-1]
-    card = make_card(name=f"demo-{task}-student", version="0.1.0", task=task,
-                     architecture=architecture, spatial_dims=2,
-                     title=f"Demo {task} student trained on phantoms (not for clinical use)",
-                     provenance={"teacher": None, "method": "none (supervised)", "seed": seed,
-                                 "data": f"phantom kits19 {cases} cases seed {seed}"})
+    card = make_card(
+        name=f"demo-{task}-student",
+        version="0.1.0",
+        task=task,
+        architecture=architecture,
+        spatial_dims=2,
+        title=f"Demo {task} student trained on phantoms (not for clinical use)",
+        provenance={
+            "teacher": None,
+            "method": "none (supervised)",
+            "seed": seed,
+            "data": f"phantom kits19 {cases} cases seed {seed}",
+        },
+    )
     x, y = load_slices(train_dirs, card["preprocessing"])
-    print(f"[2/5] {x.shape[0]} slices of {tuple(x.shape[-2:])}; training {architecture} "
-          f"for {minutes:g} min")
+    print(
+        f"[2/5] {x.shape[0]} slices of {tuple(x.shape[-2:])}; training {architecture} "
+        f"for {minutes:g} min"
+    )
     net = build_network(architecture, 2, 1, 3)
     untrained = {k: v.clone() for k, v in net.state_dict().items()}
     torch.set_num_threads(max(1, torch.get_num_threads()))
     losses = train(net, x, y, minutes, seed)
 
     print("[3/5] export model package")
-    card["metrics"] = {"train_loss_first": losses[0], "train_loss_last": float(np.mean(losses[-20:])),
-                       "steps": len(losses)}
+    card["metrics"] = {
+        "train_loss_first": losses[0],
+        "train_loss_last": float(np.mean(losses[-20:])),
+        "steps": len(losses),
+    }
     model_dir = save_package(out / "model", card, net.state_dict())
     untrained_dir = save_package(out / ".untrained", card, untrained)
 
@@ -170,9 +215,12 @@ def run(out: Path, task: str = "kidney", cases: int = 8, minutes: float = 4.0, s
     for value, name in names.items():
         dice, hd = dice_hd95(pred, truth, truth_img.GetSpacing(), value)
         metrics["labels"][name] = {
-            "dice": round(dice, 4), "hd95_mm": round(hd, 2),
-            "untrained_dice": round(dice_hd95(untrained_pred, truth, truth_img.GetSpacing(),
-                                              value)[0], 4)}
+            "dice": round(dice, 4),
+            "hd95_mm": round(hd, 2),
+            "untrained_dice": round(
+                dice_hd95(untrained_pred, truth, truth_img.GetSpacing(), value)[0], 4
+            ),
+        }
     pred_img = sitk.GetImageFromArray(pred.astype(np.uint8))
     pred_img.CopyInformation(truth_img)
     overlay(read_image(ct), pred_img, out / "overlay.png")
@@ -180,11 +228,16 @@ def run(out: Path, task: str = "kidney", cases: int = 8, minutes: float = 4.0, s
     metrics["segment_seconds"] = json.loads(report.read_text())["seconds"]["total"]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     base.unlink(missing_ok=True)
-    for line in (f"{n}: Dice {m['dice']:.3f} (untrained {m['untrained_dice']:.3f}), "
-                 f"HD95 {m['hd95_mm']:.1f} mm" for n, m in metrics["labels"].items()):
+    for line in (
+        f"{n}: Dice {m['dice']:.3f} (untrained {m['untrained_dice']:.3f}), "
+        f"HD95 {m['hd95_mm']:.1f} mm"
+        for n, m in metrics["labels"].items()
+    ):
         print("  " + line)
-    print(f"outputs in {out}: model/, case.seg.nrrd, case.report.json, overlay.png, metrics.json "
-          f"({metrics['seconds_total']:.0f} s)")
+    print(
+        f"outputs in {out}: model/, case.seg.nrrd, case.report.json, overlay.png, metrics.json "
+        f"({metrics['seconds_total']:.0f} s)"
+    )
     return metrics
 
 
