@@ -24,3 +24,4 @@ def test_demo_writes_a_loadable_model_and_valid_outputs(tmp_path):
     assert saved == metrics
     assert set(saved["labels"]) == {"kidney", "kidney tumour"}
     assert all(0.0 <= m["dice"] <= 1.0 for m in saved["labels"].values())
+    assert not (tmp_path / ".untrained").exists()

@@ -205,12 +205,6 @@ class Segmenter:
         self.precision = "float32" if self.amp is None else str(self.amp).removeprefix("torch.")
 
     # -- stages ---------------------------------------------------------------------------------
-    def model_grid(self, image: sitk.Image) -> Grid:
-        return model_grid(image, self.card["preprocessing"])
-
-    def normalise(self, image: sitk.Image, grid: Grid) -> np.ndarray:
-        return normalise(image, grid, self.card["preprocessing"])
-
     def _background_value(self) -> float:
         pre = self.card["preprocessing"]
         norm = pre["normalize"]
@@ -341,8 +335,9 @@ class Segmenter:
 
         t = time.perf_counter()
         report("preprocess", 0.0)
-        grid = self.model_grid(image)
-        arr = self.normalise(image, grid)
+        pre = self.card["preprocessing"]
+        grid = model_grid(image, pre)
+        arr = normalise(image, grid, pre)
         timings["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -182,7 +183,6 @@ def run(
     )
     net = build_network(architecture, 2, 1, 3)
     untrained = {k: v.clone() for k, v in net.state_dict().items()}
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     losses = train(net, x, y, minutes, seed)
 
     print("[3/5] export model package")
@@ -228,6 +228,7 @@ def run(
     metrics["segment_seconds"] = json.loads(report.read_text())["seconds"]["total"]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     base.unlink(missing_ok=True)
+    shutil.rmtree(untrained_dir)
     for line in (
         f"{n}: Dice {m['dice']:.3f} (untrained {m['untrained_dice']:.3f}), "
         f"HD95 {m['hd95_mm']:.1f} mm"
