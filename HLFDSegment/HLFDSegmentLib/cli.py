@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.inputs or not args.output or not args.model:
             parser.error("INPUT, -o/--output and -m/--model are required")
         return _run(args)
-    except HLFDError as exc:
+    except (HLFDError, OSError) as exc:  # OSError: disk full, permission denied, ...
         if args.verbose:
             traceback.print_exc()
         print(f"hlfd-segment: error: {exc}", file=sys.stderr)
@@ -137,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
             if not batch and args.report:
                 _write_or_undo(report, Path(args.report), dst)
             reports.append(report)
-        except HLFDError as exc:
+        except (HLFDError, OSError) as exc:
             if not batch:
                 raise
             if args.verbose:
