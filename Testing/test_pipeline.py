@@ -12,6 +12,7 @@ from HLFDSegmentLib.modelpackage import load_package
 from HLFDSegmentLib.pipeline import (
     Grid,
     Segmenter,
+    body_box,
     oriented_grid,
     respaced_grid,
     segment_volumes,
@@ -186,3 +187,11 @@ def test_device_selection_falls_back_with_a_note():
         assert device.type == "cpu" and "no CUDA GPU" in note
     with pytest.raises(InputError, match="unknown device 'tpu'"):
         select_device("tpu")
+
+
+def test_body_box_limits_inference_to_the_body():
+    arr = np.zeros((10, 60, 50), np.float32)
+    arr[2:5, 20:30, 10:12] = 0.5
+    assert body_box(arr, 0.0, margin=3) == (slice(0, 8), slice(17, 33), slice(7, 15))
+    assert body_box(np.zeros((4, 4, 4), np.float32), 0.0) is None
+    assert body_box(arr, 0.6) is None  # nothing above the background value
