@@ -128,13 +128,15 @@ def write_labelmap(
     suffix = full_suffix(path, LABELMAP_SUFFIXES)
     if not suffix:
         raise InputError(f"{path}: unknown output type; use one of {', '.join(LABELMAP_SUFFIXES)}")
-    with atomic_path(path, suffix) as tmp:
-        if suffix == ".seg.nrrd":
-            from .segfile import write_seg_nrrd
+    if suffix == ".seg.nrrd":  # the writer is atomic itself (temporary name, then rename)
+        from .segfile import write_seg_nrrd
 
-            write_seg_nrrd(labels, segments, tmp)
-        else:
-            sitk.WriteImage(labels, str(tmp), useCompression=suffix != ".nii")
+        if not Path(path).parent.is_dir():
+            raise InputError(f"{path}: output folder {Path(path).parent} does not exist")
+        write_seg_nrrd(labels, segments, path)
+        return
+    with atomic_path(path, suffix) as tmp:
+        sitk.WriteImage(labels, str(tmp), useCompression=suffix != ".nii")
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike[str]) -> None:
