@@ -1,0 +1,182 @@
+"""Training package parts that need no dataset: config, metrics, logs, sampler, schedule."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from hlfd_train.config import ConfigError, load_config, parse_override
+from hlfd_train.engine import StepSampler, lr_factor
+from hlfd_train.evaluate import axial_axis, label_metrics, summarise, tumour_slices
+from hlfd_train.logs import RunLog, plot_curves
+
+
+def test_config_defaults_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "name: x\ntrain:\n  lr: 1e-3\n  steps: 7\nmodel:\n  student: {taps: {d5: a.b}}\n"
+    )
+    cfg = load_config(path, ["train.steps=9", "data.augment.flip=0", "distill.options.p=3"])
+    assert cfg["name"] == "x"
+    assert cfg["train"]["lr"] == pytest.approx(1e-3)  # YAML 1.1 would leave "1e-3" a string
+    assert cfg["train"]["steps"] == 9
+    assert cfg["data"]["augment"]["flip"] == 0
+    assert cfg["data"]["augment"]["rotate_deg"] == 15.0  # other defaults kept
+    assert cfg["model"]["student"]["taps"] == {"d5": "a.b"}
+    assert cfg["model"]["student"]["architecture"] == "resnet18_unet2d"
+    assert cfg["distill"]["options"] == {"p": 3}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr'"),
+        ("train=3", "config key 'train' must be a mapping"),
+        ("data.labelset=liver", "'data.labelset' = 'liver'"),
+        ("train.steps=0", "'train.steps' = 0"),
+        ("train.optimizer=rmsprop", "'train.optimizer'"),
+        ("nokey", "must look like key.sub=value"),
+    ],
+)
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(bad)
+    bad.write_text("trian: {steps: 3}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'trian'"):
+        load_config(bad)
+
+
+def test_parse_override_types():
+    assert parse_override("a.b=3e-4") == {"a": {"b": 3e-4}}
+    assert parse_override("a=[1, 2]") == {"a": [1, 2]}
+    assert parse_override("a=true") == {"a": True}
+    assert parse_override("a=null") == {"a": None}
+    assert parse_override("a=text") == {"a": "text"}
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "training" / "configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg["model"]["spatial_dims"] in (2, 3)
+
+
+def test_label_metrics_on_hand_made_masks():
+    ref = np.zeros((10, 20, 20), bool)
+    ref[2:6, 5:15, 5:15] = True  # 400 voxels
+    pred = np.zeros_like(ref)
+    pred[2:6, 5:15, 5:10] = True  # the half of it: 200 voxels
+    m = label_metrics(pred, ref, (2.0, 1.0, 1.0))
+    assert m["dice"] == pytest.approx(2 * 200 / 600)
+    assert m["iou"] == pytest.approx(0.5)
+    assert m["voe"] == pytest.approx(0.5)
+    assert m["rvd"] == pytest.approx(-0.5)
+    assert m["hd95"] == pytest.approx(5.0)  # the far half of ref lies up to 5 voxels (x, 1 mm)
+    assert 0 < m["assd"] < 5.0
+    same = label_metrics(ref, ref, (2.0, 1.0, 1.0))
+    assert (same["dice"], same["hd95"], same["assd"], same["rvd"]) == (1.0, 0.0, 0.0, 0.0)
+    shifted = np.roll(ref, 1, axis=0)  # one slice along z = 2 mm
+    assert label_metrics(shifted, ref, (2.0, 1.0, 1.0))["hd95"] == pytest.approx(2.0)
+
+
+def test_label_metrics_empty_cases():
+    empty = np.zeros((4, 4, 4), bool)
+    some = empty.copy()
+    some[1, 1, 1] = True
+    both = label_metrics(empty, empty, (1, 1, 1))
+    assert both["dice"] == 1.0 and both["rvd"] is None and both["hd95"] == 0.0
+    missed = label_metrics(empty, some, (1, 1, 1))
+    assert missed["dice"] == 0.0 and missed["hd95"] is None and missed["rvd"] == -1.0
+    false_alarm = label_metrics(some, empty, (1, 1, 1))
+    assert false_alarm["dice"] == 0.0 and false_alarm["rvd"] is None
+
+
+def test_summary_and_global_dice():
+    a = {
+        "dice": 1.0,
+        "iou": 1.0,
+        "voe": 0.0,
+        "rvd": 0.0,
+        "hd95": 0.0,
+        "assd": 0.0,
+        "voxels_pred": 100,
+        "voxels_ref": 100,
+    }
+    b = {
+        "dice": 0.0,
+        "iou": 0.0,
+        "voe": 1.0,
+        "rvd": None,
+        "hd95": None,
+        "assd": None,
+        "voxels_pred": 0,
+        "voxels_ref": 300,
+    }
+    s = summarise([{"labels": {"t": a}}, {"labels": {"t": b}}])["t"]
+    assert s["dice"]["mean"] == 0.5 and s["dice"]["n"] == 2
+    assert s["hd95"]["n"] == 1  # undefined distances are left out, not counted as 0
+    assert s["global_dice"] == pytest.approx(2 * 100 / 500)
+
+
+def test_axial_axis_and_tumour_slices():
+    img = sitk.Image(8, 9, 10, sitk.sitkUInt8)
+    assert axial_axis(img) == 0  # identity direction: array axis 0 is k = S
+    img.SetDirection((0, 1, 0, 0, 0, 1, 1, 0, 0))  # i along S -> array axis 2
+    assert axial_axis(img) == 2
+    ref = np.zeros((5, 4, 4), np.uint8)
+    ref[1, 0, 0] = ref[3, 2, 2] = 2
+    ref[4, 1, 1] = 1
+    assert tumour_slices(ref, 2, 0).tolist() == [1, 3]
+
+
+def test_step_sampler_depends_only_on_step():
+    full = iter(StepSampler(1000, 4, 0, rank=0, world=2))
+    first = [next(full) for _ in range(4 * 5)]
+    resumed = iter(StepSampler(1000, 4, 3, rank=0, world=2))
+    assert [next(resumed) for _ in range(8)] == first[12:20]
+    other = iter(StepSampler(1000, 4, 0, rank=1, world=2))
+    assert set(next(other) for _ in range(4)).isdisjoint(first[:4])
+
+
+def test_warmup_cosine_schedule():
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100) == pytest.approx(0.5)
+    assert lr_factor(100, 10, 100) == pytest.approx(0.0, abs=1e-12)
+    assert all(lr_factor(s, 10, 100) >= lr_factor(s + 1, 10, 100) for s in range(10, 100))
+
+
+def test_run_log_resume_drops_later_rows(tmp_path):
+    log = RunLog(tmp_path, tensorboard=False)
+    for step in (10, 20, 30):
+        log.log(step, {"loss": 1.0 / step})
+    log.log(20 + 10, {"val.mean": 0.5})
+    log.close()
+    resumed = RunLog(tmp_path, resume_step=20, tensorboard=False)
+    assert [r["step"] for r in resumed.rows] == [10, 20]
+    resumed.log(30, {"loss": 0.1})
+    resumed.close()
+    text = (tmp_path / "log.csv").read_text().splitlines()
+    assert text[0] == "step,loss" and len(text) == 4
+    plot_curves(tmp_path / "log.csv", tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert math.isclose(float(text[-1].split(",")[1]), 0.1)

@@ -1,0 +1,126 @@
+"""What a run's network is: its label set, its model card and its in-memory model package.
+
+Training validation, evaluation and export all build the card here, so the runtime pipeline
+that measures a network during training is configured exactly as the exported package is.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from HLFDSegmentLib.modelpackage import ModelPackage, make_card, standard_labels
+
+N_CLASSES = {"organ+tumour": 3, "tumour": 2, "organ": 2}
+
+
+def labels_for(task: str, labelset: str) -> list[dict[str, Any]]:
+    """The card's label entries of ``labelset`` (values 1..n, SNOMED coded)."""
+    organ, tumour = standard_labels(task)
+    if labelset == "organ+tumour":
+        return [organ, tumour]
+    if labelset == "organ":
+        return [organ]
+    tumour = {k: v for k, v in tumour.items() if k != "inside"}
+    return [{**tumour, "value": 1}]
+
+
+def default_preprocessing(spatial_dims: int) -> dict[str, Any]:
+    """The runtime's default preprocessing for a network of ``spatial_dims``."""
+    card = make_card(name="x", version="0", task="kidney", architecture="x", spatial_dims=2)
+    pre = card["preprocessing"]
+    if spatial_dims == 3:
+        pre["spacing"] = [1.5, 1.5, 1.5]
+    return pre
+
+
+def preprocessing_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's preprocessing: the runtime default with the config's overrides."""
+    return {
+        **default_preprocessing(cfg["model"]["spatial_dims"]),
+        **copy.deepcopy(cfg["data"]["preprocessing"]),
+    }
+
+
+def code_version() -> str:
+    """``git describe`` of the source tree, else the package version."""
+    from HLFDSegmentLib import __version__
+
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return f"{__version__}+g{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
+
+
+def card_for(
+    cfg: Mapping[str, Any],
+    role: str,
+    preprocessing: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Model card of the run's ``role`` network ("teacher" | "student")."""
+    net = cfg["model"][role]
+    dims = cfg["model"]["spatial_dims"]
+    inference = {}
+    if dims == 3:
+        inference = {"roi_size": list(cfg["data"]["patch"])}
+    return make_card(
+        name=str(cfg["name"]).replace("/", "-").replace(" ", "-"),
+        version="0.1.0",
+        task=cfg["data"]["task"],
+        architecture=net["architecture"],
+        spatial_dims=dims,
+        labels=labels_for(cfg["data"]["task"], cfg["data"]["labelset"]),
+        network_kwargs=net["kwargs"],
+        preprocessing=preprocessing or preprocessing_of(cfg),
+        inference=inference,
+        provenance={
+            "method": cfg["distill"]["method"] if role == "student" else "none (teacher)",
+            "seed": cfg["seed"],
+            "code_version": code_version(),
+            **(provenance or {}),
+        },
+        **extra,
+    )
+
+
+def package_from_state(
+    card: Mapping[str, Any], state: Mapping[str, torch.Tensor], where: Path
+) -> ModelPackage:
+    """An in-memory model package (what ``load_package`` would give after ``save_package``)."""
+    return ModelPackage(
+        path=Path(where), card=copy.deepcopy(dict(card)), weights=state_bytes(state)
+    )
+
+
+def state_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
+    """safetensors bytes of a state dict (contiguous CPU copies)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file (never a pickle)."""
+    from safetensors.torch import load
+
+    data = Path(path).read_bytes()
+    try:
+        return load(data)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a safetensors weight file ({exc})") from None

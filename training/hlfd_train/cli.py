@@ -1,0 +1,209 @@
+"""``hlfd-train``: prepare data, train a teacher, distill a student, evaluate, export, explain.
+
+    hlfd-train phantom OUT --task kidney --cases 12
+    hlfd-train prepare  --config C [--set data.root=...]
+    hlfd-train teacher  --config C [--set train.steps=500 ...]
+    hlfd-train distill  --config C --method hlfd --teacher runs/teacher [--set ...]
+    hlfd-train evaluate MODEL --run RUN | --config C [--split test] [--protocol paper]
+    hlfd-train export   RUN -o MODEL_DIR [--onnx]
+    hlfd-train explain  --config C --models RUN_OR_MODEL ... [--case ID] [--slices 10 20]
+    hlfd-train methods
+
+Errors in the data, the config or a model end in one line on stderr and exit code 1.
+Multi-GPU/CPU: ``torchrun --nproc_per_node N -m hlfd_train.cli teacher --config C``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from HLFDSegmentLib.errors import HLFDError
+
+from .config import ConfigError, load_config
+
+
+def _config(args: argparse.Namespace, extra: list[str] = ()) -> dict:
+    return load_config(args.config, [*(args.set or []), *extra])
+
+
+def cmd_phantom(args: argparse.Namespace) -> None:
+    from HLFDSegmentLib.phantom import PhantomConfig, write_dataset
+
+    cfg = PhantomConfig(task=args.task, shape=tuple(args.shape))
+    write_dataset(args.out, args.layout, cfg, args.cases, args.seed)
+    print(f"{args.cases} {args.task} phantom cases ({args.layout} layout) in {args.out}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from .engine import prepare_data
+
+    out = prepare_data(_config(args), rank=0)
+    print(f"prepared cache: {out}")
+
+
+def cmd_teacher(args: argparse.Namespace) -> None:
+    from .engine import train
+
+    train(_config(args), role="teacher", progress=not args.quiet)
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from .engine import train
+
+    extra = []
+    if args.method:
+        extra.append(f"distill.method={args.method}")
+    if args.teacher:
+        extra.append(f"distill.teacher={args.teacher}")
+    train(_config(args, extra), role="student", progress=not args.quiet)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from HLFDSegmentLib.modelpackage import load_package
+
+    from .data import PreparedData
+    from .engine import prepare_data
+    from .evaluate import evaluate
+
+    if args.run:
+        cfg = load_config(Path(args.run) / "config.yaml", args.set or [])
+    elif args.config:
+        cfg = _config(args)
+    else:
+        raise ConfigError("evaluate needs --run RUN or --config C (which dataset and split)")
+    prepared = PreparedData(prepare_data(cfg, rank=0))
+    package = load_package(args.model)
+    out = args.out or (Path(args.run) / "evaluation" if args.run else Path("evaluation"))
+    if args.protocol == "paper":
+        out = Path(str(out) + "-paper")
+    report = evaluate(
+        package,
+        prepared.eval_cases(args.split),
+        prepared.label_lut(),
+        out,
+        protocol=args.protocol,
+        device=args.device,
+        progress=print,
+    )
+    print((out / "metrics.md").read_text())
+    print(f"metrics in {out}/metrics.{{csv,json,md}} ({report['protocol_description']})")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export
+
+    out = export(args.run, args.out, which=args.which, onnx=args.onnx, timing=not args.no_timing)
+    print(f"model package: {out}")
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    from .data import PreparedData
+    from .engine import prepare_data
+    from .explain import explain, tumour_slices
+
+    prepared = PreparedData(prepare_data(_config(args), rank=0))
+    case = args.case or (prepared.cases("test") or prepared.cases("val"))[0]
+    image, label = prepared.arrays(case)
+    slices = args.slices or tumour_slices(label)
+    out = explain(args.models, image, label, slices, args.out, taps=args.taps)
+    print(f"attention maps of case {case}, slices {list(slices)}: {out}")
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    from .distill import METHODS, method_defaults
+
+    for name in sorted(METHODS):
+        doc = (METHODS[name].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:8s} {doc}")
+        print(f"{'':8s} {json.dumps(method_defaults(name))}")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="hlfd-train",
+        description="Teacher/student distillation (HLFD and KD baselines) for kidney and liver "
+        "tumour segmentation; exports model packages for hlfd-segment and 3D Slicer.",
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("--config", "-c", type=Path, required=required, help="YAML config")
+        p.add_argument(
+            "--set", "-s", action="append", metavar="KEY=VALUE", help="override, repeatable"
+        )
+
+    p = sub.add_parser("phantom", help="write a synthetic dataset in a real layout")
+    p.add_argument("out", type=Path)
+    p.add_argument("--task", choices=["kidney", "liver"], default="kidney")
+    p.add_argument("--cases", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=["kits19", "lits", "msd", "nnunet"], default="kits19")
+    p.add_argument("--shape", type=int, nargs=3, default=[64, 256, 256], metavar=("Z", "Y", "X"))
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("prepare", help="validate, resample and cache a dataset; write splits")
+    with_config(p)
+    p.set_defaults(func=cmd_prepare)
+
+    for name, func, text in (
+        ("teacher", cmd_teacher, "train the teacher (supervised)"),
+        ("distill", cmd_distill, "distill a student from a trained teacher"),
+    ):
+        p = sub.add_parser(name, help=text)
+        with_config(p)
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+        if name == "distill":
+            p.add_argument("--method", "-m", help="distillation method (see 'methods')")
+            p.add_argument("--teacher", "-t", help="teacher run folder, weights or package")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("evaluate", help="per-case metrics through the runtime pipeline")
+    p.add_argument("model", type=Path, help="model package (folder or .zip)")
+    p.add_argument("--run", type=Path, help="run folder whose config names the data")
+    with_config(p, required=False)
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--protocol", default="full", choices=["full", "paper"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", "-o", type=Path)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write the model package of a run")
+    p.add_argument("run", type=Path)
+    p.add_argument("--out", "-o", type=Path, required=True)
+    p.add_argument("--which", choices=["best", "last"], default="best")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (checked)")
+    p.add_argument("--no-timing", action="store_true", help="skip the run-time measurement")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("explain", help="attention maps of teacher and students")
+    with_config(p)
+    p.add_argument("--models", nargs="+", type=Path, required=True)
+    p.add_argument("--case")
+    p.add_argument("--slices", type=int, nargs="+")
+    p.add_argument("--taps", nargs="+", default=["e2", "e3", "e4", "e5"])
+    p.add_argument("--out", "-o", type=Path, default=Path("attention.png"))
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("methods", help="list distillation methods and their defaults")
+    p.set_defaults(func=cmd_methods)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (HLFDError, ConfigError) as exc:
+        print(f"hlfd-train: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"hlfd-train: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

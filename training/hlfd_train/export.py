@@ -1,0 +1,163 @@
+"""Export a trained run as a model package the runtime loads (``hlfd-train export``).
+
+The card carries provenance (teacher, method and its options, data, seed, steps, code
+version), the validation metrics, a run time measured here through the runtime pipeline and,
+with ``onnx=True``, a ``model.onnx`` whose softmax outputs are checked against torch.
+Distillation adapters never reach the package: only the student's own weights are saved.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from HLFDSegmentLib.io import read_image
+from HLFDSegmentLib.modelpackage import save_package
+from HLFDSegmentLib.nets import fold_batchnorm
+from HLFDSegmentLib.pipeline import Segmenter
+
+from .cards import card_for, load_weights, package_from_state
+from .config import ConfigError, load_config
+
+ONNX_NAME = "model.onnx"
+ONNX_TOLERANCE = 1e-3  # max |p_onnx - p_torch| over softmax probabilities
+
+
+def run_files(run: Path, which: str = "best") -> tuple[dict, dict, Path]:
+    """(config, summary, weights path) of a run folder."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run}: not a run folder (no config.yaml)")
+    cfg = load_config(run / "config.yaml")
+    summary = (
+        json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    )
+    weights = run / f"{which}.safetensors"
+    if not weights.is_file():
+        weights = run / "last.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"{run}: no {which}.safetensors or last.safetensors (not trained yet?)")
+    return cfg, summary, weights
+
+
+def prepared_info(cfg: dict) -> dict[str, Any]:
+    """``prepared.json`` of the run's data cache, if it is still there."""
+    from .engine import prepared_folder
+
+    path = prepared_folder(cfg) / "prepared.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def to_onnx(net: torch.nn.Module, spatial_dims: int, example: torch.Tensor) -> tuple[bytes, float]:
+    """ONNX bytes of ``net`` (dynamic batch and spatial size) and the max probability error
+    of ONNX Runtime against torch on ``example``."""
+    import onnxruntime as ort
+
+    axes = {0: "batch", **{i: f"s{i}" for i in range(2, 2 + spatial_dims)}}
+    buf = io.BytesIO()
+    torch.onnx.export(
+        net,
+        (example,),
+        buf,
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": axes, "logits": axes},
+        opset_version=17,
+        dynamo=False,
+    )
+    data = buf.getvalue()
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"image": example.numpy()})
+    with torch.no_grad():
+        want = torch.softmax(net(example), 1).numpy()
+    got_p = torch.softmax(torch.from_numpy(got), 1).numpy()
+    return data, float(np.abs(got_p - want).max())
+
+
+def time_pipeline(package: Any, image_path: Path | None) -> list[dict[str, Any]]:
+    """Seconds for one volume through the runtime pipeline on this machine's CPU."""
+    if image_path is None or not Path(image_path).is_file():
+        return []
+    image = read_image(image_path)
+    seg = Segmenter(package, device="cpu")
+    seg(image)  # warm-up (allocations, oneDNN kernels)
+    t0 = time.perf_counter()
+    seg(image)
+    seconds = time.perf_counter() - t0
+    size = "x".join(map(str, image.GetSize()))
+    cpu = platform.processor() or platform.machine()
+    return [
+        {
+            "device": f"cpu ({torch.get_num_threads()} threads, {cpu})",
+            "seconds": round(seconds, 2),
+            "input": f"{Path(image_path).name} {size}",
+        }
+    ]
+
+
+def export(
+    run: Path, out: Path, *, which: str = "best", onnx: bool = False, timing: bool = True
+) -> Path:
+    """Write the model package of ``run`` to ``out``; returns ``out``."""
+    cfg, summary, weights = run_files(Path(run), which)
+    role = summary.get("role", "student")
+    info = prepared_info(cfg)
+    state = load_weights(weights)
+    provenance = {
+        "teacher": summary.get("teacher"),
+        "method": summary.get("method", cfg["distill"]["method"]),
+        "data": (
+            f"{info.get('layout', cfg['data']['layout'])} at {cfg['data']['root']}, labelset "
+            f"{cfg['data']['labelset']}, {len(info.get('cases', [])) or '?'} cases"
+        ),
+        "seed": cfg["seed"],
+        "steps": summary.get("steps"),
+        "method_options": cfg["distill"]["options"] if role == "student" else {},
+        "run": os.path.abspath(run),
+    }
+    card = card_for(cfg, role, preprocessing=info.get("preprocessing"), provenance=provenance)
+    best = (
+        json.loads((Path(run) / "best.json").read_text())
+        if (Path(run) / "best.json").is_file()
+        else {}
+    )
+    card["metrics"] = {"validation_dice": best} if best else {}
+    evaluation = Path(run) / "evaluation" / "metrics.json"
+    if evaluation.is_file():
+        card["metrics"]["evaluation"] = json.loads(evaluation.read_text())["summary"]
+    package = package_from_state(card, state, Path(out))
+    net = package.build_network()
+    extra: dict[str, bytes] = {}
+    if onnx:
+        dims = cfg["model"]["spatial_dims"]
+        crop = cfg["data"]["crop"] if dims == 2 else cfg["data"]["patch"]
+        example = torch.randn(2, 1, *crop)
+        data, err = to_onnx(fold_batchnorm(net, inplace=False), dims, example)
+        if err > ONNX_TOLERANCE:
+            raise RuntimeError(
+                f"ONNX export of {card['network']['architecture']}: outputs differ from torch by "
+                f"{err:.2e} > {ONNX_TOLERANCE:.0e}"
+            )
+        extra[ONNX_NAME] = data
+        card["onnx"] = ONNX_NAME
+        card["metrics"]["onnx_max_probability_error"] = err
+    if timing:
+        first_val = _first_val_image(info)
+        card["runtimes"] = time_pipeline(package, first_val)
+    return save_package(out, card, net.state_dict(), extra)
+
+
+def _first_val_image(info: dict[str, Any]) -> Path | None:
+    cases = info.get("cases") or []
+    for entry in cases:
+        if isinstance(entry, dict) and entry.get("split") == "val" and entry.get("image"):
+            return Path(entry["image"])
+    return None
