@@ -122,6 +122,15 @@ def normalise(image: sitk.Image, grid: Grid, pre: dict[str, Any]) -> np.ndarray:
     return arr
 
 
+def background_value(pre: dict[str, Any]) -> float:
+    """Normalised value of the window's low end: what air becomes, and the padding value."""
+    lo = float(pre["window"][0])
+    norm = pre["normalize"]
+    if norm["mode"] == "minmax":
+        return 0.0
+    return (lo - norm.get("mean", 0.0)) / norm.get("std", 1.0)
+
+
 def body_box(arr: np.ndarray, background: float, margin: int = 8) -> tuple[slice, ...] | None:
     """Slices of the box around voxels brighter than ``background`` (+ ``margin``), or None."""
     foreground = arr > background + 1e-3
@@ -217,14 +226,6 @@ class Segmenter:
         self.precision = "float32" if self.amp is None else str(self.amp).removeprefix("torch.")
 
     # -- stages ---------------------------------------------------------------------------------
-    def _background_value(self) -> float:
-        pre = self.card["preprocessing"]
-        norm = pre["normalize"]
-        lo = pre["window"][0]
-        if norm["mode"] == "minmax":
-            return 0.0
-        return (lo - norm.get("mean", 0.0)) / norm.get("std", 1.0)
-
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities, averaged over the flips of the card's TTA set when enabled."""
         flips = [[]]
@@ -255,7 +256,7 @@ class Segmenter:
         run through the network; the air around it is background. On a 400 mm field of view
         this skips about 40% of the pixels."""
         out = np.zeros(arr.shape, dtype=np.uint8)
-        box = body_box(arr, self._background_value())
+        box = body_box(arr, background_value(self.card["preprocessing"]))
         if box is None:
             return out
         run = self._infer_2d if self.package.spatial_dims == 2 else self._infer_3d
@@ -269,7 +270,7 @@ class Segmenter:
         ph, pw = (-h) % m, (-w) % m
         batch = int(self.card["inference"].get("slice_batch", 16))
         out = np.empty((z, h, w), dtype=np.uint8)
-        fill = self._background_value()
+        fill = background_value(self.card["preprocessing"])
         for start in range(0, z, batch):
             chunk = torch.from_numpy(arr[start : start + batch]).unsqueeze(1)
             if ph or pw:
@@ -311,7 +312,7 @@ class Segmenter:
             overlap=overlap,
             mode="gaussian",
             padding_mode="constant",
-            cval=self._background_value(),
+            cval=background_value(self.card["preprocessing"]),
             sw_device=self.device,
             device=torch.device("cpu"),
         )

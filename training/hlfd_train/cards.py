@@ -30,19 +30,13 @@ def labels_for(task: str, labelset: str) -> list[dict[str, Any]]:
     return [{**tumour, "value": 1}]
 
 
-def default_preprocessing(spatial_dims: int) -> dict[str, Any]:
-    """The runtime's default preprocessing for a network of ``spatial_dims``."""
-    card = make_card(name="x", version="0", task="kidney", architecture="x", spatial_dims=2)
-    pre = card["preprocessing"]
-    if spatial_dims == 3:
-        pre["spacing"] = [1.5, 1.5, 1.5]
-    return pre
-
-
 def preprocessing_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The run's preprocessing: the runtime default with the config's overrides."""
+    from .data import default_preprocessing
+
+    dims = cfg["model"]["spatial_dims"]
     return {
-        **default_preprocessing(cfg["model"]["spatial_dims"]),
+        **default_preprocessing(cfg["data"]["task"], dims),
         **copy.deepcopy(cfg["data"]["preprocessing"]),
     }
 

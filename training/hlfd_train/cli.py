@@ -32,9 +32,11 @@ def _config(args: argparse.Namespace, extra: list[str] = ()) -> dict:
 def cmd_phantom(args: argparse.Namespace) -> None:
     from HLFDSegmentLib.phantom import PhantomConfig, write_dataset
 
-    cfg = PhantomConfig(task=args.task, shape=tuple(args.shape))
-    write_dataset(args.out, args.layout, cfg, args.cases, args.seed)
-    print(f"{args.cases} {args.task} phantom cases ({args.layout} layout) in {args.out}")
+    layout = args.layout or ("kits19" if args.task == "kidney" else "lits")
+    cysts = layout in ("kits21", "kits23")  # KiTS21/23 label simple cysts 3
+    cfg = PhantomConfig(task=args.task, shape=tuple(args.shape), cyst_label=3 if cysts else None)
+    write_dataset(args.out, "kits19" if cysts else layout, cfg, args.cases, args.seed)
+    print(f"{args.cases} {args.task} phantom cases ({layout} layout) in {args.out}")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -140,7 +142,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["kidney", "liver"], default="kidney")
     p.add_argument("--cases", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layout", choices=["kits19", "lits", "msd", "nnunet"], default="kits19")
+    p.add_argument(
+        "--layout",
+        choices=["kits19", "kits21", "kits23", "lits", "msd", "nnunet"],
+        help="default: kits19 for kidney, lits for liver",
+    )
     p.add_argument("--shape", type=int, nargs=3, default=[64, 256, 256], metavar=("Z", "Y", "X"))
     p.set_defaults(func=cmd_phantom)
 

@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
         "task": "kidney",  # kidney | liver
         "labelset": "organ+tumour",  # organ+tumour | tumour | organ
         "cyst": "organ",  # KiTS21/23 label 3 -> organ | background | tumour
+        "unlabelled": "error",  # cases without a label file: error | skip (KiTS19 test set)
         "splits": [0.7, 0.15, 0.15],
         "split_seed": 0,  # case-level split; kept apart from the training seed
         "preprocessing": {},  # overrides of the model card's preprocessing
@@ -164,6 +165,7 @@ def check(cfg: Mapping[str, Any]) -> None:
     choices = {
         ("data", "labelset"): {"organ+tumour", "tumour", "organ"},
         ("data", "cyst"): {"organ", "background", "tumour"},
+        ("data", "unlabelled"): {"error", "skip"},
         ("data", "task"): {"kidney", "liver"},
         ("model", "spatial_dims"): {2, 3},
         ("train", "optimizer"): {"adam", "adamw", "sgd"},

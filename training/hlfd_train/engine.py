@@ -38,7 +38,14 @@ from HLFDSegmentLib.pipeline import Segmenter, cpu_has_fast_bf16
 
 from .cards import N_CLASSES, card_for, load_weights, package_from_state, state_bytes
 from .config import ConfigError, load_config, save_config
-from .distill import FeatureTaps, build_method, probe_channels, run_with_taps, segmentation_loss
+from .distill import (
+    FeatureTaps,
+    MissingTapError,
+    build_method,
+    probe_channels,
+    run_with_taps,
+    segmentation_loss,
+)
 from .logs import RunLog, plot_curves
 
 STATE = "state.pt"
@@ -159,6 +166,7 @@ def prepare_data(cfg: Mapping[str, Any], rank: int) -> Path:
             preprocessing=preprocessing_of(cfg),
             splits=d["splits"],
             seed=d["split_seed"],
+            unlabelled=d["unlabelled"],
         )
     barrier()
     return out
@@ -404,7 +412,16 @@ def train(cfg: Mapping[str, Any], role: str = "student", progress: bool = True) 
     example = torch.zeros(1, 1, *crop)
     s_channels = probe_channels(student, s_taps, example)
     t_channels = probe_channels(teacher, t_taps, example.to(device)) if teacher else {}
-    method = build_method(method_name, t_channels, s_channels, dims, **cfg["distill"]["options"])
+    try:
+        method = build_method(
+            method_name, t_channels, s_channels, dims, **cfg["distill"]["options"]
+        )
+    except MissingTapError as exc:
+        net = spec if exc.side == "student" else cfg["model"]["teacher"]
+        check_taps(exc.side, net["architecture"], {k: "" for k in exc.known}, (exc.tap,))
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"distill.options: {exc}") from None
     need_s, need_t = method.required_taps()
     check_taps("student", spec["architecture"], s_taps, need_s)
     if teacher is not None:

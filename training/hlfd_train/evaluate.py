@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,7 @@ def label_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float
         "voxels_ref": r,
     }
     if p and r:
+        warnings.filterwarnings("ignore", "monai.metrics.utils get_mask_edges", FutureWarning)
         box = _box(pred | ref)  # distances do not change when the empty margin is cut away
         pt = torch.from_numpy(np.ascontiguousarray(pred[box]))[None, None]
         rt = torch.from_numpy(np.ascontiguousarray(ref[box]))[None, None]

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,18 @@ def run_files(run: Path, which: str = "best") -> tuple[dict, dict, Path]:
     return cfg, summary, weights
 
 
-def prepared_info(cfg: dict) -> dict[str, Any]:
-    """``prepared.json`` of the run's data cache, if it is still there."""
+def prepared_info(cfg: dict) -> tuple[dict[str, Any], Path | None]:
+    """``prepared.json`` of the run's data cache and its first validation CT, if still there."""
+    from .data import PreparedData
     from .engine import prepared_folder
 
-    path = prepared_folder(cfg) / "prepared.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    folder = prepared_folder(cfg)
+    if not (folder / "prepared.json").is_file():
+        return {}, None
+    prepared = PreparedData(folder)
+    cases = prepared.cases("val") or prepared.cases("train")
+    image = Path(prepared.meta(cases[0])["image_path"]) if cases else None
+    return prepared.info, image
 
 
 def to_onnx(net: torch.nn.Module, spatial_dims: int, example: torch.Tensor) -> tuple[bytes, float]:
@@ -63,16 +70,18 @@ def to_onnx(net: torch.nn.Module, spatial_dims: int, example: torch.Tensor) -> t
 
     axes = {0: "batch", **{i: f"s{i}" for i in range(2, 2 + spatial_dims)}}
     buf = io.BytesIO()
-    torch.onnx.export(
-        net,
-        (example,),
-        buf,
-        input_names=["image"],
-        output_names=["logits"],
-        dynamic_axes={"image": axes, "logits": axes},
-        opset_version=17,
-        dynamo=False,
-    )
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated, not broken
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net,
+            (example,),
+            buf,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": axes, "logits": axes},
+            opset_version=17,
+            dynamo=False,  # the dynamo exporter needs onnxscript, not installed here
+        )
     data = buf.getvalue()
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"image": example.numpy()})
@@ -98,7 +107,7 @@ def time_pipeline(package: Any, image_path: Path | None) -> list[dict[str, Any]]
         {
             "device": f"cpu ({torch.get_num_threads()} threads, {cpu})",
             "seconds": round(seconds, 2),
-            "input": f"{Path(image_path).name} {size}",
+            "input": f"{Path(image_path).parent.name}/{Path(image_path).name} {size}",
         }
     ]
 
@@ -109,11 +118,11 @@ def export(
     """Write the model package of ``run`` to ``out``; returns ``out``."""
     cfg, summary, weights = run_files(Path(run), which)
     role = summary.get("role", "student")
-    info = prepared_info(cfg)
+    info, timing_image = prepared_info(cfg)
     state = load_weights(weights)
     provenance = {
         "teacher": summary.get("teacher"),
-        "method": summary.get("method", cfg["distill"]["method"]),
+        "method": "none (teacher)" if role == "teacher" else cfg["distill"]["method"],
         "data": (
             f"{info.get('layout', cfg['data']['layout'])} at {cfg['data']['root']}, labelset "
             f"{cfg['data']['labelset']}, {len(info.get('cases', [])) or '?'} cases"
@@ -150,14 +159,5 @@ def export(
         card["onnx"] = ONNX_NAME
         card["metrics"]["onnx_max_probability_error"] = err
     if timing:
-        first_val = _first_val_image(info)
-        card["runtimes"] = time_pipeline(package, first_val)
+        card["runtimes"] = time_pipeline(package, timing_image)
     return save_package(out, card, net.state_dict(), extra)
-
-
-def _first_val_image(info: dict[str, Any]) -> Path | None:
-    cases = info.get("cases") or []
-    for entry in cases:
-        if isinstance(entry, dict) and entry.get("split") == "val" and entry.get("image"):
-            return Path(entry["image"])
-    return None

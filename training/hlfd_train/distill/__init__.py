@@ -11,7 +11,14 @@ from .losses import (
     segmentation_loss,
 )
 from .methods import HLFD
-from .registry import METHODS, DistillMethod, build_method, method_defaults, register_method
+from .registry import (
+    METHODS,
+    DistillMethod,
+    MissingTapError,
+    build_method,
+    method_defaults,
+    register_method,
+)
 from .taps import FeatureTaps, probe_channels, run_with_taps
 
 __all__ = [
@@ -19,6 +26,7 @@ __all__ = [
     "METHODS",
     "DistillMethod",
     "FeatureTaps",
+    "MissingTapError",
     "at_loss",
     "attention_map",
     "build_method",

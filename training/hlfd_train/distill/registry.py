@@ -96,6 +96,17 @@ def _coerce(method: str, key: str, default: Any, value: Any) -> Any:
     return value
 
 
+class MissingTapError(ValueError):
+    """A method needs a tap (feature) that the network does not provide."""
+
+    def __init__(self, method: str, side: str, tap: str, known: list[str]):
+        self.method, self.side, self.tap, self.known = method, side, tap, known
+        super().__init__(
+            f"distillation method {method!r}: no channel count for {side} tap {tap!r} "
+            f"(known: {', '.join(known) or 'none'})"
+        )
+
+
 class DistillMethod(nn.Module):
     """Base class of every distillation method.
 
@@ -134,10 +145,7 @@ class DistillMethod(nn.Module):
         """Channel count of ``tap`` on ``side`` ("student" | "teacher"); ValueError if unknown."""
         table = self.student_channels if side == "student" else self.teacher_channels
         if tap not in table:
-            raise ValueError(
-                f"distillation method {self.name!r}: no channel count for {side} tap {tap!r} "
-                f"(known: {', '.join(sorted(table)) or 'none'})"
-            )
+            raise MissingTapError(self.name, side, tap, sorted(table))
         return int(table[tap])
 
     def conv1x1(self, in_channels: int, out_channels: int) -> nn.Module:

@@ -1,0 +1,350 @@
+"""The training engine end to end on tiny phantoms: teacher, every method in 2D and 3D, resume
+after a kill, DDP on two gloo processes, export -> runtime, ONNX, evaluation, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from hlfd_train.cards import N_CLASSES, load_weights
+from hlfd_train.cli import main as train_cli
+from hlfd_train.config import ConfigError, load_config
+from hlfd_train.data import PreparedData, SliceDataset, VolumeDataset
+from hlfd_train.distill import METHODS, build_method, probe_channels, run_with_taps
+from hlfd_train.engine import StudentStep, make_network, prepare_data, taps_of, train
+from hlfd_train.export import export
+from HLFDSegmentLib.modelpackage import load_package
+from HLFDSegmentLib.phantom import PhantomConfig, write_dataset
+from HLFDSegmentLib.pipeline import Segmenter
+
+BIN = Path(sys.executable).parent
+TINY_2D = {
+    "teacher": {"architecture": "tiny_unet2d", "kwargs": {"base": 8}},
+    "student": {"architecture": "tiny_unet2d", "kwargs": {"base": 4}},
+}
+TINY_3D = {
+    "spatial_dims": 3,
+    "teacher": {
+        "architecture": "monai_dynunet3d",
+        "kwargs": {"filters": [4, 8, 8, 16, 16], "strides": [1, 2, 2, 2, 2]},
+    },
+    "student": {
+        "architecture": "monai_unet3d",
+        "kwargs": {"channels": [4, 8, 8, 16, 16]},
+        # the MONAI U-Net has no d5 stage: name the bottleneck for it
+        "taps": {"d5": "model.1.submodule.1.submodule.1.submodule.1.submodule"},
+    },
+}
+
+
+def tiny_config(root: Path, out: Path, dims: int = 2, **train_keys) -> dict:
+    model = TINY_2D if dims == 2 else TINY_3D
+    base = {
+        "name": "t",
+        "output": str(out),
+        "data": {
+            "root": str(root),
+            "crop": [64, 64],
+            "patch": [32, 32, 32],
+            "splits": [4, 1, 1],
+            "preprocessing": {"spacing": [3.0, 3.0, None if dims == 2 else 3.0]},
+        },
+        "model": model,
+        "train": {
+            "steps": 6,
+            "batch_size": 4 if dims == 2 else 2,
+            "log_every": 2,
+            "val_every": 3,
+            "checkpoint_every": 3,
+            "warmup_steps": 2,
+            "tensorboard": False,
+            **train_keys,
+        },
+    }
+    return load_config(None, base=base)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train") / "data"
+    write_dataset(root, "kits19", PhantomConfig(shape=(24, 96, 96), spacing=(2.5, 2.5, 4.0)), 6)
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher_run(dataset, tmp_path_factory) -> tuple[dict, Path]:
+    cfg = tiny_config(dataset, tmp_path_factory.mktemp("runs"))
+    return cfg, train(cfg, "teacher", progress=False)
+
+
+def test_teacher_run_folder(teacher_run):
+    cfg, folder = teacher_run
+    assert folder == Path(cfg["output"]) / "t" / "teacher"
+    for name in (
+        "config.yaml",
+        "log.csv",
+        "curves.png",
+        "best.safetensors",
+        "last.safetensors",
+        "state.pt",
+        "summary.json",
+        "best.json",
+    ):
+        assert (folder / name).is_file(), name
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["role"] == "teacher"
+    assert summary["adapter_parameters"] == 0
+    assert load_config(folder / "config.yaml") == cfg  # the resolved config reproduces the run
+    header = (folder / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"loss", "loss.seg", "lr", "val.Kidney", "val.Kidney tumor"} <= set(header)
+
+
+def _fixed_batch(cfg: dict, dims: int) -> dict:
+    prepared = PreparedData(prepare_data(cfg, 0))
+    if dims == 2:
+        ds = SliceDataset(prepared, "train", crop=(64, 64), foreground_fraction=1.0, seed=1)
+    else:
+        ds = VolumeDataset(prepared, "train", patch=(32, 32, 32), foreground_fraction=1.0, seed=1)
+    items = [ds[i] for i in range(2)]
+    return {k: torch.stack([it[k] for it in items]) for k in ("image", "label")}
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_every_method_lowers_its_loss(dataset, tmp_path, dims):
+    """Each method trains its student (and adapters) on a fixed batch: the total loss falls,
+    the teacher gets no gradient, the adapters do."""
+    cfg = tiny_config(dataset, tmp_path, dims)
+    batch = _fixed_batch(cfg, dims)
+    x, y = batch["image"], batch["label"]
+    classes = N_CLASSES[cfg["data"]["labelset"]]
+    for name in sorted(METHODS):
+        torch.manual_seed(0)
+        teacher = make_network(cfg["model"]["teacher"], dims, classes).eval()
+        student = make_network(cfg["model"]["student"], dims, classes)
+        t_taps = taps_of(teacher, cfg["model"]["teacher"])
+        s_taps = taps_of(student, cfg["model"]["student"])
+        method = build_method(
+            name, probe_channels(teacher, t_taps, x), probe_channels(student, s_taps, x), dims
+        )
+        need_s, need_t = method.required_taps()
+        step = StudentStep(student, method, {k: s_taps[k] for k in need_s})
+        opt = torch.optim.Adam(step.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(8):
+            t_logits, t_feats = run_with_taps(
+                teacher, {k: t_taps[k] for k in need_t}, x, teacher=True
+            )
+            terms = step(x, y, t_feats, t_logits if method.needs_logits() else None)
+            loss = sum(terms.values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0], (name, dims, losses)
+        assert all(p.grad is None for p in teacher.parameters()), name
+        if name != "none":
+            assert set(terms) > {"seg"}, name
+        if list(method.parameters()):
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.parameters())
+
+
+def test_distill_3d_engine_with_missing_tap_mapped(dataset, tmp_path):
+    cfg = tiny_config(dataset, tmp_path, 3, steps=2, val_every=2, checkpoint_every=2)
+    train(cfg, "teacher", progress=False)
+    unmapped = json.loads(json.dumps(cfg))
+    unmapped["model"]["student"]["taps"] = {}
+    unmapped["distill"]["method"] = "hlfd"
+    with pytest.raises(ConfigError, match=r"no tap 'd5'.*model\.student\.taps\.d5="):
+        train(unmapped, "student", progress=False)
+    cfg["distill"]["method"] = "hlfd"
+    folder = train(cfg, "student", progress=False)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["method"] == "hlfd" and summary["adapter_parameters"] > 0
+    assert "loss.plfd_unified" in (folder / "log.csv").read_text()
+
+
+def _run_cli(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [str(BIN / "hlfd-train"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
+
+
+def _write_config(cfg: dict, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_killed_run_resumes_to_the_same_weights(dataset, teacher_run, tmp_path):
+    """An uninterrupted distillation and one killed (SIGKILL) after its first checkpoint and
+    then resumed end with identical student weights."""
+    cfg = json.loads(json.dumps(teacher_run[0]))
+    cfg["distill"] = {"method": "hlfd", "teacher": str(teacher_run[1]), "options": {}}
+    cfg["train"].update(steps=12, checkpoint_every=4, val_every=4, log_every=2)
+    cfg["data"]["prepared"] = str(prepare_data(teacher_run[0], 0))
+    results = {}
+    for label in ("straight", "killed"):
+        cfg["output"] = str(tmp_path / label)
+        conf = _write_config(cfg, tmp_path / f"{label}.yaml")
+        folder = tmp_path / label / "t" / "hlfd-seed0"
+        if label == "killed":
+            proc = _run_cli(["distill", "-c", str(conf), "-q"], tmp_path)
+            deadline = time.monotonic() + 120
+            while not (folder / "state.pt").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            assert proc.returncode == -signal.SIGKILL
+            assert not (folder / "summary.json").exists()  # it really died mid-run
+            assert torch.load(folder / "state.pt", weights_only=True)["step"] < 12
+        proc = _run_cli(["distill", "-c", str(conf), "-q"], tmp_path)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        results[label] = load_weights(folder / "last.safetensors")
+        if label == "killed":
+            assert "steps 4->12" in out or "steps 8->12" in out, out
+    for key, value in results["straight"].items():
+        torch.testing.assert_close(results["killed"][key], value, rtol=0, atol=0, msg=key)
+    logs = {k: _log_without_clock(tmp_path / k / "t/hlfd-seed0/log.csv") for k in results}
+    assert logs["killed"] == logs["straight"]
+
+
+def _log_without_clock(path: Path) -> list[dict]:
+    import csv
+
+    with path.open(newline="") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_ddp_two_gloo_processes(dataset, teacher_run, tmp_path):
+    cfg = json.loads(json.dumps(teacher_run[0]))
+    cfg["output"] = str(tmp_path)
+    cfg["distill"] = {"method": "hlfd", "teacher": str(teacher_run[1]), "options": {}}
+    cfg["data"]["prepared"] = str(prepare_data(teacher_run[0], 0))
+    cfg["train"].update(steps=4, batch_size=2)
+    conf = _write_config(cfg, tmp_path / "ddp.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "hlfd_train.cli",
+            "distill",
+            "-c",
+            str(conf),
+            "-q",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "t" / "hlfd-seed0" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+
+
+def test_export_runtime_onnx_evaluate(teacher_run, tmp_path):
+    cfg, folder = teacher_run
+    package_dir = export(folder, tmp_path / "model", onnx=True)
+    package = load_package(package_dir)
+    card = package.card
+    assert card["provenance"]["method"] == "none (teacher)"
+    assert card["metrics"]["validation_dice"]["step"] >= 3
+    assert card["runtimes"] and card["runtimes"][0]["seconds"] > 0
+    assert card["onnx"] == "model.onnx"
+    # the runtime network carries exactly the run's best weights
+    net = package.build_network()
+    best = load_weights(folder / "best.safetensors")
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, best[k], rtol=0, atol=0)
+    # ONNX Runtime agrees with torch on an input size other than the export's
+    import onnxruntime as ort
+
+    x = torch.randn(1, 1, 96, 128)
+    session = ort.InferenceSession(str(package_dir / "model.onnx"))
+    (got,) = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        want = torch.softmax(net(x), 1)
+    assert torch.softmax(torch.from_numpy(got), 1).sub(want).abs().max() < 1e-3
+    # the runtime pipeline segments a held-out phantom with it, same as the evaluation does
+    prepared = PreparedData(prepare_data(cfg, 0))
+    (case,) = prepared.eval_cases("test")
+    result = Segmenter(package, device="cpu")(sitk.ReadImage(str(case.image)))
+    assert result.labels.GetSize() == sitk.ReadImage(str(case.image)).GetSize()
+    out = tmp_path / "eval"
+    code = train_cli(
+        [
+            "evaluate",
+            str(package_dir),
+            "--config",
+            str(_write_config(cfg, tmp_path / "c.yaml")),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["cases"][0]["case"] == case.case_id
+    pred = sitk.GetArrayFromImage(result.labels)
+    ref = prepared.label_lut()[sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))]
+    p, r = pred == 1, ref == 1
+    dice = 2 * (p & r).sum() / max(1, p.sum() + r.sum()) if p.sum() + r.sum() else 1.0
+    assert report["cases"][0]["labels"]["Kidney"]["dice"] == pytest.approx(dice)
+    assert {"Dice", "HD95 (mm)"} <= set((out / "metrics.md").read_text().split(" | "))
+    assert (out / "metrics.csv").read_text().count("\n") == 3
+
+
+def test_cli_errors_are_one_line(dataset, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {stepz: 3}\n")
+    assert train_cli(["teacher", "-c", str(bad)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown config key 'train.stepz'" in err[0]
+
+    cfg = tiny_config(dataset, tmp_path)
+    conf = _write_config(cfg, tmp_path / "c.yaml")
+    assert train_cli(["distill", "-c", str(conf), "-m", "hlfd", "-t", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "teacher weights not found" in err[0]
+
+    broken = tmp_path / "broken"
+    write_dataset(broken, "kits19", PhantomConfig(shape=(8, 32, 32)), 2)
+    (broken / "case_00001" / "segmentation.nii.gz").unlink()
+    cfg["data"]["root"] = str(broken)
+    conf = _write_config(cfg, tmp_path / "c2.yaml")
+    assert train_cli(["prepare", "-c", str(conf)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "case_00001" in err[0]
+
+
+def test_explain_figure(teacher_run, tmp_path):
+    cfg, folder = teacher_run
+    conf = _write_config(cfg, tmp_path / "c.yaml")
+    out = tmp_path / "att.png"
+    assert train_cli(["explain", "-c", str(conf), "--models", str(folder), "-o", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    assert np.asarray(__import__("matplotlib.image").image.imread(out)).shape[-1] in (3, 4)
