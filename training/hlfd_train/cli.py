@@ -90,7 +90,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         device=args.device,
         progress=print,
     )
-    print((out / "metrics.md").read_text())
+    print((out / "metrics.md").read_text(encoding="utf-8"))
     print(f"metrics in {out}/metrics.{{csv,json,md}} ({report['protocol_description']})")
 
 
@@ -199,6 +199,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):  # tables hold "±": never fail on an ASCII terminal
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = parser().parse_args(argv)
     try:
         args.func(args)

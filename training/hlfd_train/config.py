@@ -34,7 +34,8 @@ DEFAULTS: dict[str, Any] = {
         "preprocessing": {},  # overrides of the model card's preprocessing
         "crop": [160, 160],  # 2D crops; 3D patches use "patch"
         "patch": [96, 96, 96],
-        "foreground_fraction": 0.67,
+        "foreground_fraction": 0.67,  # samples centred on a labelled voxel
+        "tumour_fraction": 0.5,  # share of those centred on tumour
         "augment": {
             "flip": 0.5,
             "rotate_deg": 15.0,

@@ -183,6 +183,7 @@ def training_set(cfg: Mapping[str, Any], prepared: Any, samples: int):
             crop=tuple(d["crop"]),
             augment=d["augment"],
             foreground_fraction=d["foreground_fraction"],
+            tumour_fraction=d["tumour_fraction"],
             samples_per_epoch=samples,
             seed=cfg["seed"],
         )
@@ -192,6 +193,7 @@ def training_set(cfg: Mapping[str, Any], prepared: Any, samples: int):
         patch=tuple(d["patch"]),
         augment=d["augment"],
         foreground_fraction=d["foreground_fraction"],
+        tumour_fraction=d["tumour_fraction"],
         samples_per_epoch=samples,
         seed=cfg["seed"],
     )
@@ -290,11 +292,13 @@ class StudentStep(nn.Module):
         return terms
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up then cosine decay to 0 at ``total``."""
+def lr_factor(step: int, warmup: int, total: int, time_fraction: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay reaching 0 at ``total`` steps or, with a wall-clock
+    budget, when ``time_fraction`` of it is spent, whichever comes first."""
     if step < warmup:
         return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    done = max((step - warmup) / max(1, total - warmup), time_fraction)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
 
 def make_optimizer(params, tcfg: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -434,9 +438,6 @@ def train(cfg: Mapping[str, Any], role: str = "student", progress: bool = True) 
     params = [p for p in step_module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, tcfg)
     total = int(tcfg["steps"])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, int(tcfg["warmup_steps"]), total)
-    )
     dtype = amp_dtype(tcfg["amp"], device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
 
@@ -444,7 +445,6 @@ def train(cfg: Mapping[str, Any], role: str = "student", progress: bool = True) 
     if state is not None:
         step_module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start, best, elapsed = int(state["step"]), dict(state["best"]), float(state["elapsed"])
         torch.set_rng_state(state["rng"])
@@ -478,6 +478,7 @@ def train(cfg: Mapping[str, Any], role: str = "student", progress: bool = True) 
         )
 
     budget = tcfg["minutes"] * 60 if tcfg["minutes"] else math.inf
+    warmup = int(tcfg["warmup_steps"])
     t0 = time.perf_counter() - elapsed
     bar = None
     if progress and rank == 0:
@@ -490,9 +491,12 @@ def train(cfg: Mapping[str, Any], role: str = "student", progress: bool = True) 
     batches = iter(loader)
     student.train()
     while step < total:
-        if _out_of_time(time.perf_counter() - t0 > budget, world):
+        spent = _budget_spent(time.perf_counter() - t0, budget, world)
+        if spent >= 1.0:
             stopped = "time budget"
             break
+        for group in optimizer.param_groups:
+            group["lr"] = float(tcfg["lr"]) * lr_factor(step, warmup, total, spent)
         b = next(batches)
         x = b["image"].to(device, non_blocking=True)
         y = b["label"].to(device, non_blocking=True)
@@ -509,7 +513,6 @@ def train(cfg: Mapping[str, Any], role: str = "student", progress: bool = True) 
             torch.nn.utils.clip_grad_norm_(params, float(tcfg["grad_clip"]))
         scaler.step(optimizer)
         scaler.update()
-        sched.step()
         step += 1
         for k, v in {"loss": loss, **{f"loss.{k}": t for k, t in terms.items()}}.items():
             running.setdefault(k, []).append(float(v.detach()))
@@ -535,7 +538,6 @@ def train(cfg: Mapping[str, Any], role: str = "student", progress: bool = True) 
                 cfg,
                 step_module,
                 optimizer,
-                sched,
                 scaler,
                 step,
                 best,
@@ -551,7 +553,6 @@ def train(cfg: Mapping[str, Any], role: str = "student", progress: bool = True) 
             cfg,
             step_module,
             optimizer,
-            sched,
             scaler,
             step,
             best,
@@ -589,13 +590,15 @@ def train(cfg: Mapping[str, Any], role: str = "student", progress: bool = True) 
     return folder
 
 
-def _out_of_time(local: bool, world: int) -> bool:
-    """Rank 0's clock decides for every rank (so all stop at the same step)."""
-    if world == 1:
-        return local
-    flag = torch.tensor([float(local)])
-    dist.broadcast(flag, 0)
-    return bool(flag.item())
+def _budget_spent(elapsed: float, budget: float, world: int) -> float:
+    """Fraction of the wall-clock budget spent, by rank 0's clock on every rank (so all ranks
+    use the same learning rate and stop at the same step)."""
+    if math.isinf(budget):
+        return 0.0
+    spent = torch.tensor([elapsed / budget], dtype=torch.float64)
+    if world > 1:
+        dist.broadcast(spent, 0)
+    return float(spent.item())
 
 
 def _validate_and_keep(cfg, role, student, prepared, device, folder, step, best, log, rank):
@@ -614,13 +617,12 @@ def _validate_and_keep(cfg, role, student, prepared, device, folder, step, best,
     return best
 
 
-def _checkpoint(folder, cfg, module, optimizer, sched, scaler, step, best, elapsed, rank):
+def _checkpoint(folder, cfg, module, optimizer, scaler, step, best, elapsed, rank):
     if rank == 0:
         atomic_save(
             {
                 "model": module.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(),
                 "step": step,
                 "best": best,

@@ -188,7 +188,7 @@ def write_report(report: Mapping[str, Any], out_dir: Path) -> None:
     ``metrics.md`` (mean ± sd table)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    with (out_dir / "metrics.csv").open("w", newline="") as f:
+    with (out_dir / "metrics.csv").open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["case", "label", *METRICS, "voxels_pred", "voxels_ref", "seconds"])
         for row in report["cases"]:
@@ -203,7 +203,7 @@ def write_report(report: Mapping[str, Any], out_dir: Path) -> None:
                         row["seconds"],
                     ]
                 )
-    (out_dir / "metrics.md").write_text(markdown_table(report))
+    (out_dir / "metrics.md").write_text(markdown_table(report), encoding="utf-8")
 
 
 def _num(v: Any) -> str:

@@ -18,7 +18,7 @@ class RunLog:
         self.path = Path(folder) / "log.csv"
         self.rows: list[dict[str, float]] = []
         if self.path.exists() and resume_step > 0:
-            with self.path.open(newline="") as f:
+            with self.path.open(newline="", encoding="utf-8") as f:
                 self.rows = [
                     {k: float(v) for k, v in r.items() if v != ""}
                     for r in csv.DictReader(f)
@@ -42,7 +42,7 @@ class RunLog:
         return cols
 
     def _write_all(self) -> None:
-        with self.path.open("w", newline="") as f:
+        with self.path.open("w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=self.columns)
             w.writeheader()
             w.writerows(self.rows)
@@ -71,7 +71,7 @@ def plot_curves(log_csv: Path, png: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with Path(log_csv).open(newline="") as f:
+    with Path(log_csv).open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         return

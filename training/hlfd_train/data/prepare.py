@@ -156,7 +156,7 @@ def prepare(
         "margin": margin,
         "out": str(out / "cases"),
     }
-    if progress:
+    if progress and todo:
         progress(f"preparing {len(todo)} of {len(cases)} {layout} cases in {out}")
     if workers > 1 and len(todo) > 1:
         import multiprocessing as mp
