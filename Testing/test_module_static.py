@@ -1,0 +1,232 @@
+"""Static checks of the Slicer module and extension files (full Slicer with Qt is not here)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import struct
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "HLFDSegment"
+SCRIPT = MODULE / "HLFDSegment.py"
+UI = MODULE / "Resources" / "UI" / "HLFDSegment.ui"
+LIB = MODULE / "HLFDSegmentLib"
+
+
+@pytest.fixture(scope="module")
+def tree() -> ast.Module:
+    return ast.parse(SCRIPT.read_text(encoding="utf-8"), str(SCRIPT))
+
+
+@pytest.fixture(scope="module")
+def ui_root() -> ET.Element:
+    return ET.parse(UI).getroot()
+
+
+def _classes(tree: ast.Module) -> dict[str, ast.ClassDef]:
+    return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+
+
+def _methods(cls: ast.ClassDef) -> dict[str, ast.FunctionDef]:
+    return {n.name: n for n in cls.body if isinstance(n, ast.FunctionDef)}
+
+
+def test_ui_is_valid_designer_xml(ui_root):
+    assert ui_root.tag == "ui" and ui_root.get("version") == "4.0"
+    top = ui_root.find("widget")
+    assert top is not None and top.get("class") == "qMRMLWidget"
+    declared = {c.findtext("class") for c in ui_root.iter("customwidget")}
+    used = {w.get("class") for w in ui_root.iter("widget")}
+    assert {c for c in used if c.startswith(("qMRML", "ctk"))} <= declared
+
+
+def test_every_ui_name_used_in_code_exists(tree, ui_root):
+    names = {w.get("name") for w in ui_root.iter("widget")}
+    used = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "ui"
+        and isinstance(node.value.value, ast.Name)
+        and node.value.value.id == "self"
+    }
+    assert used, "the widget uses no self.ui.X at all?"
+    assert used <= names, f"missing in the .ui: {sorted(used - names)}"
+    for key in ("applyButton", "modelComboBox", "deviceComboBox", "progressBar", "statusLabel"):
+        assert key in used
+
+
+def test_parameter_bindings_match_the_parameter_node(tree, ui_root):
+    bound = {}
+    for widget in ui_root.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[widget.get("name")] = prop.findtext("string")
+    assert bound["inputSelector"] == "inputVolume"
+    assert bound["outputSelector"] == "outputSegmentation"
+    params = _classes(tree)["HLFDSegmentParameterNode"]
+    fields = {n.target.id for n in params.body if isinstance(n, ast.AnnAssign)}
+    assert set(bound.values()) <= fields
+    decorators = [ast.unparse(d) for d in params.decorator_list]
+    assert decorators == ["parameterNodeWrapper"]
+
+
+def test_module_classes_and_template_conventions(tree):
+    classes = _classes(tree)
+    assert {"HLFDSegment", "HLFDSegmentWidget", "HLFDSegmentLogic", "HLFDSegmentTest"} <= set(
+        classes
+    )
+    widget = _methods(classes["HLFDSegmentWidget"])
+    assert {"setup", "cleanup", "_checkCanApply", "onApplyButton", "onTimer"} <= set(widget)
+    logic = _methods(classes["HLFDSegmentLogic"])
+    args = [a.arg for a in logic["segment"].args.args]
+    assert args[:4] == ["self", "volumeNode", "model", "device"]
+    test = _methods(classes["HLFDSegmentTest"])
+    assert "runTest" in test and any(name.startswith("test_") for name in test)
+    source = SCRIPT.read_text(encoding="utf-8")
+    for needle in (
+        "tryWithErrorDisplay",
+        "from slicer.i18n import tr as _",
+        "translate(",
+        "QTimer",
+        "PyTorchUtils",
+        "pip_install",
+        "registerCustomSampleDataSource",
+        "Rethinking Intermediate Layers design in Knowledge Distillation for Kidney and Liver",
+        "ISBI",
+    ):
+        assert needle in source, needle
+    assert '"Segmentation")]' in source  # category
+
+
+def test_only_mrml_and_module_import_slicer_and_nothing_imports_qt():
+    for path in sorted(LIB.rglob("*.py")):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+        assert not imported & {"qt", "ctk", "PythonQt"}, path
+        assert ("slicer" in imported) == (path.name == "mrml.py"), path
+
+
+def test_module_imports_without_torch_or_monai():
+    """Slicer loads the module before the dependencies are installed: no eager heavy import."""
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'monai', 'safetensors', 'jsonschema'):\n"
+        "    sys.modules[name] = None\n"
+        "from HLFDSegmentLib import deps, samples, slicerjob, mrml\n"
+        "assert deps.torch_missing.__name__\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=MODULE, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def _cmake_listed(path: Path) -> set[str]:
+    text = path.read_text(encoding="utf-8").replace("${MODULE_NAME}", "HLFDSegment")
+    text = re.sub(r"#.*", "", text)
+    return set(re.findall(r"[\w./-]+\.(?:py|ui|png|json)", text))
+
+
+def test_every_module_file_is_listed_in_cmake():
+    listed = _cmake_listed(MODULE / "CMakeLists.txt")
+    files = {
+        p.relative_to(MODULE).as_posix()
+        for p in MODULE.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.name != "CMakeLists.txt"
+    }
+    assert files - listed == set(), "not in HLFDSegment/CMakeLists.txt"
+    assert listed - files == set(), "listed but missing"
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
+
+
+def _cmake_vars(text: str) -> dict[str, str]:
+    return dict(re.findall(r'set\((EXTENSION_\w+)\s+"([^"]*)"\)', text))
+
+
+def test_extension_metadata_and_index_entry():
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    meta = _cmake_vars(text)
+    for key in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
+        "EXTENSION_DEPENDS",
+    ):
+        assert meta.get(key), key
+    assert meta["EXTENSION_DEPENDS"] == "PyTorch"
+    assert meta["EXTENSION_HOMEPAGE"] == "https://github.com/hlfdsegment/SlicerHLFDSegment"
+    assert "add_subdirectory(HLFDSegment)" in text
+    entry = json.loads((ROOT / "HLFDSegment.json").read_text(encoding="utf-8"))
+    assert entry["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/")
+    assert "slicer-extension-catalog-entry-schema" in entry["$schema"]
+    assert entry["category"] == meta["EXTENSION_CATEGORY"]
+    assert entry["scm_url"].removesuffix(".git") == meta["EXTENSION_HOMEPAGE"]
+    assert entry["build_dependencies"] == ["PyTorch"]
+    assert entry["tier"] in (1, 3, 5) and entry["scm_revision"]
+
+
+def test_icon_is_a_128px_png():
+    data = (MODULE / "Resources" / "Icons" / "HLFDSegment.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    assert struct.unpack(">II", data[16:24]) == (128, 128)
+
+
+def test_readme_documents_the_slicer_module():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "## 3D Slicer" in readme
+    assert "HLFDSegmentLogic().segment(" in readme
+
+
+def test_module_script_executes_with_stubbed_slicer_app():
+    """Import HLFDSegment.py against stand-ins for qt and the Slicer application: catches
+    NameErrors, annotations evaluated at definition time and eager heavy imports."""
+    code = r"""
+import sys, types
+from unittest import mock
+for name in ("torch", "monai", "safetensors", "jsonschema"):
+    sys.modules[name] = None
+import slicer  # slicer-core: MRML classes, slicer.util
+sys.modules["qt"] = mock.MagicMock()
+for name in ("slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule"):
+    sys.modules[name] = types.ModuleType(name)
+sys.modules["slicer.i18n"].tr = lambda text: text
+sys.modules["slicer.i18n"].translate = lambda context, text: text
+sys.modules["slicer.parameterNodeWrapper"].parameterNodeWrapper = lambda cls: cls
+slm = sys.modules["slicer.ScriptedLoadableModule"]
+for base in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic",
+             "ScriptedLoadableModuleTest", "ScriptedLoadableModuleWidget"):
+    init = lambda self, parent=None, *a: setattr(self, "parent", parent)
+    setattr(slm, base, type(base, (), {"__init__": init}))
+slicer.util.VTKObservationMixin = type("VTKObservationMixin", (), {"__init__": lambda s: None})
+slicer.app = mock.MagicMock()
+import HLFDSegment as module
+parent = mock.MagicMock()
+module.HLFDSegment(parent)
+assert parent.title == "HLFD Segment", parent.title
+assert parent.categories == ["Segmentation"]
+assert "ISBI" in parent.acknowledgementText
+slicer.app.connect.assert_called_once()
+logic = module.HLFDSegmentLogic()
+assert isinstance(logic.modelChoices(["/x/model.zip"]), list)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=MODULE, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
