@@ -1,4 +1,4 @@
-"""The demo flow end to end, tiny: every output exists and is valid."""
+"""The demo flow end to end, tiny: every output exists, is valid and says what it measured."""
 
 from __future__ import annotations
 
@@ -11,17 +11,27 @@ from HLFDSegmentLib.modelpackage import load_package
 def test_demo_writes_a_loadable_model_and_valid_outputs(tmp_path):
     import slicerio
 
-    metrics = run(tmp_path, cases=2, minutes=0.15, shape=(20, 96, 96))
+    summary = run(
+        tmp_path, teacher_minutes=0.05, student_minutes=0.05, shape=(20, 96, 96), splits=(2, 1, 1)
+    )
     package = load_package(tmp_path / "model")
-    assert package.card["provenance"]["method"] == "none (supervised)"
-    assert package.card["metrics"]["steps"] > 0
+    card = package.card
+    assert card["provenance"]["method"] == "hlfd"
+    assert card["provenance"]["teacher"].endswith("teacher")
+    assert card["network"]["architecture"] == "mobilenetv2_unet2d"
+    assert card["runtimes"][0]["seconds"] > 0
     seg = slicerio.read_segmentation(str(tmp_path / "case.seg.nrrd"))
     assert [s["name"] for s in seg["segments"]] == ["Kidney", "Kidney tumor"]
     report = json.loads((tmp_path / "case.report.json").read_text())
     assert {s["name"] for s in report["segments"]} == {"Kidney", "Kidney tumor"}
-    assert (tmp_path / "overlay.png").read_bytes()[:4] == b"\x89PNG"
+    for png in ("overlay.png", "attention.png", "runs/demo/hlfd-seed0/curves.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG", png
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved == metrics
-    assert set(saved["labels"]) == {"kidney", "kidney tumour"}
-    assert all(0.0 <= m["dice"] <= 1.0 for m in saved["labels"].values())
-    assert not (tmp_path / ".untrained").exists()
+    assert saved == json.loads(json.dumps(summary))
+    assert set(saved["held_out"]) == {"teacher", "student (HLFD)", "untrained student"}
+    for per_label in saved["held_out"].values():
+        assert set(per_label) == {"Kidney", "Kidney tumor"}
+        assert all(0.0 <= m["dice"] <= 1.0 for m in per_label.values())
+    assert saved["student"]["method"] == "hlfd" and saved["teacher"]["role"] == "teacher"
+    assert "| student (HLFD) |" in (tmp_path / "metrics.md").read_text(encoding="utf-8")
+    assert not (tmp_path / "runs" / "untrained-model").exists()

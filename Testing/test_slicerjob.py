@@ -110,7 +110,8 @@ def test_missing_requirements_and_constraints_pin_slicer_packages():
     text = deps.constraints()
     assert f"numpy=={importlib.metadata.version('numpy')}\n" in text
     assert f"SimpleITK=={importlib.metadata.version('SimpleITK')}\n" in text
-    assert "torch" not in text
+    assert f"torch=={importlib.metadata.version('torch')}\n" in text  # PyTorch extension's build
+    assert "monai" not in text
     args = deps.pip_arguments(["monai>=1.4,<1.7", "safetensors"], "/tmp/c.txt")
     assert args == ["monai>=1.4,<1.7", "safetensors", "-c", "/tmp/c.txt"]
 
