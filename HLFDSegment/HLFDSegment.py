@@ -349,19 +349,24 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         self._run = None
         self.ui.progressBar.visible = False
-        if job.state is slicerjob.JobState.DONE:
-            with slicer.util.tryWithErrorDisplay(_("Failed to load the segmentation."), True):
-                segmentation = self.logic.finish(run, self._parameterNode.show3D)
-                self._parameterNode.outputSegmentation = segmentation
-                self.ui.volumesTableView.setMRMLTableNode(run.table)
-                self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(seconds=job.elapsed)
-                for warning in job.warnings:
-                    logging.warning(warning)
-        else:
-            run.cancel()  # removes the work folder
-            self.ui.statusLabel.text = _("Segmentation failed.")
-            slicer.util.errorDisplay(job.error or _("Segmentation failed."))
-        self._checkCanApply()
+        try:  # tryWithErrorDisplay shows the error, then re-raises it
+            if job.state is slicerjob.JobState.DONE:
+                self.ui.statusLabel.text = _("Failed to load the segmentation.")
+                with slicer.util.tryWithErrorDisplay(_("Failed to load the segmentation."), True):
+                    segmentation = self.logic.finish(run, self._parameterNode.show3D)
+                    self._parameterNode.outputSegmentation = segmentation
+                    self.ui.volumesTableView.setMRMLTableNode(run.table)
+                    self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(
+                        seconds=job.elapsed
+                    )
+                    for warning in job.warnings:
+                        logging.warning(warning)
+            else:
+                run.cancel()  # removes the work folder
+                self.ui.statusLabel.text = _("Segmentation failed.")
+                slicer.util.errorDisplay(job.error or _("Segmentation failed."))
+        finally:
+            self._checkCanApply()
 
 
 #

@@ -2,7 +2,9 @@
 
 torch comes from the PyTorch extension (``PyTorchUtils``, which picks the right CUDA build);
 the rest is installed with pip under a constraints file that pins the packages Slicer ships
-(numpy, scipy, SimpleITK, vtk) to their installed versions, so they are never replaced.
+(numpy, scipy, SimpleITK, vtk) and the extension's torch to their installed versions, so they
+are never replaced (e.g. monai 1.6 requires torch>=2.8: without the pin pip would swap the
+PyTorch extension's CUDA/CPU build for a PyPI one; with it pip picks an older monai instead).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ REQUIREMENTS: tuple[tuple[str, str], ...] = (
     ("safetensors", "safetensors>=0.4"),
     ("jsonschema", "jsonschema>=4"),
 )
-PROTECTED = ("numpy", "scipy", "SimpleITK", "vtk")
-"""Distributions bundled with Slicer that an install must never upgrade or downgrade."""
+PROTECTED = ("numpy", "scipy", "SimpleITK", "vtk", "torch")
+"""Distributions bundled with Slicer (and torch, installed by the PyTorch extension) that an
+install must never upgrade or downgrade."""
 
 
 def missing_requirements(
