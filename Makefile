@@ -1,10 +1,10 @@
-# HLFDSegment: `make demo` (set-up + main job), `make test`, `make bench`, `make lint`.
+# HLFDSegment: `make demo` (set-up + main job), `make test`, `make bench`, `make bench-kd`, `make lint`.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= out/demo
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-kd clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/bench_pipeline.py
+
+bench-kd: setup      # distillation benchmark (~90 min here; PRESET=quick for a ~10 min check)
+	$(BIN)/hlfd-train bench --preset $(or $(PRESET),full) --out runs/kd-bench-$(or $(PRESET),full) \
+		--report docs/results/kd-benchmark$(if $(filter quick,$(PRESET)),-quick).md
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

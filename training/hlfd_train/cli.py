@@ -7,6 +7,7 @@
     hlfd-train evaluate MODEL --run RUN | --config C [--split test] [--protocol paper]
     hlfd-train export   RUN -o MODEL_DIR [--onnx]
     hlfd-train explain  --config C --models RUN_OR_MODEL ... [--case ID] [--slices 10 20]
+    hlfd-train bench    [--preset quick|full] [--out runs/kd-bench] [--report R.md]
     hlfd-train methods
 
 Errors in the data, the config or a model end in one line on stderr and exit code 1.
@@ -114,6 +115,12 @@ def cmd_explain(args: argparse.Namespace) -> None:
     print(f"attention maps of case {case}, slices {list(slices)}: {out}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import run_bench
+
+    run_bench(args.preset, args.out, args.report)
+
+
 def cmd_methods(args: argparse.Namespace) -> None:
     from .distill import METHODS, method_defaults
 
@@ -134,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
     def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("--config", "-c", type=Path, required=required, help="YAML config")
         p.add_argument(
-            "--set", "-s", action="append", metavar="KEY=VALUE", help="override, repeatable"
+            "--set", "-s", action="extend", nargs="+", metavar="KEY=VALUE", help="overrides"
         )
 
     p = sub.add_parser("phantom", help="write a synthetic dataset in a real layout")
@@ -192,6 +199,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--taps", nargs="+", default=["e2", "e3", "e4", "e5"])
     p.add_argument("--out", "-o", type=Path, default=Path("attention.png"))
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("bench", help="distillation benchmark on phantoms (resumable)")
+    p.add_argument("--preset", choices=["smoke", "quick", "full"], default="quick")
+    p.add_argument("--out", "-o", type=Path, default=Path("runs/kd-bench"))
+    p.add_argument("--report", type=Path, help="markdown report (default OUT/kd-benchmark.md)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("methods", help="list distillation methods and their defaults")
     p.set_defaults(func=cmd_methods)

@@ -471,7 +471,7 @@ def train(cfg: Mapping[str, Any], role: str = "student", progress: bool = True) 
     if rank == 0:
         print(
             f"{role} {spec['architecture']} ({n_student / 1e6:.2f} M params) method "
-            f"{method_name} (adapters {n_adapters / 1e6:.3f} M) on {device}"
+            f"{method_name} (adapters {n_adapters / 1e3:.1f} k params) on {device}"
             f"{f' x{world}' if world > 1 else ''}, steps {start}->{total}, batch {batch}"
             f"{', ' + str(dtype).removeprefix('torch.') if dtype else ''}",
             flush=True,

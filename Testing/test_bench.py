@@ -1,0 +1,34 @@
+"""The distillation benchmark's whole flow on the smoke preset, and that it resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hlfd_train.bench import paired_test, run_bench
+
+
+def test_smoke_benchmark_runs_reports_and_resumes(tmp_path, capsys):
+    report = tmp_path / "docs" / "kd.md"
+    results = run_bench("smoke", tmp_path / "bench", report)
+    task = results["tasks"]["kidney"]
+    assert set(task["summary"]) == {"none", "hlfd", "hlfd-pixel-only", "teacher"}
+    assert task["summary"]["hlfd"]["Kidney tumor.vs_none"]["n"] == 1  # one case x one seed
+    assert {e["role"] for e in task["efficiency"]} == {"teacher", "student"}
+    text = report.read_text(encoding="utf-8")
+    assert "| hlfd |" in text and "Wilcoxon" in text and "Phantom difficulty" in text
+    for png in ("kidney-dice.png", "kidney-curves.png", "kidney-attention.png"):
+        assert (tmp_path / "bench" / png).stat().st_size > 5000
+    rows = (tmp_path / "bench" / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 * 1 * 2  # teacher + 3 students, one case, two labels
+    capsys.readouterr()
+    again = run_bench("smoke", tmp_path / "bench", report)
+    assert "training" not in capsys.readouterr().out  # finished runs are not redone
+    assert json.dumps(again["tasks"]["kidney"]["summary"]) == json.dumps(task["summary"])
+
+
+def test_paired_test():
+    assert paired_test([0.5, 0.6], [0.5, 0.6])["p"] is None
+    res = paired_test([0.9, 0.8, 0.85, 0.7, 0.95, 0.9], [0.5, 0.6, 0.55, 0.4, 0.6, 0.5])
+    assert res["median_diff"] == pytest.approx(0.325) and res["p"] < 0.05
