@@ -19,7 +19,8 @@ def test_smoke_benchmark_runs_reports_and_resumes(tmp_path, capsys):
     text = report.read_text(encoding="utf-8")
     assert "| hlfd |" in text and "Wilcoxon" in text and "Phantom difficulty" in text
     for png in ("kidney-dice.png", "kidney-curves.png", "kidney-attention.png"):
-        assert (tmp_path / "bench" / png).stat().st_size > 5000
+        assert (report.parent / "kd" / png).stat().st_size > 5000
+        assert f"](kd/{png})" in text
     rows = (tmp_path / "bench" / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 * 1 * 2  # teacher + 3 students, one case, two labels
     capsys.readouterr()

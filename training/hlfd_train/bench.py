@@ -86,8 +86,8 @@ PRESETS = {
         seeds=(0,),
         splits=(4, 1, 2),
         shape=(32, 192, 192),
-        teacher_steps=60,
-        student_steps=40,
+        teacher_steps=150,
+        student_steps=120,
         timing_slices=48,
     ),
     "full": Preset(
@@ -302,7 +302,9 @@ def run_bench(
     """Run (or resume) the benchmark; writes ``results.json``, plots and the markdown report."""
     preset = PRESETS[preset_name]
     out = Path(out)
-    report = report or out / "kd-benchmark.md"
+    report = Path(report or out / "kd-benchmark.md")
+    figures = report.parent / report.stem  # PNGs beside the report: a committed report shows them
+    figures.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results: dict[str, Any] = {
@@ -354,12 +356,12 @@ def run_bench(
             "efficiency": efficiency(teacher_cfg, teacher, folders[first], preset.timing_slices),
             "evaluations": {k: {str(s): r for s, r in v.items()} for k, v in evals.items()},
         }
-        plot_task(out, task, results["tasks"][task], teacher, folders, prepared)
+        plot_task(figures, task, results["tasks"][task], teacher, folders, prepared)
     results["seconds_total"] = round(time.perf_counter() - t0, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_csv(out / "results.csv", results)
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(markdown(results, out, report), encoding="utf-8")
+    report.write_text(markdown(results, out, figures.name), encoding="utf-8")
     print(f"report: {report}; every run's numbers: {out / 'results.json'}", flush=True)
     return results
 
@@ -459,12 +461,10 @@ def _fmt(entry: dict[str, Any] | None, digits: int = 3) -> str:
     return f"{entry['mean']:.{digits}f} ± {entry['sd']:.{digits}f}"
 
 
-def markdown(results: dict[str, Any], out: Path, report: Path) -> str:
-    """The report: command, version, machine, settings, tables, plots."""
-    import os
-
+def markdown(results: dict[str, Any], out: Path, figures: str) -> str:
+    """The report: command, version, machine, settings, tables, plots (in ``figures/``)."""
     preset = results["preset"]
-    rel = Path(os.path.relpath(out, report.parent))
+    rel = Path(figures)
     lines = [
         "# Distillation benchmark on phantom CTs",
         "",
