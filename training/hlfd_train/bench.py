@@ -455,6 +455,10 @@ def plot_task(out, task, result, teacher, folders, prepared) -> None:
     )
 
 
+def _train_minutes(results: dict[str, Any]) -> float:
+    return sum(sum(t["train_seconds"].values()) for t in results["tasks"].values()) / 60
+
+
 def _fmt(entry: dict[str, Any] | None, digits: int = 3) -> str:
     if not entry or entry.get("mean") is None:
         return "n/a"
@@ -471,11 +475,20 @@ def markdown(results: dict[str, Any], out: Path, figures: str) -> str:
         f"Command: `hlfd-train bench --preset {preset} --out {out}`  ",
         f"Code: `{results['code_version']}`  ",
         f"Machine: {results['machine']}  ",
-        f"Wall time: {results['seconds_total'] / 60:.1f} min",
+        f"Training time of all runs: {_train_minutes(results):.1f} min; this invocation "
+        f"(finished runs are reused): {results['seconds_total'] / 60:.1f} min",
         "",
         f"Settings: `{json.dumps(results['settings'])}`",
         "",
     ]
+    seeds = len(results["settings"]["seeds"])
+    if seeds < 3:
+        lines += [
+            f"**{seeds} seed(s) on {results['settings']['splits'][2]} held-out cases with a short "
+            "budget: this run checks the flow; it is not evidence for or against any method "
+            "(the paired test cannot reach significance with so few pairs).**",
+            "",
+        ]
     for task, t in results["tasks"].items():
         labels = t["labels"]
         lines += [f"## {task}", "", f"Phantom difficulty: `{json.dumps(t['difficulty'])}`", ""]
