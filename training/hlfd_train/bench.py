@@ -27,7 +27,7 @@ from HLFDSegmentLib.modelpackage import load_package
 from HLFDSegmentLib.phantom import PhantomConfig, write_dataset
 
 from .cards import code_version
-from .config import load_config
+from .config import CPU_PHANTOM_RECIPE, load_config, merge
 from .data import PreparedData
 from .engine import prepare_data, run_folder, train
 from .evaluate import evaluate
@@ -125,27 +125,7 @@ DIFFICULTY = {
     ),
 }
 
-BASE: dict[str, Any] = {
-    "data": {
-        "layout": "kits19",
-        "crop": [128, 128],
-        "preprocessing": {"spacing": [2.0, 2.0, None]},
-        "foreground_fraction": 0.8,
-    },
-    "model": {
-        "spatial_dims": 2,
-        "teacher": {"architecture": "resnet18_unet2d"},
-        "student": {"architecture": "mobilenetv2_unet2d"},
-    },
-    "train": {
-        "batch_size": 8,
-        "optimizer": "adamw",
-        "lr": 2e-3,
-        "warmup_steps": 20,
-        "log_every": 10,
-        "tensorboard": False,
-    },
-}
+BASE = merge(CPU_PHANTOM_RECIPE, {"train": {"tensorboard": False}})
 
 
 def task_config(out: Path, task: str, preset: Preset, **train: Any) -> dict[str, Any]:

@@ -30,43 +30,25 @@ from HLFDSegmentLib.modelpackage import load_package, save_package
 from HLFDSegmentLib.phantom import PhantomConfig, write_dataset
 
 from .cards import N_CLASSES, card_for
-from .config import load_config
+from .config import CPU_PHANTOM_RECIPE, load_config, merge
 from .data import PreparedData
 from .engine import make_network, prepare_data, train
 from .evaluate import evaluate
 from .explain import explain, tumour_slices
 from .export import export
 
-# Teacher and student for a 2-core CPU: the teacher is the paper's ResNet-18 U-Net (14 M
-# parameters), the student the MobileNetV2 U-Net (1.9 M). The paper's UNet++ teacher takes
-# ~2.7 s per step here, too slow to train in a few minutes.
-DEMO_CONFIG: dict[str, Any] = {
-    "name": "demo",
-    "data": {
-        "layout": "kits19",
-        "splits": [8, 1, 2],
-        "crop": [128, 128],
-        "preprocessing": {"spacing": [2.0, 2.0, None]},
-        "foreground_fraction": 0.8,
-        "augment": {"rotate_prob": 0.2, "scale_intensity": 0.1, "shift_intensity": 0.05},
+DEMO_CONFIG = merge(
+    CPU_PHANTOM_RECIPE,
+    {
+        "name": "demo",
+        "data": {
+            "splits": [8, 1, 2],
+            "augment": {"rotate_prob": 0.2, "scale_intensity": 0.1, "shift_intensity": 0.05},
+        },
+        "train": {"steps": 600, "val_every": 100, "checkpoint_every": 100},
+        "distill": {"method": "hlfd"},
     },
-    "model": {
-        "spatial_dims": 2,
-        "teacher": {"architecture": "resnet18_unet2d"},
-        "student": {"architecture": "mobilenetv2_unet2d"},
-    },
-    "train": {
-        "steps": 600,
-        "batch_size": 8,
-        "optimizer": "adamw",
-        "lr": 2e-3,
-        "warmup_steps": 20,
-        "val_every": 100,
-        "checkpoint_every": 100,
-        "log_every": 10,
-    },
-    "distill": {"method": "hlfd"},
-}
+)
 
 
 def overlay(image: sitk.Image, labels: sitk.Image, path: Path) -> None:

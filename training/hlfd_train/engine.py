@@ -485,6 +485,17 @@ def train(cfg: Mapping[str, Any], role: str = "student", progress: bool = True) 
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def validate_and_keep() -> dict:  # at the current step
+        return _validate_and_keep(
+            cfg, role, student, prepared, device, folder, step, best, log, rank
+        )
+
+    def checkpoint() -> None:  # the current step, for resume
+        _checkpoint(
+            folder, cfg, step_module, optimizer, scaler, step, best, time.perf_counter() - t0, rank
+        )
+
     running: dict[str, list[float]] = {}
     stopped = "steps"
     step = start
@@ -529,36 +540,12 @@ def train(cfg: Mapping[str, Any], role: str = "student", progress: bool = True) 
             log.log(step, row)
             running = {}
         if step % int(tcfg["val_every"]) == 0 or step == total:
-            best = _validate_and_keep(
-                cfg, role, student, prepared, device, folder, step, best, log, rank
-            )
+            best = validate_and_keep()
         if step % int(tcfg["checkpoint_every"]) == 0 or step == total:
-            _checkpoint(
-                folder,
-                cfg,
-                step_module,
-                optimizer,
-                scaler,
-                step,
-                best,
-                time.perf_counter() - t0,
-                rank,
-            )
+            checkpoint()
     if stopped == "time budget":
-        best = _validate_and_keep(
-            cfg, role, student, prepared, device, folder, step, best, log, rank
-        )
-        _checkpoint(
-            folder,
-            cfg,
-            step_module,
-            optimizer,
-            scaler,
-            step,
-            best,
-            time.perf_counter() - t0,
-            rank,
-        )
+        best = validate_and_keep()
+        checkpoint()
     if bar is not None:
         bar.close()
     if rank == 0:
