@@ -15,7 +15,10 @@ def test_smoke_benchmark_runs_reports_and_resumes(tmp_path, capsys):
     task = results["tasks"]["kidney"]
     assert set(task["summary"]) == {"none", "hlfd", "hlfd-pixel-only", "teacher"}
     assert task["summary"]["hlfd"]["Kidney tumor.vs_none"]["n"] == 1  # one case x one seed
-    assert {e["role"] for e in task["efficiency"]} == {"teacher", "student"}
+    timed = [(e["role"], e["architecture"]) for e in task["efficiency"]]
+    assert timed[:2] == [("teacher", "tiny_unet2d"), ("student", "tiny_unet2d")]
+    others = {arch for role, arch in timed[2:] if role == "other 2D network, untrained"}
+    assert others == {"unetpp2d", "resnet18_unet2d", "mobilenetv2_unet2d"}
     text = report.read_text(encoding="utf-8")
     assert "| hlfd |" in text and "Wilcoxon" in text and "Phantom difficulty" in text
     for png in ("kidney-dice.png", "kidney-curves.png", "kidney-attention.png"):

@@ -29,7 +29,7 @@ from HLFDSegmentLib.phantom import PhantomConfig, write_dataset
 from .cards import code_version
 from .config import CPU_PHANTOM_RECIPE, load_config, merge
 from .data import PreparedData
-from .engine import prepare_data, run_folder, train
+from .engine import prepare_data, prepared_folder, run_folder, train
 from .evaluate import evaluate
 from .export import export
 
@@ -58,7 +58,11 @@ class Preset:
     ablations: tuple[str, ...] = ()
     timing_slices: int = 200  # CPU seconds are measured on a (timing_slices, 512, 512) CT
     overrides: tuple[str, ...] = ()  # config overrides, e.g. other networks
+    teacher_overrides: tuple[str, ...] = ()  # applied after ``overrides`` to the teacher only
 
+
+# 3 mm in-plane grid and 96² crops: what 2 CPU cores can train in the benchmark's time
+CPU_BENCH = ("data.crop=[96, 96]", "data.preprocessing.spacing=[3.0, 3.0, null]")
 
 PRESETS = {
     "smoke": Preset(  # seconds: proves the whole flow in the tests
@@ -80,57 +84,69 @@ PRESETS = {
             "train.batch_size=2",
         ),
     ),
-    "quick": Preset(
+    "quick": Preset(  # ~10 min: checks the flow on one task; not evidence
         tasks=("kidney",),
         methods=("none", "kd", "hlfd"),
         seeds=(0,),
-        splits=(4, 1, 2),
-        shape=(32, 192, 192),
+        splits=(6, 1, 2),
+        shape=(40, 160, 160),
         teacher_steps=150,
-        student_steps=120,
+        student_steps=100,
         timing_slices=48,
+        overrides=CPU_BENCH,
+        teacher_overrides=("train.batch_size=16",),
     ),
-    "full": Preset(
+    "full": Preset(  # ~90 min on 2 cores
         tasks=("kidney", "liver"),
         methods=METHODS,
         seeds=(0, 1, 2),
-        splits=(10, 2, 6),
-        shape=(48, 224, 224),
-        teacher_steps=600,
+        splits=(8, 2, 6),
+        shape=(40, 160, 160),
+        teacher_steps=300,
         student_steps=150,
         ablations=tuple(ABLATIONS),
+        overrides=CPU_BENCH,
+        teacher_overrides=("train.batch_size=16",),
     ),
 }
 
-# Phantom difficulty: tumours large and distinct enough that a teacher can learn them, with
-# look-alike cysts and noise so that a small student does not get them for free.
+# Phantom difficulty, calibrated so that the teacher learns the tumours within the budget
+# (validation tumour Dice 0.84 for kidney after 200 teacher steps of 16 crops; liver tumours
+# were easier still at 0.92, so they were made smaller and fainter) while a
+# student trained for a fraction of that does not: large, clearly hypodense tumours, with
+# look-alike cysts and noise; no hyperdense or necrotic tumours.
+_COMMON = dict(
+    spacing=(2.5, 2.5, 3.0),
+    hyper_fraction=0.0,
+    necrosis=0.0,
+    texture_hu=6.0,
+    noise_hu=12.0,
+    cysts=(0, 2),
+)
 DIFFICULTY = {
     "kidney": PhantomConfig(
         task="kidney",
-        spacing=(1.5, 1.5, 2.5),
         tumours=(1, 2),
-        tumour_radius_mm=(12.0, 24.0),
-        tumour_contrast_hu=(-80.0, -35.0),
-        cysts=(0, 2),
-        noise_hu=18.0,
+        tumour_radius_mm=(18.0, 32.0),
+        tumour_contrast_hu=(-130.0, -90.0),
+        **_COMMON,
     ),
     "liver": PhantomConfig(
         task="liver",
-        spacing=(1.5, 1.5, 2.5),
         tumours=(1, 3),
-        tumour_radius_mm=(10.0, 22.0),
-        tumour_contrast_hu=(-70.0, -30.0),
-        cysts=(0, 2),
-        noise_hu=18.0,
+        tumour_radius_mm=(14.0, 28.0),
+        tumour_contrast_hu=(-100.0, -60.0),
+        **_COMMON,
     ),
 }
 
 BASE = merge(CPU_PHANTOM_RECIPE, {"train": {"tensorboard": False}})
 
 
-def task_config(out: Path, task: str, preset: Preset, **train: Any) -> dict[str, Any]:
-    """The resolved config of one task's runs (methods and seeds are set per run)."""
-    steps = train.pop("steps", preset.student_steps)
+def task_config(out: Path, task: str, preset: Preset, role: str) -> dict[str, Any]:
+    """The resolved config of one task's teacher or students (methods and seeds set per run)."""
+    steps = preset.teacher_steps if role == "teacher" else preset.student_steps
+    extra = preset.teacher_overrides if role == "teacher" else ()
     every = max(1, min(steps, max(10, steps // 4)))
     overrides = [
         f"name={task}",
@@ -143,6 +159,7 @@ def task_config(out: Path, task: str, preset: Preset, **train: Any) -> dict[str,
         f"train.val_every={every}",
         f"train.checkpoint_every={every}",
         *preset.overrides,
+        *extra,
     ]
     return load_config(None, overrides, base=BASE)
 
@@ -157,13 +174,12 @@ def write_phantoms(out: Path, task: str, preset: Preset) -> Path:
     return root
 
 
-def run_one(cfg: dict[str, Any], role: str, log) -> tuple[Path, float]:
+def run_one(cfg: dict[str, Any], role: str) -> tuple[Path, float]:
     """Train (or find finished) one run; returns its folder and its training seconds."""
     folder = run_folder(cfg, role)
     if not (folder / "summary.json").is_file():
-        log(f"  training {folder.relative_to(Path(cfg['output']).parent)}")
         train(cfg, role, progress=False)
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     return folder, float(summary["seconds"])
 
 
@@ -171,11 +187,78 @@ def evaluate_run(folder: Path, prepared: PreparedData) -> dict[str, Any]:
     """Per-case metrics of a run on the test split (cached in ``<run>/bench-eval.json``)."""
     cached = folder / "bench-eval.json"
     if cached.is_file():
-        return json.loads(cached.read_text())
+        return json.loads(cached.read_text(encoding="utf-8"))
     package = export(folder, folder / "package", timing=False)
     report = evaluate(load_package(package), prepared.eval_cases("test"), prepared.label_lut())
-    cached.write_text(json.dumps(report, indent=2) + "\n")
+    cached.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # identity: a job is one run
+class Job:
+    """One training run of the benchmark, evaluated on the held-out phantoms."""
+
+    task: str
+    name: str  # "teacher", a method or an ablation
+    seed: int
+    role: str
+    cfg: dict[str, Any]
+
+
+def do_job(job: Job) -> tuple[Path, float, dict[str, Any]]:
+    """Train (unless finished) and evaluate one run; what a worker process executes."""
+    folder, seconds = run_one(job.cfg, job.role)
+    return folder, seconds, evaluate_run(folder, PreparedData(prepared_folder(job.cfg)))
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_jobs(jobs: Sequence[Job], workers: int, log) -> dict[Job, tuple[Path, float, dict]]:
+    """Run jobs on ``workers`` single-purpose processes, each with its share of the CPU threads.
+
+    Several narrow processes train faster than one wide one on a few cores (two 1-thread runs
+    made 1.6x the steps of one 2-thread run on this project's 2-core machine).
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import os
+
+    todo = [j for j in jobs if not (run_folder(j.cfg, j.role) / "bench-eval.json").is_file()]
+    done = {j: do_job(j) for j in jobs if j not in todo}
+    if not todo:
+        return done
+    t0 = time.perf_counter()
+    log(f"  training {len(todo)} run(s) on {workers} process(es)")
+    if workers <= 1:
+        for i, job in enumerate(todo, 1):
+            done[job] = do_job(job)
+            log(_progress(job, done[job], i, len(todo), t0))
+        return done
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with cf.ProcessPoolExecutor(
+        workers, mp.get_context("spawn"), initializer=_set_threads, initargs=(threads,)
+    ) as pool:
+        futures = {pool.submit(do_job, job): job for job in todo}
+        for i, future in enumerate(cf.as_completed(futures), 1):
+            job = futures[future]
+            done[job] = future.result()
+            log(_progress(job, done[job], i, len(todo), t0))
+    return done
+
+
+def _progress(job: Job, result: tuple, i: int, n: int, t0: float) -> str:
+    _, seconds, report = result
+    dice = ", ".join(f"{k} {v['dice']['mean']:.3f}" for k, v in report["summary"].items())
+    elapsed = time.perf_counter() - t0
+    eta = elapsed / i * (n - i)
+    return (
+        f"  [{i}/{n}] {job.task} {job.name} seed {job.seed}: {seconds:.0f} s, Dice {dice} "
+        f"(elapsed {elapsed / 60:.1f} min, about {eta / 60:.0f} min left)"
+    )
 
 
 def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
@@ -223,35 +306,59 @@ def summarise_task(runs: dict[str, dict[int, dict]], labels: list[str]) -> dict[
     return out
 
 
-def efficiency(cfg: dict[str, Any], teacher: Path, student: Path, slices: int) -> list[dict]:
-    """Parameters, MACs per 256² slice and CPU seconds per (slices, 512, 512) volume."""
-    import SimpleITK as sitk
+def efficiency(
+    teacher: Path, student: Path, slices: int, others: bool = True
+) -> list[dict[str, Any]]:
+    """Parameters, MACs per 256² slice and CPU seconds per (slices, 512, 512) volume.
+
+    The trained teacher and student are timed from their packages; every other 2D architecture
+    the runtime knows is timed with the student's card and random weights (the speed of a
+    network does not depend on its weights), so each student candidate is compared in one run.
+    """
+    from HLFDSegmentLib.nets import ARCHITECTURES, build_network
+
+    from .cards import package_from_state
+    from .export import export as export_run
+
+    timed = [
+        (role, load_package(export_run(folder, folder / "package-timing", timing=False)))
+        for role, folder in (("teacher", teacher), ("student", student))
+    ]
+    card = timed[1][1].card
+    io = card["network"]["in_channels"], card["network"]["out_channels"]
+    seen = {package.card["network"]["architecture"] for _, package in timed}
+    for arch in (a for a, spec in ARCHITECTURES.items() if spec.spatial_dims[0] == 2):
+        if others and arch not in seen:
+            net = build_network(arch, 2, *io)
+            other = {**card, "network": {**card["network"], "architecture": arch, "kwargs": {}}}
+            timed.append(
+                (
+                    "other 2D network, untrained",
+                    package_from_state(other, net.state_dict(), student),
+                )
+            )
+    ct = _timing_ct(slices)
+    return [_time_package(role, package, ct, slices) for role, package in timed]
+
+
+def _time_package(role: str, package: Any, ct: Any, slices: int) -> dict[str, Any]:
 
     from HLFDSegmentLib.nets import count_macs, count_parameters
     from HLFDSegmentLib.pipeline import Segmenter
 
-    from .export import export as export_run
-
-    ct = _timing_ct(slices)
-    rows = []
-    for role, folder in (("teacher", teacher), ("student", student)):
-        package = load_package(export_run(folder, folder / "package-timing", timing=False))
-        net = package.build_network()
-        seg = Segmenter(package, device="cpu")
-        seg(sitk.Image(ct))  # warm-up
-        t0 = time.perf_counter()
-        seg(ct)
-        rows.append(
-            {
-                "role": role,
-                "architecture": package.card["network"]["architecture"],
-                "parameters_m": count_parameters(net) / 1e6,
-                "gmacs_per_256_slice": count_macs(net, (1, 1, 256, 256)) / 1e9,
-                "cpu_seconds": time.perf_counter() - t0,
-                "volume": f"{slices}x512x512",
-            }
-        )
-    return rows
+    net = package.build_network()
+    seg = Segmenter(package, device="cpu")
+    seg(ct[:, :, :16])  # warm-up
+    t0 = time.perf_counter()
+    seg(ct)
+    return {
+        "role": role,
+        "architecture": package.card["network"]["architecture"],
+        "parameters_m": count_parameters(net) / 1e6,
+        "gmacs_per_256_slice": count_macs(net, (1, 1, 256, 256)) / 1e9,
+        "cpu_seconds": time.perf_counter() - t0,
+        "volume": f"{slices}x512x512",
+    }
 
 
 def _timing_ct(slices: int):
@@ -277,10 +384,19 @@ def machine() -> str:
 
 
 def run_bench(
-    preset_name: str = "quick", out: Path = Path("runs/kd-bench"), report: Path | None = None
+    preset_name: str = "quick",
+    out: Path = Path("runs/kd-bench"),
+    report: Path | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the benchmark; writes ``results.json``, plots and the markdown report."""
+    """Run (or resume) the benchmark; writes ``results.json``, plots and the markdown report.
+
+    ``workers``: training processes side by side (default: one per two cores, at least two).
+    """
+    import os
+
     preset = PRESETS[preset_name]
+    workers = workers or max(2, (os.cpu_count() or 1) // 2)
     out = Path(out)
     report = Path(report or out / "kd-benchmark.md")
     figures = report.parent / report.stem  # PNGs beside the report: a committed report shows them
@@ -292,58 +408,82 @@ def run_bench(
         "settings": dataclasses.asdict(preset),
         "code_version": code_version(),
         "machine": machine(),
+        "workers": workers,
         "tasks": {},
     }
+    teachers = {}
     for task in preset.tasks:
-        print(f"[{task}] phantoms, teacher", flush=True)
         write_phantoms(out, task, preset)
-        teacher_cfg = task_config(out, task, preset, steps=preset.teacher_steps)
-        prepared = PreparedData(prepare_data(teacher_cfg, 0))
-        teacher, teacher_seconds = run_one(teacher_cfg, "teacher", print)
+        cfg = task_config(out, task, preset, "teacher")
+        prepare_data(cfg, 0)
+        teachers[task] = Job(task, "teacher", 0, "teacher", cfg)
+    print(f"teachers of {', '.join(preset.tasks)}", flush=True)
+    done = run_jobs(list(teachers.values()), min(workers, len(teachers)), print)
+    students = [
+        Job(task, name, seed, "student", student_config(out, task, preset, name, seed, done[t][0]))
+        for seed in preset.seeds
+        for task, t in teachers.items()
+        for name in (*preset.methods, *(preset.ablations if task == preset.tasks[0] else ()))
+    ]
+    print(f"students: {len(students)} runs", flush=True)
+    done.update(run_jobs(students, workers, print))
+
+    for task, teacher_job in teachers.items():
+        prepared = PreparedData(prepared_folder(teacher_job.cfg))
         labels = [lab for lab in prepared.labels.values() if lab != "background"]
-        evals = {"teacher": {0: evaluate_run(teacher, prepared)}}
-        seconds = {"teacher": teacher_seconds}
+        mine = [j for j in (teacher_job, *students) if j.task == task]
+        evals: dict[str, dict[int, dict]] = {}
+        seconds: dict[str, float] = {}
         folders: dict[str, Path] = {}
-        variants = [(m, {}) for m in preset.methods]
-        variants += [(a, ABLATIONS[a]) for a in preset.ablations]
-        for name, options in variants:
-            method = "hlfd" if name in ABLATIONS else name
-            for seed in preset.seeds:
-                cfg = task_config(out, task, preset)
-                cfg = load_config(
-                    None,
-                    [
-                        f"seed={seed}",
-                        f"run={name}-seed{seed}",
-                        f"distill.method={method}",
-                        f"distill.teacher={teacher}",
-                    ],
-                    base={**cfg, "distill": {**cfg["distill"], "options": options}},
-                )
-                folder, secs = run_one(cfg, "student", print)
-                evals.setdefault(name, {})[seed] = evaluate_run(folder, prepared)
-                seconds.setdefault(name, 0.0)
-                seconds[name] += secs
-                folders.setdefault(name, folder)
+        for job in mine:
+            folder, secs, evaluation = done[job]
+            evals.setdefault(job.name, {})[job.seed] = evaluation
+            seconds[job.name] = seconds.get(job.name, 0.0) + secs
+            folders.setdefault(job.name, folder)
+        teacher = folders.pop("teacher")
         summary = summarise_task({k: v for k, v in evals.items() if k != "teacher"}, labels)
         summary["teacher"] = summarise_task({"teacher": evals["teacher"]}, labels)["teacher"]
-        first = preset.methods[0]
+        print(f"[{task}] efficiency on a {preset.timing_slices}x512x512 CT", flush=True)
         results["tasks"][task] = {
             "difficulty": _difficulty(task, preset),
             "labels": labels,
             "summary": summary,
             "train_seconds": seconds,
-            "efficiency": efficiency(teacher_cfg, teacher, folders[first], preset.timing_slices),
+            "efficiency": efficiency(
+                teacher,
+                folders[preset.methods[0]],
+                preset.timing_slices,
+                others=task == preset.tasks[0],  # other networks' speed is the same in each task
+            ),
             "evaluations": {k: {str(s): r for s, r in v.items()} for k, v in evals.items()},
         }
         plot_task(figures, task, results["tasks"][task], teacher, folders, prepared)
     results["seconds_total"] = round(time.perf_counter() - t0, 1)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     write_csv(out / "results.csv", results)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(markdown(results, out, figures.name), encoding="utf-8")
     print(f"report: {report}; every run's numbers: {out / 'results.json'}", flush=True)
     return results
+
+
+def student_config(
+    out: Path, task: str, preset: Preset, name: str, seed: int, teacher: Path
+) -> dict[str, Any]:
+    """The config of one student run: a method (or an HLFD ablation) and a seed."""
+    cfg = task_config(out, task, preset, "student")
+    method = "hlfd" if name in ABLATIONS else name
+    options = ABLATIONS.get(name, {})
+    return load_config(
+        None,
+        [
+            f"seed={seed}",
+            f"run={name}-seed{seed}",
+            f"distill.method={method}",
+            f"distill.teacher={teacher}",
+        ],
+        base={**cfg, "distill": {**cfg["distill"], "options": options}},
+    )
 
 
 def _difficulty(task: str, preset: Preset) -> dict[str, Any]:

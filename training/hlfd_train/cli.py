@@ -7,7 +7,7 @@
     hlfd-train evaluate MODEL --run RUN | --config C [--split test] [--protocol paper]
     hlfd-train export   RUN -o MODEL_DIR [--onnx]
     hlfd-train explain  --config C --models RUN_OR_MODEL ... [--case ID] [--slices 10 20]
-    hlfd-train bench    [--preset quick|full] [--out runs/kd-bench] [--report R.md]
+    hlfd-train bench    [--preset quick|full] [--out runs/kd-bench] [--report R.md] [--workers N]
     hlfd-train methods
 
 Errors in the data, the config or a model end in one line on stderr and exit code 1.
@@ -118,7 +118,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench
 
-    run_bench(args.preset, args.out, args.report)
+    run_bench(args.preset, args.out, args.report, args.workers)
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
@@ -204,6 +204,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["smoke", "quick", "full"], default="quick")
     p.add_argument("--out", "-o", type=Path, default=Path("runs/kd-bench"))
     p.add_argument("--report", type=Path, help="markdown report (default OUT/kd-benchmark.md)")
+    p.add_argument(
+        "--workers", type=int, help="runs trained side by side (default: cores / 2, at least 2)"
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("methods", help="list distillation methods and their defaults")
