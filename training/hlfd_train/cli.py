@@ -7,7 +7,7 @@
     hlfd-train evaluate MODEL --run RUN | --config C [--split test] [--protocol paper]
     hlfd-train export   RUN -o MODEL_DIR [--onnx]
     hlfd-train explain  --config C --models RUN_OR_MODEL ... [--case ID] [--slices 10 20]
-    hlfd-train bench    [--preset quick|full] [--out runs/kd-bench] [--report R.md] [--workers N]
+    hlfd-train bench    [--quick] [--out runs/kd-bench] [--report R.md] [--workers N]
     hlfd-train methods
 
 Errors in the data, the config or a model end in one line on stderr and exit code 1.
@@ -118,7 +118,8 @@ def cmd_explain(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench
 
-    run_bench(args.preset, args.out, args.report, args.workers)
+    preset = "quick" if args.quick else args.preset
+    run_bench(preset, args.out, args.report, args.workers)
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
@@ -201,7 +202,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("bench", help="distillation benchmark on phantoms (resumable)")
-    p.add_argument("--preset", choices=["smoke", "quick", "full"], default="quick")
+    p.add_argument("--preset", choices=["smoke", "quick", "full"], default="full")
+    p.add_argument("--quick", action="store_true", help="same as --preset quick (~10 min)")
     p.add_argument("--out", "-o", type=Path, default=Path("runs/kd-bench"))
     p.add_argument("--report", type=Path, help="markdown report (default OUT/kd-benchmark.md)")
     p.add_argument(
