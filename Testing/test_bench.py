@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from hlfd_train.bench import paired_test, run_bench, verdict
+from hlfd_train.bench import (
+    PRESETS,
+    paired_test,
+    run_bench,
+    run_one,
+    task_config,
+    verdict,
+    write_phantoms,
+)
+from hlfd_train.config import ConfigError
 
 
 def test_smoke_benchmark_runs_reports_and_resumes(tmp_path, capsys):
@@ -32,6 +42,16 @@ def test_smoke_benchmark_runs_reports_and_resumes(tmp_path, capsys):
     again = run_bench("smoke", tmp_path / "bench", report)
     assert "training" not in capsys.readouterr().out  # finished runs are not redone
     assert json.dumps(again["tasks"]["kidney"]["summary"]) == json.dumps(task["summary"])
+    assert (report.parent / "kd" / "results.csv").read_text() == "\n".join(rows) + "\n"
+
+    # a benchmark folder of other settings is refused, not silently reused
+    other = dataclasses.replace(PRESETS["smoke"], splits=(3, 1, 1))
+    with pytest.raises(ConfigError, match="phantoms of other settings"):
+        write_phantoms(tmp_path / "bench", "kidney", other)
+    cfg = task_config(tmp_path / "bench", "kidney", PRESETS["smoke"], "teacher")
+    cfg["train"]["lr"] = 0.5
+    with pytest.raises(ConfigError, match="a run of another configuration"):
+        run_one(cfg, "teacher")
 
 
 def test_paired_test():

@@ -1,6 +1,6 @@
 """The distillation benchmark: every method against ``none`` on phantom tasks, several seeds.
 
-    hlfd-train bench [--preset quick|full | --quick] [--out runs/kd-bench] [--report R.md]
+    hlfd-train bench [--preset quick|full | --quick] [--out runs/kd-bench-full] [--report R.md]
 
 For each task: one phantom dataset (difficulty settings recorded in the report), one teacher,
 then each method x seed distills the same student for the same number of steps from the same
@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from HLFDSegmentLib.modelpackage import load_package
 from HLFDSegmentLib.phantom import PhantomConfig, write_dataset
 
 from .cards import code_version
-from .config import CPU_PHANTOM_RECIPE, load_config, merge
+from .config import CPU_PHANTOM_RECIPE, ConfigError, load_config, merge
 from .data import PreparedData
-from .engine import prepare_data, prepared_folder, run_folder, train
+from .engine import comparable, prepare_data, prepared_folder, run_folder, train
 from .evaluate import evaluate
 from .export import export
 
@@ -165,19 +166,29 @@ def task_config(out: Path, task: str, preset: Preset, role: str) -> dict[str, An
 
 
 def write_phantoms(out: Path, task: str, preset: Preset) -> Path:
+    """The task's phantom dataset (written once; ``.complete`` records what was written)."""
     root = out / task / "data"
-    if not (root / ".complete").is_file():
-        cfg = dataclasses.replace(DIFFICULTY[task], shape=preset.shape)
-        layout = "kits19" if task == "kidney" else "lits"
-        write_dataset(root, layout, cfg, sum(preset.splits), seed=1000)
-        (root / ".complete").write_text("done\n")
+    made = json.dumps({"difficulty": _difficulty(task, preset), "cases": sum(preset.splits)})
+    marker = root / ".complete"
+    if marker.is_file():
+        if marker.read_text(encoding="utf-8").strip() != made:
+            raise ConfigError(f"{root}: phantoms of other settings; use another --out")
+        return root
+    cfg = dataclasses.replace(DIFFICULTY[task], shape=preset.shape)
+    layout = "kits19" if task == "kidney" else "lits"
+    write_dataset(root, layout, cfg, sum(preset.splits), seed=1000)
+    marker.write_text(made + "\n", encoding="utf-8")
     return root
 
 
 def run_one(cfg: dict[str, Any], role: str) -> tuple[Path, float]:
     """Train (or find finished) one run; returns its folder and its training seconds."""
     folder = run_folder(cfg, role)
-    if not (folder / "summary.json").is_file():
+    if (folder / "summary.json").is_file():
+        ran = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+        if comparable(ran) != comparable(cfg):
+            raise ConfigError(f"{folder}: a run of another configuration; use another --out")
+    else:
         train(cfg, role, progress=False)
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     return folder, float(summary["seconds"])
@@ -190,7 +201,9 @@ def evaluate_run(folder: Path, prepared: PreparedData) -> dict[str, Any]:
         return json.loads(cached.read_text(encoding="utf-8"))
     package = export(folder, folder / "package", timing=False)
     report = evaluate(load_package(package), prepared.eval_cases("test"), prepared.label_lut())
-    cached.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    partial = cached.with_suffix(".part")
+    partial.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    partial.replace(cached)  # atomic: a killed benchmark never leaves half a file
     return report
 
 
@@ -225,7 +238,6 @@ def run_jobs(jobs: Sequence[Job], workers: int, log) -> dict[Job, tuple[Path, fl
     """
     import concurrent.futures as cf
     import multiprocessing as mp
-    import os
 
     todo = [j for j in jobs if not (run_folder(j.cfg, j.role) / "bench-eval.json").is_file()]
     done = {j: do_job(j) for j in jobs if j not in todo}
@@ -239,16 +251,31 @@ def run_jobs(jobs: Sequence[Job], workers: int, log) -> dict[Job, tuple[Path, fl
             done[job] = do_job(job)
             log(_progress(job, done[job], i, len(todo), t0))
         return done
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, cores() // workers)
     with cf.ProcessPoolExecutor(
         workers, mp.get_context("spawn"), initializer=_set_threads, initargs=(threads,)
     ) as pool:
         futures = {pool.submit(do_job, job): job for job in todo}
         for i, future in enumerate(cf.as_completed(futures), 1):
             job = futures[future]
-            done[job] = future.result()
+            try:
+                done[job] = future.result()
+            except Exception:
+                pool.shutdown(wait=False, cancel_futures=True)  # fail now, not after the queue
+                log(f"  {job.task} {job.name} seed {job.seed} failed; finished runs are kept")
+                raise
             log(_progress(job, done[job], i, len(todo), t0))
     return done
+
+
+def cores() -> int:
+    """CPU cores this process may use (affinity and container limits, not the host's count)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _progress(job: Job, result: tuple, i: int, n: int, t0: float) -> str:
@@ -294,8 +321,14 @@ def summarise_task(runs: dict[str, dict[int, dict]], labels: list[str]) -> dict[
                         seed_means.append(float(np.mean(vals)))
                 entry[f"{label}.{metric}"] = {
                     "mean": float(np.mean(seed_means)) if seed_means else None,
-                    "sd": float(np.std(seed_means)) if seed_means else None,
+                    "sd": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else None,
                 }
+            rows = [r["labels"][label] for rep in per_seed.values() for r in rep["cases"]]
+            present = [r for r in rows if r["voxels_ref"] > 0]
+            entry[f"{label}.missed"] = {
+                "n": sum(r["voxels_pred"] == 0 for r in present),
+                "of": len(present),
+            }
             if method != "none" and base:
                 pairs_a, pairs_b, better = [], [], []
                 for seed, report in per_seed.items():
@@ -395,8 +428,8 @@ def machine() -> str:
 
 
 def run_bench(
-    preset_name: str = "quick",
-    out: Path = Path("runs/kd-bench"),
+    preset_name: str = "full",
+    out: Path | None = None,
     report: Path | None = None,
     workers: int | None = None,
 ) -> dict[str, Any]:
@@ -404,11 +437,9 @@ def run_bench(
 
     ``workers``: training processes side by side (default: one per two cores, at least two).
     """
-    import os
-
     preset = PRESETS[preset_name]
-    workers = workers or max(2, (os.cpu_count() or 1) // 2)
-    out = Path(out)
+    workers = workers or max(2, cores() // 2)
+    out = Path(out or f"runs/kd-bench-{preset_name}")
     report = Path(report or out / "kd-benchmark.md")
     figures = report.parent / report.stem  # PNGs beside the report: a committed report shows them
     figures.mkdir(parents=True, exist_ok=True)
@@ -419,7 +450,7 @@ def run_bench(
         "settings": dataclasses.asdict(preset),
         "code_version": code_version(),
         "machine": machine(),
-        "workers": workers,
+        "workers": f"{workers} training processes x {max(1, cores() // workers)} thread(s)",
         "tasks": {},
     }
     teachers = {}
@@ -592,12 +623,13 @@ def plot_task(out, task, result, teacher, folders, prepared) -> None:
 def verdict(result: dict[str, Any], methods: Sequence[str]) -> list[str]:
     """Plain-language findings on the tumour label: the calibration targets and the ranking."""
     summary = result["summary"]
-    tumour = next((lab for lab in result["labels"] if "tumor" in lab.lower()), None)
+    tumour = next((lab for lab in result["labels"] if "tumo" in lab.lower()), None)
     if tumour is None or "none" not in summary:
         return []
 
     def dice(name: str) -> float:
-        return summary[name][f"{tumour}.dice"]["mean"] or 0.0
+        mean = summary[name][f"{tumour}.dice"]["mean"]
+        return float("nan") if mean is None else mean
 
     teacher, none = dice("teacher"), dice("none")
     compared = [m for m in methods if m != "none" and m in summary]
@@ -608,7 +640,9 @@ def verdict(result: dict[str, Any], methods: Sequence[str]) -> list[str]:
         f"{none:.3f}, {100 * (teacher - none):.1f} points below the teacher "
         f"({'meets' if teacher - none >= 0.05 else 'misses'} the 5-point target).",
     ]
-    ranked = sorted((m for m in methods if m in summary), key=dice, reverse=True)
+    ranked = sorted(
+        (m for m in methods if m in summary and dice(m) == dice(m)), key=dice, reverse=True
+    )
     lines.append(
         f"- Ranking by mean {tumour} Dice: " + ", ".join(f"{m} {dice(m):.3f}" for m in ranked) + "."
     )
@@ -630,7 +664,7 @@ def verdict(result: dict[str, Any], methods: Sequence[str]) -> list[str]:
         + "."
     )
     if "hlfd" in summary:
-        best_other = max((m for m in compared if m != "hlfd"), key=dice, default=None)
+        best_other = next((m for m in ranked if m not in ("hlfd", "none")), None)
         t = summary["hlfd"][f"{tumour}.vs_none"]
         gain = 100 * (dice("hlfd") - none)
         line = (
@@ -653,6 +687,8 @@ def _train_minutes(results: dict[str, Any]) -> float:
 def _fmt(entry: dict[str, Any] | None, digits: int = 3) -> str:
     if not entry or entry.get("mean") is None:
         return "n/a"
+    if entry.get("sd") is None:  # one seed
+        return f"{entry['mean']:.{digits}f}"
     return f"{entry['mean']:.{digits}f} ± {entry['sd']:.{digits}f}"
 
 
@@ -665,7 +701,7 @@ def markdown(results: dict[str, Any], out: Path, figures: str) -> str:
         "",
         f"Command: `hlfd-train bench --preset {preset} --out {out}`  ",
         f"Code: `{results['code_version']}`  ",
-        f"Machine: {results['machine']}  ",
+        f"Machine: {results['machine']}; training: {results['workers']}  ",
         f"Training time of all runs: {_train_minutes(results):.1f} min; this invocation "
         f"(finished runs are reused): {results['seconds_total'] / 60:.1f} min",
         "",
@@ -686,12 +722,13 @@ def markdown(results: dict[str, Any], out: Path, figures: str) -> str:
         findings = verdict(t, results["settings"]["methods"])
         if findings:
             lines += ["Findings (computed from the table below):", "", *findings, ""]
-        for lab in sorted(labels, key=lambda lab: "tumor" not in lab.lower()):  # tumour first
+        for lab in sorted(labels, key=lambda lab: "tumo" not in lab.lower()):  # tumour first
             lines += [
                 f"### {lab}",
                 "",
-                "| run | Dice | HD95 (mm) | RVD | Dice vs none: median diff, p, seeds better |",
-                "|---|---|---|---|---|",
+                "| run | Dice | HD95 (mm) | RVD | missed "
+                "| vs none: median Dice diff, p, seeds better |",
+                "|---|---|---|---|---|---|",
             ]
             for name, s in t["summary"].items():
                 test = s.get(f"{lab}.vs_none")
@@ -702,16 +739,26 @@ def markdown(results: dict[str, Any], out: Path, figures: str) -> str:
                     + ("n/a" if test["p"] is None else f"{test['p']:.3f}")
                     + f", {test['seeds_better']}/{test['seeds']}"
                 )
-                cells = [_fmt(s[f"{lab}.dice"]), _fmt(s[f"{lab}.hd95"], 1), _fmt(s[f"{lab}.rvd"])]
+                missed = s[f"{lab}.missed"]
+                cells = [
+                    _fmt(s[f"{lab}.dice"]),
+                    _fmt(s[f"{lab}.hd95"], 1),
+                    _fmt(s[f"{lab}.rvd"]),
+                    f"{missed['n']}/{missed['of']}",
+                ]
                 lines.append(f"| {name} | " + " | ".join([*cells, tested]) + " |")
             lines.append("")
         lines += [
-            "Mean ± sd over seeds of the per-seed mean over held-out cases, runtime pipeline at "
-            "original resolution; RVD is the signed relative volume difference. Paired test: "
-            "Wilcoxon signed-rank, two-sided, on the Dice of each (case, seed) pair against `none` "
-            "(same case, same seed); 'seeds better': in how many seeds the method's case-mean "
-            "Dice is above that of `none`. `hlfd-*` rows are "
-            "ablations of HLFD. Teacher: one run.",
+            "Mean ± sd (sample sd) over seeds of the per-seed mean over held-out cases, through "
+            "the runtime pipeline at original resolution. The organ label is the organ without "
+            "its tumour (KiTS/LiTS label 1). HD95 is left out of the mean where a label is missed "
+            "(nothing predicted; counted in 'missed' over case x seed); RVD is the signed "
+            "relative volume difference. Paired test: Wilcoxon signed-rank, two-sided, on the "
+            "Dice of each (case, seed) pair against `none` (same case, same seed); p is "
+            "uncorrected, and optimistic because the same cases recur in every seed (the "
+            "findings apply Bonferroni over the methods; ablations are outside that family). "
+            "'seeds better': in how many seeds the method's case-mean Dice is above that of "
+            "`none`. `hlfd-*` rows are ablations of HLFD. Teacher: one run.",
             "",
             "| role | architecture | params (M) | GMACs / 256² slice | CPU s / volume |",
             "|---|---|---|---|---|",

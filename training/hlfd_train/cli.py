@@ -7,7 +7,7 @@
     hlfd-train evaluate MODEL --run RUN | --config C [--split test] [--protocol paper]
     hlfd-train export   RUN -o MODEL_DIR [--onnx]
     hlfd-train explain  --config C --models RUN_OR_MODEL ... [--case ID] [--slices 10 20]
-    hlfd-train bench    [--quick] [--out runs/kd-bench] [--report R.md] [--workers N]
+    hlfd-train bench    [--quick] [--out runs/kd-bench-full] [--report R.md] [--workers N]
     hlfd-train methods
 
 Errors in the data, the config or a model end in one line on stderr and exit code 1.
@@ -202,9 +202,10 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("bench", help="distillation benchmark on phantoms (resumable)")
-    p.add_argument("--preset", choices=["smoke", "quick", "full"], default="full")
-    p.add_argument("--quick", action="store_true", help="same as --preset quick (~10 min)")
-    p.add_argument("--out", "-o", type=Path, default=Path("runs/kd-bench"))
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--preset", choices=["smoke", "quick", "full"], default="full")
+    which.add_argument("--quick", action="store_true", help="same as --preset quick (~10 min)")
+    p.add_argument("--out", "-o", type=Path, help="run folder (default runs/kd-bench-PRESET)")
     p.add_argument("--report", type=Path, help="markdown report (default OUT/kd-benchmark.md)")
     p.add_argument(
         "--workers", type=int, help="runs trained side by side (default: cores / 2, at least 2)"
