@@ -770,6 +770,13 @@ def markdown(results: dict[str, Any], out: Path, figures: str) -> str:
             )
         lines += [
             "",
+            "CPU s / volume: one `Segmenter` call after a warm-up (preprocessing to the "
+            "package's grid, inference, post-processing, resampling back), in the main process "
+            "with all its threads, on a phantom CT; the benchmark's packages work on a 3 mm "
+            "in-plane grid, so these times are lower than the 1.5 mm figures of "
+            "`docs/results/bench-pipeline.md`. Untrained networks are timed with the student's "
+            "card and random weights.",
+            "",
             f"![Dice]({rel / f'{task}-dice.png'}) ![curves]({rel / f'{task}-curves.png'})",
             "",
             f"![attention]({rel / f'{task}-attention.png'})",
