@@ -166,11 +166,15 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self._stopRun()
+        self.removeObservers()
+
+    def _stopRun(self) -> None:
+        """Stop polling and kill the worker, if one runs."""
         self._timer.stop()
         if self._run is not None:
             self._run.cancel()
             self._run = None
-        self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -313,10 +317,7 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._checkCanApply()
 
     def onCancel(self) -> None:
-        self._timer.stop()
-        if self._run is not None:
-            self._run.cancel()
-        self._run = None
+        self._stopRun()
         self.ui.progressBar.visible = False
         self.ui.statusLabel.text = _("Cancelled; the scene is unchanged.")
         self._checkCanApply()

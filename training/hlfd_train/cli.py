@@ -115,6 +115,16 @@ def cmd_explain(args: argparse.Namespace) -> None:
     print(f"attention maps of case {case}, slices {list(slices)}: {out}")
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench
 
@@ -208,7 +218,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", type=Path, help="run folder (default runs/kd-bench-PRESET)")
     p.add_argument("--report", type=Path, help="markdown report (default OUT/kd-benchmark.md)")
     p.add_argument(
-        "--workers", type=int, help="runs trained side by side (default: cores / 2, at least 2)"
+        "--workers",
+        type=_at_least_one,
+        metavar="N",
+        help="runs trained side by side (default: cores / 2, at least 2)",
     )
     p.set_defaults(func=cmd_bench)
 
