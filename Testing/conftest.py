@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,11 @@ import torch
 
 from HLFDSegmentLib.modelpackage import make_card, save_package
 from HLFDSegmentLib.nets import build_network
+from HLFDSegmentLib.pipeline import CPU_BF16_ENV
+
+# Pin the float32 CPU path for the whole suite (and the subprocesses it starts): results must not
+# depend on whether this machine's CPU has native bf16. test_pipeline tests the bf16 path itself.
+os.environ[CPU_BF16_ENV] = "0"
 
 
 def oblique_direction(degrees: float = 20.0, flip_x: bool = True) -> tuple[float, ...]:

@@ -10,9 +10,11 @@ import torch
 from HLFDSegmentLib.errors import InputError
 from HLFDSegmentLib.modelpackage import load_package
 from HLFDSegmentLib.pipeline import (
+    CPU_BF16_ENV,
     Grid,
     Segmenter,
     body_box,
+    cpu_has_fast_bf16,
     oriented_grid,
     respaced_grid,
     segment_volumes,
@@ -195,3 +197,31 @@ def test_body_box_limits_inference_to_the_body():
     assert body_box(arr, 0.0, margin=3) == (slice(0, 8), slice(17, 33), slice(7, 15))
     assert body_box(np.zeros((4, 4, 4), np.float32), 0.0) is None
     assert body_box(arr, 0.6) is None  # nothing above the background value
+
+
+@pytest.mark.parametrize("forced", ["0", "1"])
+def test_cpu_precision_path_follows_the_setting(monkeypatch, tiny_package, forced):
+    """HLFD_CPU_BF16 decides the CPU path whatever the CPU flags (tests pin it to float32)."""
+    monkeypatch.setenv(CPU_BF16_ENV, forced)
+    assert cpu_has_fast_bf16() is (forced == "1")
+    segmenter = Segmenter(load_package(tiny_package), device="cpu")
+    assert segmenter.precision == ("bfloat16" if forced == "1" else "float32")
+
+
+def test_bf16_path_agrees_with_float32(monkeypatch, tmp_path):
+    """The bf16 CPU path gives the float32 labels up to near-ties: probabilities within bf16's
+    resolution (8 mantissa bits, a few layers deep) and >= 98% of voxels identical."""
+    package = load_package(build_package(tmp_path / "m", "mobilenetv2_unet2d", seed=3))
+    rng = np.random.default_rng(0)
+    arr = rng.uniform(0, 1, (4, 64, 64)).astype(np.float32)
+    x = torch.from_numpy(arr)[:, None]
+    probs, labels = {}, {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv(CPU_BF16_ENV, forced)
+        seg = Segmenter(package, device="cpu")
+        with torch.inference_mode():
+            probs[forced] = seg._forward(x)
+        labels[forced] = seg.infer(arr)
+    assert probs["0"].dtype == probs["1"].dtype == torch.float32
+    assert (probs["1"] - probs["0"]).abs().max() < 0.05
+    assert (labels["1"] == labels["0"]).mean() >= 0.98

@@ -9,6 +9,7 @@ input grid -> volumes. Float data only ever exists on the (coarser) model grid.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -158,8 +159,19 @@ def select_device(name: str = "auto") -> tuple[torch.device, str | None]:
     return torch.device(name), None
 
 
+CPU_BF16_ENV = "HLFD_CPU_BF16"
+
+
 def cpu_has_fast_bf16() -> bool:
-    """True where oneDNN has native bf16 kernels (AVX-512 BF16 / AMX); elsewhere bf16 is slower."""
+    """True where oneDNN has native bf16 kernels (AVX-512 BF16 / AMX); elsewhere bf16 is slower.
+
+    ``HLFD_CPU_BF16=0`` or ``=1`` forces the answer, so tests and benchmarks choose the CPU
+    precision path instead of inheriting it from the machine's CPU flags."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if forced in {"0", "off", "false", "no"}:
+        return False
+    if forced in {"1", "on", "true", "yes"}:
+        return True
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

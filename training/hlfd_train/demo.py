@@ -3,7 +3,7 @@
     python -m hlfd_train.demo OUTDIR [--task kidney] [--teacher-minutes 5] [--student-minutes 4]
 
 No dataset or pretrained weights can be downloaded, so the demo makes its own: a small phantom
-dataset in the KiTS19 layout. It trains a teacher, distills a compact student from it with HLFD
+dataset in the KiTS19 layout (kidney) or the LiTS layout (liver). It trains a teacher, distills a compact student from it with HLFD
 (both on a wall-clock budget), exports the student, segments the held-out phantom with the
 command-line tool exactly as a user would, and evaluates teacher, student and an untrained
 student on it through the runtime pipeline. OUTDIR gets ``data/``, ``runs/`` (logs, curves,
@@ -36,6 +36,8 @@ from .engine import make_network, prepare_data, train
 from .evaluate import evaluate
 from .explain import explain, tumour_slices
 from .export import export
+
+DEMO_LAYOUT = {"kidney": "kits19", "liver": "lits"}  # the public layout of each task's dataset
 
 DEMO_CONFIG = merge(
     CPU_PHANTOM_RECIPE,
@@ -99,11 +101,12 @@ def run(
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"[1/7] phantom dataset: {sum(splits)} {task} CTs (KiTS19 layout), split {splits}")
+    layout = DEMO_LAYOUT[task]
+    print(f"[1/7] phantom dataset: {sum(splits)} {task} CTs ({layout} layout), split {splits}")
     phantom = PhantomConfig(
         task=task, shape=tuple(shape), spacing=(1.5, 1.5, 2.5), tumour_radius_mm=(10.0, 22.0)
     )
-    write_dataset(out / "data", "kits19", phantom, sum(splits), seed)
+    write_dataset(out / "data", layout, phantom, sum(splits), seed)
     base = {**DEMO_CONFIG, "output": str(out / "runs"), "seed": seed}
     cfg = load_config(
         None,
