@@ -113,6 +113,7 @@ def run(
         [
             f"data.root={out / 'data'}",
             f"data.task={task}",
+            f"data.layout={layout}",
             f"data.splits={list(splits)}",
             f"train.minutes={teacher_minutes}",
         ],

@@ -1,0 +1,527 @@
+"""The synthetic patient: body habitus, organs, vessels, bones and bowel as a tissue map.
+
+Sizes and positions follow published anatomy (``shared/SYNTH-REFERENCES.md`` section 3):
+kidney length 108 +- 12 mm (Glodny 2009), at T12-L3 with the right one lower; liver
+craniocaudal 140 +- 17 mm (Kratzer) and dome at T9-T10; spleen 10 x 9 x 4.6 cm (Caglar 2014);
+aorta 19 mm suprarenal, 14-19 mm infrarenal (Jasper 2014); IVC 16 x 26 mm (Cureus 2022);
+portal vein 9.3 mm, splenic vein 7.4 mm (Feng 2017); lumbar vertebral body 40-50 mm wide, 30-35
+mm deep, 20-30 mm high, discs 10-14 mm; subcutaneous fat 12-20 % of the AP depth. The
+arrangement (z = 0 near the L1/L2 disc) is in :class:`Patient`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .geometry import Grid, random_walk, rotation, smooth_path
+from .tissues import T
+
+
+@dataclass
+class Patient:
+    """Random body habitus and landmark positions (mm), drawn before any voxel exists."""
+
+    a: float  # body half-width
+    b_ant: float  # half-depth anterior of the centre
+    b_post: float
+    power: float  # superellipse exponent (2: ellipse)
+    fat: float  # subcutaneous fat thickness
+    wall: float  # abdominal wall muscle thickness
+    dome: float  # z of the right diaphragm dome
+    dome_left: float
+    liver_span: float  # craniocaudal liver extent
+    kidney_z: tuple[float, float]  # centre z of (right, left) kidney
+    kidney_len: tuple[float, float]
+    y_vb: float  # vertebral body centre y
+    vb_r: tuple[float, float]  # vertebral body half-width, half-depth
+    arms: bool
+    oral_contrast: bool
+    gallbladder: bool
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> Patient:
+        u = rng.uniform
+        a = u(125, 185)
+        b_post = u(85, 120)
+        b_ant = b_post * u(0.9, 1.35)
+        fat = u(6, 45) * (a / 155) ** 1.5
+        dome = u(140, 185)
+        vb_r = (u(20, 25), u(15, 18))
+        y_vb = b_post - fat - u(55, 75) - vb_r[1]
+        kr = u(-20, 5)
+        return cls(
+            a=a,
+            b_ant=b_ant,
+            b_post=b_post,
+            power=u(2.0, 2.7),
+            fat=fat,
+            wall=u(6, 14),
+            dome=dome,
+            dome_left=dome - u(5, 25),
+            liver_span=u(125, 195),
+            kidney_z=(kr, kr + u(5, 30)),
+            kidney_len=(u(96, 122), u(96, 124)),
+            y_vb=y_vb,
+            vb_r=vb_r,
+            arms=bool(rng.random() < 0.12),
+            oral_contrast=bool(rng.random() < 0.3),
+            gallbladder=bool(rng.random() < 0.85),
+        )
+
+
+@dataclass
+class Anatomy:
+    """The tissue map (uint8 ids of :data:`tissues.T`) and the organ hulls the labels need."""
+
+    tissue: np.ndarray
+    liver: np.ndarray  # bool: liver label region (parenchyma + intrahepatic vessels + cysts)
+    kidney: np.ndarray  # bool: kidneys (parenchyma, sinus, pelvis, cysts)
+    body_rho: np.ndarray  # normalised body radius (1 at the skin)
+    lesions: list[dict]
+    metal: list[tuple[float, float, float]]
+
+
+def _body_rho(grid: Grid, p: Patient) -> np.ndarray:
+    """Superellipse radius (1 at the skin) of every voxel, tapering a little with z."""
+    taper = 1.0 + 0.03 * np.sin(grid.Z / 90.0)
+    yb = np.where(grid.Y < 0, p.b_ant, p.b_post)
+    return (np.abs(grid.X / (p.a * taper)) ** p.power + np.abs(grid.Y / (yb * taper)) ** p.power) ** (
+        1.0 / p.power
+    )
+
+
+def build(grid: Grid, p: Patient, rng: np.random.Generator) -> Anatomy:
+    """Paint the tissue map back to front: later structures win where they overlap."""
+    u = rng.uniform
+    tissue = np.zeros(grid.shape, dtype=np.uint8)
+    X, Y, Z = grid.X, grid.Y, grid.Z
+    rho = _body_rho(grid, p)
+    radius = np.sqrt(X**2 + Y**2)
+    depth = radius * (1.0 / np.maximum(rho, 1e-3) - 1.0)  # ~mm inside the skin
+    body = rho <= 1.0
+    tissue[body] = T["fat"]
+    tissue[body & (depth < 2.0)] = T["skin"]
+    wall_in, wall_out = p.fat, p.fat + p.wall
+    tissue[body & (depth >= wall_in) & (depth < wall_out)] = T["muscle"]
+    cavity = body & (depth >= wall_out)
+    tissue[cavity] = T["visceral_fat"]
+    # diaphragm: two domes; lungs above, abdomen below
+    rc = u(120, 190)
+    xr, xl = -0.4 * p.a, 0.4 * p.a
+    zd = np.maximum(
+        p.dome - ((X - xr) ** 2 + (Y + 5) ** 2) / (2 * rc),
+        p.dome_left - ((X - xl) ** 2 + (Y + 5) ** 2) / (2 * rc),
+    )
+    zd = np.maximum(zd, p.dome - 125.0)
+    thorax = cavity & (Z > zd)
+    abdomen = cavity & (Z <= zd - 4)
+    tissue[cavity & (Z > zd - 4) & (Z <= zd)] = T["muscle"]  # diaphragm
+    y_vb, (vw, vd) = p.y_vb, p.vb_r
+    mediastinum = thorax & (np.abs(X - 10) < 35) & (Y < y_vb + vd)
+    tissue[thorax & ~mediastinum] = T["lung"]
+    lung_vessels = thorax & ~mediastinum & (grid.fine_noise > 1.9)
+    tissue[lung_vessels] = T["myocardium"]  # soft-tissue vessels in lung
+    _heart(grid, tissue, p, zd, rng)
+    _spine_and_muscles(grid, tissue, p, body, depth, rng)
+    _ribs(grid, tissue, p, body, depth, radius, rng)
+    vessels = _great_vessels(grid, tissue, p, rng)
+    liver = _liver(grid, tissue, p, abdomen, zd, vessels, rng)
+    _spleen_stomach_pancreas(grid, tissue, p, abdomen, zd, vessels, rng)
+    kidney = _kidneys(grid, tissue, p, abdomen, vessels, rng)
+    _bowel(grid, tissue, p, abdomen, liver | kidney, rng)
+    _pelvis(grid, tissue, p, abdomen, rng)
+    _mesenteric_vessels(grid, tissue, p, abdomen, rng)
+    if p.arms:
+        _arms(grid, tissue, p, rng)
+    _table(grid, tissue, p, rng)
+    metal = []
+    if rng.random() < p.extra.get("metal_prob", 0.0):
+        metal = _metal(grid, tissue, p, rng)
+    # the organs' final masks: what is still theirs after everything was painted
+    liver &= np.isin(tissue, [T["liver"], T["portal_vein"], T["hepatic_vein"], T["cyst"]])
+    kidney &= np.isin(
+        tissue,
+        [T["kidney_cortex"], T["kidney_medulla"], T["renal_pelvis"], T["renal_sinus_fat"], T["cyst"]],
+    )
+    return Anatomy(tissue, liver, kidney, rho.astype(np.float32), [], metal)
+
+
+def _paint(tissue, sl, mask, name, where=None):
+    if sl is None:
+        return
+    if where is not None:
+        mask = mask & where[sl]
+    tissue[sl][mask] = T[name]
+
+
+def _heart(grid, tissue, p, zd, rng):
+    u = rng.uniform
+    c = (u(10, 40), -0.35 * p.b_ant, p.dome_left + u(45, 70))
+    r = (u(55, 70), u(45, 55), u(55, 65))
+    e = grid.ellipsoid(c, r, rotation(rz=u(-30, -10)))
+    if e is None:
+        return
+    sl, q = e
+    above = grid.Z[sl] > zd[sl] + 2
+    tissue[sl][(q <= 1.25) & above & (tissue[sl] == T["lung"])] = T["visceral_fat"]
+    tissue[sl][(q <= 1) & above] = T["myocardium"]
+    tissue[sl][(q <= 0.6) & above] = T["heart_blood"]
+
+
+def _spine_and_muscles(grid, tissue, p, body, depth, rng):
+    u = rng.uniform
+    X, Y, Z = grid.X, grid.Y, grid.Z
+    vw, vd = p.vb_r
+    level_h, disc_h = u(34, 40), u(8, 12)
+    z0 = u(0, level_h)
+    yv = p.y_vb + 6.0 * np.sin(Z / 150.0)  # lordosis
+    in_level = np.mod(Z - z0, level_h)
+    disc = in_level < disc_h
+    vb_q = ((X / vw) ** 2 + ((Y - yv) / vd) ** 2)
+    canal_y = yv + vd + u(9, 12)
+    canal_r = u(7, 10)
+    canal_q = (X**2 + (Y - canal_y) ** 2) / canal_r**2
+    # paraspinal (erector) and, from L1 down, psoas and quadratus lumborum
+    for s in (-1, 1):
+        q = ((X - s * u(30, 40)) / u(24, 32)) ** 2 + ((Y - canal_y - u(10, 20)) / u(20, 28)) ** 2
+        tissue[body & (q <= 1) & (depth > p.fat * 0.6)] = T["muscle"]
+        grow = np.clip((30.0 - Z) / 110.0, 0, 1)
+        pr = 4 + 20 * grow
+        q = ((X - s * (vw + pr * 0.9)) / pr) ** 2 + ((Y - yv + 2) / (pr * 0.9)) ** 2
+        tissue[body & (q <= 1) & (Z < 35) & (depth > p.fat)] = T["muscle"]
+        q = ((X - s * (vw + 45)) / 16) ** 2 + ((Y - yv - 22) / 10) ** 2
+        tissue[body & (q <= 1) & (Z < 40) & (Z > -110) & (depth > p.fat)] = T["muscle"]
+    bone = body & (vb_q <= 1)
+    tissue[bone] = T["cortical_bone"]
+    tissue[bone & (vb_q <= 0.78)] = T["cancellous_bone"]
+    tissue[bone & disc] = T["disc"]
+    arch = body & (canal_q <= ((canal_r + u(5, 7)) / canal_r) ** 2) & (Y > yv + vd * 0.5) & ~disc
+    tissue[arch] = T["cortical_bone"]
+    spinous = body & (np.abs(X) < 4) & (Y > canal_y) & (Y < canal_y + u(30, 45)) & (in_level > disc_h + 10)
+    tissue[spinous] = T["cortical_bone"]
+    transverse = (
+        body
+        & (np.abs(X) > vw - 5)
+        & (np.abs(X) < vw + u(25, 35))
+        & (np.abs(Y - canal_y + 4) < 5)
+        & (in_level > disc_h + 6)
+        & (in_level < disc_h + 16)
+    )
+    tissue[transverse] = T["cortical_bone"]
+    tissue[body & (canal_q <= 1)] = T["csf"]
+
+
+def _ribs(grid, tissue, p, body, depth, radius, rng):
+    u = rng.uniform
+    X, Y, Z = grid.X, grid.Y, grid.Z
+    anterior = np.clip(-Y / np.maximum(radius, 1.0), -1, 1)  # 1 at the front, -1 at the back
+    pitch, rib_h = u(32, 40), u(9, 13)
+    phase = (Z + u(0, pitch) + 28.0 * (anterior + 1)) / pitch
+    near = np.abs(phase - np.round(phase)) * pitch
+    ring_d = p.fat + p.wall * 0.4
+    in_ring = np.abs(depth - ring_d) < u(4.5, 6.5)
+    lowest = p.dome - 150 + 95 * np.clip(anterior, 0, 1)
+    ribcage = body & in_ring & (Z > lowest) & ~((np.abs(X) < 30) & (anterior > 0.7))
+    ribs = ribcage & (near < rib_h / 2)
+    cartilage = anterior > 0.35
+    tissue[ribs & ~cartilage] = T["cortical_bone"]
+    tissue[ribs & ~cartilage & (near < rib_h / 2 - 2.2)] = T["cancellous_bone"]
+    tissue[ribs & cartilage] = T["disc"]
+    sternum = body & (np.abs(X) < u(12, 18)) & (anterior > 0.9) & in_ring & (Z > p.dome - u(25, 50))
+    tissue[sternum] = T["cancellous_bone"]
+
+
+def _great_vessels(grid, tissue, p, rng) -> dict:
+    """Aorta (with iliac bifurcation, celiac and SMA), IVC, portal and splenic veins."""
+    u = rng.uniform
+    vw, vd = p.vb_r
+    top, bottom = float(grid.zs.max()) + 30, float(grid.zs.min()) - 30
+    ax, ay = u(8, 18), p.y_vb - vd - u(9, 14)
+    ar = u(8.5, 12)
+    bif = u(-130, -85)
+    aorta = smooth_path((ax, ay + 5, top), (ax - 4, ay, bif), rng, 3, 5)
+    vessels = {"aorta": (ax, ay, ar), "bif": bif}
+    _paint(tissue, *_inside(grid.tube(aorta, (ar, ar * 0.85))), "aorta")
+    for s in (-1, 1):  # iliac arteries
+        _paint(tissue, *_inside(grid.tube([(ax - 4, ay, bif), (s * 45, ay + 10, bif - 90)], 6.0)), "aorta")
+    for zc, length in ((u(35, 50), u(20, 30)), (u(20, 32), u(35, 60))):  # celiac, SMA
+        path = [(ax, ay - ar + 2, zc), (ax - 3, ay - ar - 15, zc - 8), (ax - 6, ay - ar - length, zc - 40)]
+        _paint(tissue, *_inside(grid.tube(path, 3.5)), "aorta")
+    ix, iy = -u(20, 28), p.y_vb - vd - u(4, 9)
+    ivc_top = (ix + 5, iy - 25, p.dome + 5)
+    ivc = smooth_path((ix + 2, iy + 2, bottom), (ix, iy, p.dome - 80), rng, 3, 4)
+    ivc = np.vstack([ivc, ivc_top])
+    vessels["ivc"] = (ix, iy)
+    vessels["ivc_path"] = ivc
+    _paint(tissue, *_inside(grid.tube(ivc, u(10, 13))), "ivc")
+    for s in (-1, 1):  # iliac veins
+        _paint(tissue, *_inside(grid.tube([(ix + 2, iy + 2, bif - 10), (s * 40, iy + 18, bif - 100)], 6.5)), "ivc")
+    conf = (u(-5, 10), ay - ar - u(15, 22), u(15, 30))  # portal confluence behind the pancreas neck
+    vessels["confluence"] = conf
+    hilum = (-0.38 * p.a + u(-8, 8), p.y_vb - vd - u(25, 40), p.dome - u(70, 95))
+    vessels["hilum"] = hilum
+    _paint(tissue, *_inside(grid.tube(smooth_path(conf, hilum, rng, 4, 4), u(6, 8))), "portal_vein")
+    spl_hilum = (0.55 * p.a, p.y_vb + u(-10, 10), p.dome - u(70, 90))
+    vessels["splenic_hilum"] = spl_hilum
+    _paint(tissue, *_inside(grid.tube(smooth_path(conf, spl_hilum, rng, 8, 5), u(3.5, 5))), "portal_vein")
+    return vessels
+
+
+def _inside(tube):
+    """(box, mask) of a tube result (distance/radius <= 1), or (None, None)."""
+    if tube is None:
+        return None, None
+    sl, d = tube
+    return sl, d <= 1.0
+
+
+def _liver(grid, tissue, p, abdomen, zd, vessels, rng) -> np.ndarray:
+    u = rng.uniform
+    liver = np.zeros(grid.shape, dtype=bool)
+    zc = p.dome - p.liver_span * 0.45
+    right = ((-0.42 * p.a, u(-10, 10), zc), (0.55 * p.a, 0.95 * p.b_post, p.liver_span * 0.55))
+    left = (
+        (u(0, 30), -0.45 * p.b_ant, p.dome - u(35, 55)),
+        (u(55, 85), u(28, 42), u(35, 55)),
+    )
+    lob = u(0.05, 0.15)
+    for (c, r), rot in ((right, rotation(rx=u(-10, 10), rz=u(-15, 15))), (left, rotation(rz=u(-25, 5)))):
+        e = grid.ellipsoid(c, r, rot, lobulation=lob)
+        if e is None:
+            continue
+        sl, q = e
+        liver[sl] |= q <= 1
+    liver &= abdomen & (grid.Z <= zd - 5)
+    liver &= ~((grid.X > 0.2 * p.a) & (grid.Y > p.y_vb - 20))  # left upper quadrant stays spleen's
+    tissue[liver] = T["liver"]
+    # intrahepatic portal and hepatic veins: branching trees from the hilum and the IVC
+    pts = np.argwhere(liver[:: 4, :: 4, :: 4])
+    if len(pts):
+        hil = np.array(vessels["hilum"])
+        for _ in range(int(u(3, 6))):
+            end = _point(grid, pts, rng)
+            path = smooth_path(hil, end, rng, 6, 4)
+            _paint(tissue, *_inside(grid.tube(path, (u(4, 6), 1.8))), "portal_vein", liver)
+            for _ in range(2):
+                mid = path[rng.integers(1, len(path) - 1)]
+                _paint(
+                    tissue,
+                    *_inside(grid.tube(smooth_path(mid, _point(grid, pts, rng), rng, 4, 3), (2.5, 1.5))),
+                    "portal_vein",
+                    liver,
+                )
+        ivc_top = np.array(vessels["ivc_path"][-1])
+        for _ in range(3):
+            end = _point(grid, pts, rng)
+            path = smooth_path(ivc_top, end, rng, 5, 4)
+            _paint(tissue, *_inside(grid.tube(path, (u(4, 6.5), 1.8))), "hepatic_vein", liver)
+    if p.gallbladder:
+        c = (-0.25 * p.a + u(-10, 10), -0.35 * p.b_ant + u(-5, 10), p.dome - p.liver_span * u(0.65, 0.85))
+        e = grid.ellipsoid(c, (u(12, 20), u(12, 20), u(25, 45)), rotation(rx=u(-30, 30), ry=u(-20, 20)))
+        if e is not None:
+            sl, q = e
+            gb = (q <= 1) & abdomen[sl]
+            tissue[sl][gb] = T["gallbladder"]
+            liver[sl] &= ~gb
+    return liver
+
+
+def _point(grid: Grid, pts: np.ndarray, rng) -> np.ndarray:
+    """A random physical point of a (subsampled) mask's voxel list."""
+    k, j, i = pts[rng.integers(len(pts))] * 4
+    k, j, i = min(k, grid.shape[0] - 1), min(j, grid.shape[1] - 1), min(i, grid.shape[2] - 1)
+    return np.array([grid.X[k, j, i], grid.Y[k, j, i], grid.Z[k, j, i]], dtype=float)
+
+
+def _spleen_stomach_pancreas(grid, tissue, p, abdomen, zd, vessels, rng):
+    u = rng.uniform
+    below = abdomen & (grid.Z <= zd - 5)
+    free = np.isin(tissue, [T["visceral_fat"]])
+    c = (0.6 * p.a, 0.45 * p.b_post, p.dome_left - u(55, 80))
+    e = grid.ellipsoid(c, (u(22, 32), u(48, 62), u(45, 60)), rotation(rz=u(-50, -25)), lobulation=0.08)
+    if e is not None:
+        sl, q = e
+        tissue[sl][(q <= 1) & below[sl] & free[sl]] = T["spleen"]
+    # stomach: wall, air (anterior: the patient lies supine) over fluid or oral contrast
+    c = (0.28 * p.a, -0.3 * p.b_ant, p.dome_left - u(45, 75))
+    r = (u(35, 55), u(25, 40), u(40, 60))
+    e = grid.ellipsoid(c, r, rotation(rz=u(-40, -10), rx=u(-15, 15)), lobulation=0.1)
+    if e is not None:
+        sl, q = e
+        inside = (q <= 1) & below[sl] & np.isin(tissue[sl], [T["visceral_fat"], T["liver"]])
+        tissue[sl][inside] = T["bowel_wall"]
+        lumen = inside & (q <= u(0.55, 0.8))
+        level = c[1] + u(-0.8, 0.5) * r[1]
+        content = "oral_contrast" if p.oral_contrast else "bowel_fluid"
+        tissue[sl][lumen] = T[content]
+        tissue[sl][lumen & (grid.Y[sl] < level)] = T["air"]
+    # pancreas: head by the duodenum, neck over the confluence, tail to the splenic hilum
+    conf = np.array(vessels["confluence"])
+    head = (-u(30, 45), conf[1] - 5, conf[2] - u(10, 25))
+    tail = np.array(vessels["splenic_hilum"]) + (-15, -10, u(0, 15))
+    path = np.vstack([head, conf + (0, -u(12, 18), 5), tail])
+    t = grid.tube(smooth_path(path[0], path[1], rng, 3, 3)[:-1].tolist() + smooth_path(path[1], path[2], rng, 6, 4).tolist(), (u(13, 18), u(8, 11)))
+    if t is not None:
+        sl, d = t
+        d = d * (1 + 0.15 * grid.fine_noise[sl])
+        tissue[sl][(d <= 1) & below[sl] & (tissue[sl] == T["visceral_fat"])] = T["pancreas"]
+    for s in (-1, 1):  # adrenals: thin limbs above the kidneys
+        base = (s * (p.vb_r[0] + u(18, 28)), p.y_vb - u(5, 15), p.kidney_z[(s + 1) // 2] + u(50, 65))
+        for dx in (-8, 8):
+            _paint(tissue, *_inside(grid.tube([base, (base[0] + s * dx, base[1] - 18, base[2] - 20)], 2.5)), "adrenal", below)
+
+
+def _kidneys(grid, tissue, p, abdomen, vessels, rng) -> np.ndarray:
+    u = rng.uniform
+    kidney = np.zeros(grid.shape, dtype=bool)
+    vw, vd = p.vb_r
+    for side, s in ((0, -1), (1, 1)):
+        half_len = p.kidney_len[side] / 2
+        r = (u(24, 31), u(19, 24), half_len)
+        c = (s * (vw + u(42, 58)), p.y_vb + u(0, 15), p.kidney_z[side])
+        rot = rotation(rx=u(-25, -10), ry=s * u(5, 20), rz=s * u(25, 45))
+        e = grid.ellipsoid(c, r, rot, lobulation=0.05, pad=1.1)
+        if e is None:
+            continue
+        sl, q = e
+        lu, lv, lw = grid.local(sl, c, rot)
+        notch = ((lu + s * r[0] * 0.9) / (r[0] * 0.5)) ** 2 + (lv / (r[1] * 0.45)) ** 2 + (lw / (r[2] * 0.35)) ** 2
+        hull = (q <= 1) & (notch > 1) & abdomen[sl]
+        sinus = ((lu + s * r[0] * 0.35) / (r[0] * 0.45)) ** 2 + (lv / (r[1] * 0.5)) ** 2 + (lw / (r[2] * 0.62)) ** 2
+        pelvis = ((lu + s * r[0] * 0.45) / (r[0] * 0.28)) ** 2 + (lv / (r[1] * 0.3)) ** 2 + ((lw + r[2] * 0.1) / (r[2] * 0.35)) ** 2
+        angle = np.arctan2(lv, lw)
+        pyramids = (q > 0.3) & (q < 0.72) & (np.cos(7 * angle + u(0, 6)) > -0.2)
+        sub = tissue[sl]
+        sub[hull] = T["kidney_cortex"]
+        sub[hull & pyramids & (sinus > 1)] = T["kidney_medulla"]
+        sub[hull & (sinus <= 1)] = T["renal_sinus_fat"]
+        sub[hull & (pelvis <= 1)] = T["renal_pelvis"]
+        kidney[sl] |= hull
+        # renal vein to the IVC, artery from the aorta, ureter down from the pelvis
+        hil = np.array(c) + rot @ np.array([-s * r[0] * 0.8, 0, 0])
+        ivc = vessels["ivc"]
+        ax, ay, _ = vessels["aorta"]
+        _paint(tissue, *_inside(grid.tube([hil, (ivc[0], ivc[1], hil[2] + 5)], 5.0)), "ivc", abdomen)
+        _paint(tissue, *_inside(grid.tube([hil + (0, 4, 5), (ax, ay, hil[2] + 12)], 3.0)), "aorta", abdomen)
+        ureter = [hil + (0, 0, -10), (s * (vw + 15), p.y_vb - 5, hil[2] - 80), (s * (vw + 20), p.y_vb - 10, hil[2] - 250)]
+        _paint(tissue, *_inside(grid.tube(ureter, 2.5)), "renal_pelvis", abdomen & ~kidney)
+    return kidney
+
+
+def _bowel(grid, tissue, p, abdomen, organs, rng):
+    u = rng.uniform
+    a, bp, ba = p.a, p.b_post, p.b_ant
+    free = abdomen & ~organs
+    # colon frame: caecum, ascending, hepatic flexure, transverse, splenic flexure, descending
+    zt = p.dome - p.liver_span + u(-10, 25)
+    frame = [
+        (-0.6 * a, -0.1 * ba, -150),
+        (-0.68 * a, 0.05 * bp, zt - 40),
+        (-0.5 * a, -0.25 * ba, zt),
+        (0.0, -0.62 * ba, zt - u(10, 70)),
+        (0.62 * a, -0.05 * ba, p.dome_left - u(60, 90)),
+        (0.7 * a, 0.15 * bp, -40),
+        (0.55 * a, 0.0, -140),
+        (0.1 * a, -0.25 * ba, -190),
+    ]
+    path = np.vstack([smooth_path(frame[k], frame[k + 1], rng, 8, 4)[:-1] for k in range(len(frame) - 1)])
+    t = grid.tube(path, u(17, 26))
+    if t is not None:
+        sl, d = t
+        d = d * (1 + 0.12 * grid.fine_noise[sl])  # haustra
+        wall = (d <= 1) & free[sl]
+        tissue[sl][wall] = T["bowel_wall"]
+        lumen = wall & (d <= 0.85)
+        tissue[sl][lumen] = T["feces"]
+        tissue[sl][lumen & (grid.coarse_noise[sl] > 0.6) & (grid.Y[sl] < 0)] = T["air"]
+    # small bowel: loops of fluid, air or oral contrast in the mid and lower abdomen
+    lo = (-0.55 * a, -0.8 * ba, -170)
+    hi = (0.55 * a, p.y_vb - 25, min(p.kidney_z) + 30)
+    for _ in range(int(u(6, 14))):
+        start = rng.uniform(lo, hi)
+        walk = random_walk(start, int(u(4, 10)), u(15, 25), lo, hi, rng)
+        t = grid.tube(walk, u(8, 14))
+        if t is None:
+            continue
+        sl, d = t
+        wall = (d <= 1) & free[sl] & (tissue[sl] == T["visceral_fat"])
+        tissue[sl][wall] = T["bowel_wall"]
+        lumen = wall & (d <= u(0.6, 0.8))
+        kind = rng.choice(["bowel_fluid", "air", "oral_contrast", "bowel_wall"], p=[0.5, 0.15, 0.15, 0.2])
+        if p.oral_contrast and rng.random() < 0.7:
+            kind = "oral_contrast"
+        tissue[sl][lumen] = T[str(kind)]
+
+
+def _pelvis(grid, tissue, p, abdomen, rng):
+    u = rng.uniform
+    X, Y, Z = grid.X, grid.Y, grid.Z
+    crest = u(-125, -95)
+    if Z.min() > crest:
+        return
+    for s in (-1, 1):
+        q = ((X - s * 0.42 * p.a) / (0.42 * p.a)) ** 2 + ((Y - p.y_vb - 5) / 55) ** 2
+        wing = (np.abs(q - 1) < 0.22) & (Z < crest) & (Z > crest - 110) & (Y > p.y_vb - 50)
+        wing &= (X * s > 25) & (tissue != T["air"])
+        tissue[wing] = T["cortical_bone"]
+        tissue[wing & (np.abs(q - 1) < 0.1)] = T["cancellous_bone"]
+    e = grid.ellipsoid((0, -0.3 * p.b_ant, crest - u(90, 120)), (u(30, 50), u(30, 45), u(25, 40)))
+    if e is not None:
+        sl, q = e
+        tissue[sl][(q <= 1) & abdomen[sl]] = T["bladder"]
+
+
+def _mesenteric_vessels(grid, tissue, p, abdomen, rng):
+    u = rng.uniform
+    for _ in range(int(u(15, 35))):
+        start = (u(-0.5, 0.5) * p.a, u(-0.7, 0.1) * p.b_ant, u(-150, 40))
+        end = np.add(start, rng.normal(0, 35, 3))
+        _paint(tissue, *_inside(grid.tube([start, end], u(1.2, 3.0))), "portal_vein", abdomen & (tissue == T["visceral_fat"]))
+
+
+def _arms(grid, tissue, p, rng):
+    u = rng.uniform
+    for s in (-1, 1):
+        c = (s * (p.a + u(25, 60)), u(-20, 20), 0.0)
+        X, Y = grid.X - c[0], grid.Y - c[1]
+        q = (X / u(38, 50)) ** 2 + (Y / u(40, 55)) ** 2
+        tissue[(q <= 1)] = T["fat"]
+        tissue[q <= 0.65] = T["muscle"]
+        tissue[(X**2 + Y**2) <= 11**2] = T["cortical_bone"]
+        tissue[(X**2 + Y**2) <= 7**2] = T["cancellous_bone"]
+
+
+def _table(grid, tissue, p, rng):
+    u = rng.uniform
+    gap = u(0, 40)
+    y0 = p.b_post + gap
+    X, Y = grid.X, grid.Y
+    curve = y0 + (X / 250.0) ** 2 * u(20, 60)
+    shell = (Y > curve) & (Y < curve + u(3, 7)) & (np.abs(X) < u(200, 240))
+    under = (Y > curve + 18) & (Y < curve + 22) & (np.abs(X) < 180)
+    tissue[(Y > p.b_post - 5) & (Y <= curve) & (np.abs(X) < 220) & (tissue == T["air"])] = T["mattress"]
+    tissue[shell | under] = T["table"]
+
+
+def _metal(grid, tissue, p, rng) -> list[tuple[float, float, float]]:
+    """A surgical clip, spinal fixation or hip prosthesis: a dense object that will streak."""
+    u = rng.uniform
+    kind = rng.choice(["clip", "spine", "hip"])
+    zs = grid.zs
+    if kind == "clip":
+        c = (u(-60, 40), u(-40, 30), u(zs.min(), zs.max()))
+        path = [c, np.add(c, (u(-6, 6), u(-6, 6), u(-4, 4)))]
+        radius = 1.5
+    elif kind == "spine":
+        c = (u(-20, 20), p.y_vb + p.vb_r[1] + 12, (zs.min() + zs.max()) / 2)
+        path = [(c[0] - 18, c[1], zs.min()), (c[0] - 18, c[1], zs.max())]
+        radius = 3.0
+    else:
+        c = (u(-1, 1) * 0.5 * p.a, p.y_vb, zs.min() + 10)
+        path = [c, (c[0], c[1] - 10, zs.min() - 40)]
+        radius = 14.0
+    _paint(tissue, *_inside(grid.tube(path, radius)), "metal")
+    return [tuple(float(v) for v in c)]
