@@ -56,8 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _list_models() -> None:
-    from .registry import cached_models, load_registry
+    from .modelpackage import load_package
+    from .registry import builtin_models, cached_models, load_registry
 
+    builtin = builtin_models()
+    print(f"{len(builtin)} built-in model(s)")
+    for model_id, path in builtin.items():
+        card = load_package(path).card
+        print(f"  {model_id:8s} {card['task']:7s} {card['name']} {card['version']}")
     entries = load_registry()
     print(f"{len(entries)} registry model(s)")
     for e in entries:

@@ -286,42 +286,62 @@ def write_dataset(
     out_dir: str | Path, layout: str, config: PhantomConfig, cases: int, seed: int = 0
 ) -> list[Path]:
     """Write ``cases`` phantoms in a public dataset layout; return the case image paths.
+    Case i uses seed (seed, i): cases do not depend on how many are written."""
 
-    layouts: ``kits19`` (case_XXXXX/imaging.nii.gz, segmentation.nii.gz), ``lits``
-    (volume-N.nii, segmentation-N.nii), ``msd`` (Task03_Liver-style imagesTr/labelsTr +
-    dataset.json), ``nnunet`` (imagesTr/case_XXXX_0000.nii.gz, labelsTr, dataset.json v2).
-    Case i uses seed (seed, i): cases do not depend on how many are written.
-    """
+    def make(i: int):
+        return make_phantom(config, seed=case_seed(seed, i)).to_sitk()
+
+    return write_layout(out_dir, layout, config.task, cases, make)
+
+
+def case_seed(seed: int, index: int) -> int:
+    """The seed of case ``index`` of a dataset written with ``seed``."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def layout_paths(out: Path, layout: str, organ: str, i: int) -> tuple[Path, Path]:
+    """(image, label) paths of case ``i`` in ``layout``: ``kits19`` (case_XXXXX/imaging.nii.gz,
+    segmentation.nii.gz), ``lits`` (volume-N.nii, segmentation-N.nii), ``msd`` (Task03_Liver-style
+    imagesTr/labelsTr + dataset.json), ``nnunet`` (imagesTr/case_XXXX_0000.nii.gz, labelsTr,
+    dataset.json v2)."""
+    if layout == "kits19":
+        img_p = out / f"case_{i:05d}" / "imaging.nii.gz"
+        return img_p, img_p.with_name("segmentation.nii.gz")
+    if layout == "lits":
+        return out / f"volume-{i}.nii", out / f"segmentation-{i}.nii"
+    if layout == "msd":
+        name = f"{organ}_{i}.nii.gz"
+        return out / "imagesTr" / name, out / "labelsTr" / name
+    if layout == "nnunet":
+        return out / "imagesTr" / f"case_{i:04d}_0000.nii.gz", out / "labelsTr" / f"case_{i:04d}.nii.gz"
+    raise ValueError(f"unknown layout {layout!r}: use kits19, lits, msd or nnunet")
+
+
+def write_layout(out_dir: str | Path, layout: str, organ: str, cases: int, make, jobs: int = 1) -> list[Path]:
+    """Write ``cases`` (image, labels) SimpleITK pairs from ``make(i)`` in ``layout`` (see
+    :func:`layout_paths`), with the layout's ``dataset.json`` where it has one; ``jobs`` > 1
+    makes cases in that many processes. Returns the image paths."""
     import SimpleITK as sitk
 
     out = Path(out_dir)
-    organ = config.task
-    written = []
-    items = []
-    for i in range(cases):
-        ph = make_phantom(config, seed=int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
-        image, labels = ph.to_sitk()
-        if layout == "kits19":
-            img_p = out / f"case_{i:05d}" / "imaging.nii.gz"
-            lab_p = img_p.with_name("segmentation.nii.gz")
-        elif layout == "lits":
-            img_p, lab_p = out / f"volume-{i}.nii", out / f"segmentation-{i}.nii"
-        elif layout == "msd":
-            name = f"{organ}_{i}.nii.gz"
-            img_p, lab_p = out / "imagesTr" / name, out / "labelsTr" / name
-        elif layout == "nnunet":
-            img_p = out / "imagesTr" / f"case_{i:04d}_0000.nii.gz"
-            lab_p = out / "labelsTr" / f"case_{i:04d}.nii.gz"
-        else:
-            raise ValueError(f"unknown layout {layout!r}: use kits19, lits, msd or nnunet")
-        img_p.parent.mkdir(parents=True, exist_ok=True)
-        lab_p.parent.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(image, str(img_p), useCompression=img_p.suffix == ".gz")
-        sitk.WriteImage(labels, str(lab_p), useCompression=lab_p.suffix == ".gz")
-        items.append(
-            {"image": f"./{img_p.relative_to(out)}", "label": f"./{lab_p.relative_to(out)}"}
-        )
-        written.append(img_p)
+    layout_paths(out, layout, organ, 0)  # an unknown layout fails before any work
+
+    def write(i: int, pair) -> Path:
+        img_p, lab_p = layout_paths(out, layout, organ, i)
+        for path, image in zip((img_p, lab_p), pair):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(image, str(path), useCompression=path.suffix == ".gz")
+        return img_p
+
+    if jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs) as pool:
+            written = [write(i, pair) for i, pair in enumerate(pool.map(make, range(cases)))]
+    else:
+        written = [write(i, make(i)) for i in range(cases)]
+    pairs = [layout_paths(out, layout, organ, i) for i in range(cases)]
+    items = [{"image": f"./{a.relative_to(out)}", "label": f"./{b.relative_to(out)}"} for a, b in pairs]
     tumour = "cancer" if organ == "liver" else "tumour"
     if layout == "msd":
         (out / "imagesTs").mkdir(exist_ok=True)

@@ -1,6 +1,7 @@
 """Model registry, cache and download: turn a MODEL argument into a local package path.
 
-A MODEL argument is either a model package on disk (a folder or a ``.zip``, returned as is) or a
+A MODEL argument is a built-in model id (a package shipped in ``Resources/Models/<id>/``, e.g.
+``liver`` or ``kidney``), a model package on disk (a folder or a ``.zip``, returned as is) or a
 registry id, ``ID`` or ``ID@VERSION``, looked up in ``models.json``. A registry package is taken
 from the cache when its sha256 matches (no network), else downloaded: streamed to ``NAME.part``
 (resumed with an HTTP Range request when a partial file is left from an earlier try), checked
@@ -36,6 +37,7 @@ from .errors import ModelError
 
 REGISTRY_PATH = Path(__file__).resolve().parents[1] / "Resources" / "models.json"
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "Resources" / "Schemas" / "models.schema.json"
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 REGISTRY_ENV = "HLFD_MODEL_REGISTRY"
 CACHE_ENV = "HLFD_CACHE_DIR"
 CHUNK_SIZE = 1 << 20
@@ -115,6 +117,16 @@ def cache_dir() -> Path:
         xdg = os.environ.get("XDG_CACHE_HOME", "")
         base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
     return base / "hlfd-segment" / "models"
+
+
+def builtin_models() -> dict[str, Path]:
+    """Packages shipped inside the extension (``Resources/Models/<id>/``): id -> folder. They
+    need no download and are checked like any package (sha256 of every file) when loaded."""
+    if not BUILTIN_DIR.is_dir():
+        return {}
+    return {
+        p.name: p for p in sorted(BUILTIN_DIR.iterdir()) if (p / "model.json").is_file()
+    }
 
 
 def cached_models() -> list[Path]:
@@ -231,10 +243,14 @@ def resolve_model(
     A registry package comes from the cache when its sha256 matches, without touching the
     network; otherwise it is downloaded into the cache (refused when ``offline``).
     """
+    text = os.fspath(spec)
+    if not isinstance(spec, os.PathLike) and not _looks_like_path(text):
+        builtin = builtin_models().get(text)
+        if builtin is not None:  # a built-in id wins over a same-named folder in the cwd
+            return builtin
     path = Path(spec).expanduser()
     if path.exists():
         return path
-    text = os.fspath(spec)
     if isinstance(spec, os.PathLike) or _looks_like_path(text):
         raise ModelNotFoundError(f"{text}: no such model folder or .zip file")
     reg = Path(registry) if registry is not None else registry_path()

@@ -1,6 +1,8 @@
 """``hlfd-train``: prepare data, train a teacher, distill a student, evaluate, export, explain.
 
     hlfd-train phantom OUT --task kidney --cases 12
+    hlfd-train synth write OUT --task liver --cases 60 [--jobs 2] [--set noise_hu=[6,20]]
+    hlfd-train synth report OUT [--task liver] [--cases 24]
     hlfd-train prepare  --config C [--set data.root=...]
     hlfd-train teacher  --config C [--set train.steps=500 ...]
     hlfd-train distill  --config C --method hlfd --teacher runs/teacher [--set ...]
@@ -24,6 +26,7 @@ from pathlib import Path
 from HLFDSegmentLib.errors import HLFDError
 
 from .config import ConfigError, load_config
+from .synth.generator import SynthError
 
 
 def _config(args: argparse.Namespace, extra: list[str] = ()) -> dict:
@@ -38,6 +41,31 @@ def cmd_phantom(args: argparse.Namespace) -> None:
     cfg = PhantomConfig(task=args.task, shape=tuple(args.shape), cyst_label=3 if cysts else None)
     write_dataset(args.out, "kits19" if cysts else layout, cfg, args.cases, args.seed)
     print(f"{args.cases} {args.task} phantom cases ({layout} layout) in {args.out}")
+
+
+def _synth_config(args: argparse.Namespace):
+    from .config import parse_override
+    from .synth import SynthConfig
+
+    values: dict = {}
+    for text in args.set or []:
+        values.update(parse_override(text))
+    return SynthConfig.from_dict(args.task, values)
+
+
+def cmd_synth_write(args: argparse.Namespace) -> None:
+    from .synth.write import write_synth
+
+    cfg = _synth_config(args)
+    paths = write_synth(args.out, cfg, args.cases, args.seed, args.layout, args.jobs)
+    print(f"{len(paths)} synthetic {args.task} CTs in {args.out}")
+
+
+def cmd_synth_report(args: argparse.Namespace) -> None:
+    from .synth.report import write_report
+
+    path = write_report(args.out, _synth_config(args), args.cases, args.seed)
+    print(f"realism report: {path}")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -168,6 +196,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=int, nargs=3, default=[64, 256, 256], metavar=("Z", "Y", "X"))
     p.set_defaults(func=cmd_phantom)
 
+    p = sub.add_parser("synth", help="realistic synthetic CT: write a dataset, realism report")
+    synth = p.add_subparsers(dest="synth_command", required=True)
+    for name, func, text in (
+        ("write", cmd_synth_write, "write synthetic cases in a public layout"),
+        ("report", cmd_synth_report, "montages, HU histograms, organ volumes, noise spectrum"),
+    ):
+        q = synth.add_parser(name, help=text)
+        q.add_argument("out", type=Path)
+        q.add_argument("--task", choices=["kidney", "liver"], default="liver")
+        q.add_argument("--cases", type=_at_least_one, default=60 if name == "write" else 24)
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument(
+            "--set", "-s", action="extend", nargs="+", metavar="KEY=VALUE", help="generator keys"
+        )
+        if name == "write":
+            q.add_argument("--layout", choices=["kits19", "lits", "msd", "nnunet"])
+            q.add_argument("--jobs", type=_at_least_one, default=1, help="processes")
+        q.set_defaults(func=func)
+
     p = sub.add_parser("prepare", help="validate, resample and cache a dataset; write splits")
     with_config(p)
     p.set_defaults(func=cmd_prepare)
@@ -236,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.func(args)
-    except (HLFDError, ConfigError) as exc:
+    except (HLFDError, ConfigError, SynthError) as exc:
         print(f"hlfd-train: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -44,13 +44,13 @@ class Patient:
     @classmethod
     def draw(cls, rng: np.random.Generator) -> Patient:
         u = rng.uniform
-        a = u(125, 185)
-        b_post = u(85, 120)
-        b_ant = b_post * u(0.9, 1.35)
-        fat = u(6, 45) * (a / 155) ** 1.5
+        a = u(125, 185)  # lateral 25-37 cm, AP 18-33 cm (SYNTH-REFERENCES 3, body cross-section)
+        b_post = a * u(0.6, 0.78)
+        b_ant = b_post * u(0.85, 1.25)
+        fat = u(6, 35) * (a / 155) ** 1.2  # 12-20 % of the AP depth on average
         dome = u(140, 185)
         vb_r = (u(20, 25), u(15, 18))
-        y_vb = b_post - fat - u(55, 75) - vb_r[1]
+        y_vb = b_post - fat - u(45, 65) - vb_r[1]
         kr = u(-20, 5)
         return cls(
             a=a,
@@ -218,8 +218,8 @@ def _ribs(grid, tissue, p, body, depth, radius, rng):
     u = rng.uniform
     X, Y, Z = grid.X, grid.Y, grid.Z
     anterior = np.clip(-Y / np.maximum(radius, 1.0), -1, 1)  # 1 at the front, -1 at the back
-    pitch, rib_h = u(32, 40), u(9, 13)
-    phase = (Z + u(0, pitch) + 28.0 * (anterior + 1)) / pitch
+    pitch, rib_h = u(30, 40), u(9, 13)
+    phase = (Z + u(0, pitch) + u(70, 110) * (anterior + 1)) / pitch  # ribs descend to the front
     near = np.abs(phase - np.round(phase)) * pitch
     ring_d = p.fat + p.wall * 0.4
     in_ring = np.abs(depth - ring_d) < u(4.5, 6.5)
@@ -282,7 +282,7 @@ def _liver(grid, tissue, p, abdomen, zd, vessels, rng) -> np.ndarray:
     u = rng.uniform
     liver = np.zeros(grid.shape, dtype=bool)
     zc = p.dome - p.liver_span * 0.45
-    right = ((-0.42 * p.a, u(-10, 10), zc), (0.55 * p.a, 0.95 * p.b_post, p.liver_span * 0.55))
+    right = ((-0.4 * p.a, u(-10, 5), zc), (0.45 * p.a, 0.8 * p.b_post, p.liver_span * 0.5))
     left = (
         (u(0, 30), -0.45 * p.b_ant, p.dome - u(35, 55)),
         (u(55, 85), u(28, 42), u(35, 55)),
@@ -301,23 +301,22 @@ def _liver(grid, tissue, p, abdomen, zd, vessels, rng) -> np.ndarray:
     pts = np.argwhere(liver[:: 4, :: 4, :: 4])
     if len(pts):
         hil = np.array(vessels["hilum"])
-        for _ in range(int(u(3, 6))):
+        for _ in range(int(u(4, 7))):
             end = _point(grid, pts, rng)
             path = smooth_path(hil, end, rng, 6, 4)
-            _paint(tissue, *_inside(grid.tube(path, (u(4, 6), 1.8))), "portal_vein", liver)
-            for _ in range(2):
+            _paint(tissue, *_inside(grid.tube(path, (u(5, 7.5), 2.2))), "portal_vein", liver)
+            for _ in range(int(u(2, 4))):
                 mid = path[rng.integers(1, len(path) - 1)]
-                _paint(
-                    tissue,
-                    *_inside(grid.tube(smooth_path(mid, _point(grid, pts, rng), rng, 4, 3), (2.5, 1.5))),
-                    "portal_vein",
-                    liver,
-                )
+                twig = smooth_path(mid, _point(grid, pts, rng), rng, 4, 3)
+                _paint(tissue, *_inside(grid.tube(twig, (u(2.5, 4), 1.5))), "portal_vein", liver)
         ivc_top = np.array(vessels["ivc_path"][-1])
-        for _ in range(3):
+        for _ in range(3):  # right, middle and left hepatic veins with side branches
             end = _point(grid, pts, rng)
             path = smooth_path(ivc_top, end, rng, 5, 4)
-            _paint(tissue, *_inside(grid.tube(path, (u(4, 6.5), 1.8))), "hepatic_vein", liver)
+            _paint(tissue, *_inside(grid.tube(path, (u(5, 7.5), 2.2))), "hepatic_vein", liver)
+            mid = path[rng.integers(1, len(path) - 1)]
+            twig = smooth_path(mid, _point(grid, pts, rng), rng, 4, 3)
+            _paint(tissue, *_inside(grid.tube(twig, (u(2.5, 4), 1.5))), "hepatic_vein", liver)
     if p.gallbladder:
         c = (-0.25 * p.a + u(-10, 10), -0.35 * p.b_ant + u(-5, 10), p.dome - p.liver_span * u(0.65, 0.85))
         e = grid.ellipsoid(c, (u(12, 20), u(12, 20), u(25, 45)), rotation(rx=u(-30, 30), ry=u(-20, 20)))
@@ -380,7 +379,7 @@ def _kidneys(grid, tissue, p, abdomen, vessels, rng) -> np.ndarray:
     vw, vd = p.vb_r
     for side, s in ((0, -1), (1, 1)):
         half_len = p.kidney_len[side] / 2
-        r = (u(24, 31), u(19, 24), half_len)
+        r = (u(27, 34), u(21, 26), half_len * 1.05)
         c = (s * (vw + u(42, 58)), p.y_vb + u(0, 15), p.kidney_z[side])
         rot = rotation(rx=u(-25, -10), ry=s * u(5, 20), rz=s * u(25, 45))
         e = grid.ellipsoid(c, r, rot, lobulation=0.05, pad=1.1)
@@ -496,14 +495,14 @@ def _arms(grid, tissue, p, rng):
 
 def _table(grid, tissue, p, rng):
     u = rng.uniform
-    gap = u(0, 40)
-    y0 = p.b_post + gap
-    X, Y = grid.X, grid.Y
+    y0 = p.b_post * 1.03 + u(2, 25)  # mattress under the back
+    X, Y = grid.xs[None, None, :], grid.ys[None, :, None]
     curve = y0 + (X / 250.0) ** 2 * u(20, 60)
     shell = (Y > curve) & (Y < curve + u(3, 7)) & (np.abs(X) < u(200, 240))
     under = (Y > curve + 18) & (Y < curve + 22) & (np.abs(X) < 180)
-    tissue[(Y > p.b_post - 5) & (Y <= curve) & (np.abs(X) < 220) & (tissue == T["air"])] = T["mattress"]
-    tissue[shell | under] = T["table"]
+    mattress = (Y > p.b_post * 0.8) & (Y <= curve) & (np.abs(X) < 220) & (tissue == T["air"])
+    tissue[mattress] = T["mattress"]
+    tissue[np.broadcast_to(shell | under, tissue.shape)] = T["table"]
 
 
 def _metal(grid, tissue, p, rng) -> list[tuple[float, float, float]]:

@@ -1,0 +1,100 @@
+"""Synthesis engine v2: reproducible, labels consistent with the image, plausible statistics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hlfd_train.cli import main as train_cli
+from hlfd_train.synth import SynthConfig, SynthError, synth_case
+from hlfd_train.synth.tissues import HU, PHASES
+
+# coarse voxels keep each case well under a second here; anatomy is in mm, so it is the same
+FAST = {"inplane_mm": (2.5, 3.0), "max_slices": 48}
+
+
+def fast(task="liver", **kw) -> SynthConfig:
+    return SynthConfig(task=task, **{**FAST, **kw})
+
+
+def ml(case, value) -> float:
+    return float((case.labels == value).sum() * np.prod(case.spacing) / 1000)
+
+
+def test_same_seed_same_case_other_seed_other_case():
+    a, b, c = (synth_case(fast(), s) for s in (5, 5, 6))
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.labels, b.labels)
+    assert a.spacing == b.spacing and a.meta == b.meta
+    assert a.image.shape != c.image.shape or not np.array_equal(a.image, c.image)
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_liver_hu_follows_the_phase(phase):
+    """The median HU under the liver label lies in the published range of the phase (plus the
+    texture, vessels and noise it carries); tumour is labelled only inside or at the liver."""
+    case = synth_case(fast(phases={phase: 1.0}, tumour_free=0.0, metal=0.0), 11)
+    lo, hi = HU["liver"][PHASES.index(phase)]
+    liver = case.image[case.labels == 1]
+    assert lo - 15 <= np.median(liver) <= hi + 20, (phase, np.median(liver))
+    assert case.meta["phase"] == phase
+
+
+def test_organ_volumes_and_lesions_are_plausible():
+    """Liver 0.7-3.5 L when the whole liver is in view (SYNTH-REFERENCES 3: medians 1.2-1.7 L,
+    505-4504); both kidneys 150-600 mL (KiTS median 395); tumours where asked, none when not."""
+    livers, kidneys = [], []
+    for seed in range(6):
+        case = synth_case(fast(fov_cut=0.0, tumour_free=0.0, max_slices=200), seed)
+        whole = not (case.labels[0] == 1).any() and not (case.labels[-1] == 1).any()
+        if whole:
+            livers.append(ml(case, 1) + ml(case, 2))
+        assert ml(case, 2) > 0 or not case.meta["lesions"]
+        k = synth_case(fast("kidney", fov_cut=0.0, tumour_free=1.0, max_slices=200), seed)
+        if not (k.labels[0] == 1).any() and not (k.labels[-1] == 1).any():
+            kidneys.append(ml(k, 1))
+        assert ml(k, 2) == 0
+    assert livers and all(700 <= v <= 3500 for v in livers), livers
+    assert kidneys and all(150 <= v <= 600 for v in kidneys), kidneys
+
+
+def test_field_of_view_cuts_through_the_body():
+    """With fov_cut=1 the body reaches the image border (the real-CT failure the engine trains
+    for); with fov_cut=0 and the full field it does not."""
+    touches = []
+    for seed in range(4):
+        case = synth_case(fast(fov_cut=1.0, circle_mask=0.0), seed)
+        im = case.image
+        border = np.concatenate([im[:, 0].ravel(), im[:, -1].ravel(), im[:, :, 0].ravel(), im[:, :, -1].ravel()])
+        touches.append((border > -500).mean())
+    assert max(touches) > 0.05
+    wide = synth_case(fast(fov_cut=0.0, fov_mm=(480.0, 480.0), circle_mask=0.0), 0)
+    edge = np.concatenate([wide.image[:, 0].ravel(), wide.image[:, :, 0].ravel()])
+    assert (edge > -500).mean() < 0.2  # only the table and arms may reach the edge
+
+
+def test_bad_settings_are_refused_in_one_line():
+    with pytest.raises(SynthError, match="fov_cut"):
+        SynthConfig(fov_cut=1.5)
+    with pytest.raises(SynthError, match="unknown synth key 'noise'"):
+        SynthConfig.from_dict("liver", {"noise": 3})
+    with pytest.raises(SynthError, match="noise_hu"):
+        SynthConfig.from_dict("liver", {"noise_hu": "loud"})
+    with pytest.raises(SynthError, match="task"):
+        SynthConfig(task="brain")
+
+
+def test_write_command_writes_a_dataset_the_loaders_read(tmp_path, capsys):
+    from hlfd_train.data.layouts import discover
+
+    out = tmp_path / "synth"
+    args = ["synth", "write", str(out), "--task", "kidney", "--cases", "2", "--seed", "3"]
+    sets = ["--set", "inplane_mm=[2.5,3.0]", "max_slices=32"]
+    assert train_cli(args + sets) == 0
+    cases = discover(out, "kits19")
+    assert len(cases) == 2
+    info = json.loads((out / "synth.json").read_text())
+    assert info["config"]["task"] == "kidney" and info["config"]["max_slices"] == 32
+    assert train_cli(["synth", "write", str(tmp_path / "x"), "--set", "fov_cut=2"]) == 1
+    assert "fov_cut" in capsys.readouterr().err

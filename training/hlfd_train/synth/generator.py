@@ -1,0 +1,195 @@
+"""One synthetic labelled abdominal CT from a seed: ``synth_case(SynthConfig(task), seed)``.
+
+Acquisition follows the public datasets (``shared/SYNTH-REFERENCES.md`` 4a): in-plane 0.56-1.0
+mm in LiTS/KiTS, generated here at 1.2-1.7 mm (the students run at 1.5 mm, so finer voxels would
+be averaged away); slices 1.5-5 mm with a rectangular slice profile (thick slices average 2-3
+fine sub-slices: partial volume); a reconstruction field of view of 300-480 mm that may cut
+through the body and its organs at any border, with or without the scanner's circular mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .anatomy import Patient, build
+from .geometry import Grid
+from .lesions import add_lesions
+from .render import average_slices, ct_noise, metal_streaks, render
+from .tissues import PHASE_WEIGHTS, PHASES, T
+
+MAX_INPLANE = 288  # voxels per in-plane axis
+TASK_LABELS = {"liver": ("Liver", "Liver tumor"), "kidney": ("Kidney", "Kidney tumor")}
+
+
+class SynthError(ValueError):
+    """An impossible synthesis setting; the message names it."""
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Every knob of the generator; the defaults are the shipped students' training stream."""
+
+    task: str = "liver"  # liver | kidney: which organ's labels (and lesions) the case carries
+    inplane_mm: tuple[float, float] = (1.2, 1.7)
+    slice_mm: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0, 5.0)
+    slice_weights: tuple[float, ...] = (0.25, 0.2, 0.2, 0.2, 0.15)
+    fov_mm: tuple[float, float] = (300.0, 480.0)
+    fov_cut: float = 0.35  # chance that the field of view cuts through the body
+    circle_mask: float = 0.5  # chance of the scanner's circular reconstruction mask
+    phases: dict[str, float] = field(default_factory=dict)  # {} = the task's PHASE_WEIGHTS
+    tumour_free: float = 0.2  # chance of a case without tumour (cysts may remain)
+    noise_hu: tuple[float, float] = (6.0, 28.0)
+    noise_peak: tuple[float, float] = (0.09, 0.3)  # cycles/mm
+    metal: float = 0.06
+    deform_mm: float = 8.0
+    max_slices: int = 160
+
+    def __post_init__(self):
+        if self.task not in TASK_LABELS:
+            raise SynthError(f"synth task: expected liver or kidney, got {self.task!r}")
+        for name in ("inplane_mm", "fov_mm", "noise_hu", "noise_peak"):
+            lo, hi = getattr(self, name)
+            if not (0 < lo <= hi and math.isfinite(hi)):
+                raise SynthError(f"synth {name}: need 0 < low <= high, got {[lo, hi]}")
+        if len(self.slice_mm) != len(self.slice_weights) or min(self.slice_mm) <= 0:
+            raise SynthError("synth slice_mm / slice_weights: same length, positive values")
+        for name in ("fov_cut", "circle_mask", "tumour_free", "metal"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise SynthError(f"synth {name}: a probability in [0, 1], got {getattr(self, name)}")
+        unknown = set(self.phases) - set(PHASES)
+        if unknown:
+            raise SynthError(f"synth phases: unknown {sorted(unknown)}; known: {', '.join(PHASES)}")
+
+    @classmethod
+    def from_dict(cls, task: str, values: dict[str, Any] | None) -> SynthConfig:
+        values = dict(values or {})
+        known = {f for f in cls.__dataclass_fields__ if f != "task"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SynthError(f"unknown synth key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        defaults = cls()
+        for k, v in values.items():
+            want = getattr(defaults, k)
+            if isinstance(want, tuple):
+                if not isinstance(v, list) or not all(_is_number(x) for x in v):
+                    raise SynthError(f"synth {k}: a list of numbers, got {v!r}")
+                values[k] = tuple(float(x) for x in v)
+            elif isinstance(want, dict):
+                if not isinstance(v, dict) or not all(_is_number(x) for x in v.values()):
+                    raise SynthError(f"synth {k}: a mapping of phase -> weight, got {v!r}")
+            elif not _is_number(v) or (isinstance(want, int) and not isinstance(v, int)):
+                raise SynthError(f"synth {k}: a {type(want).__name__}, got {v!r}")
+        return cls(task=task, **values)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class SynthCase:
+    """int16 HU image and uint8 labels (z, y, x); spacing (x, y, z) mm; origin (LPS mm)."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    meta: dict
+
+    def to_sitk(self):
+        import SimpleITK as sitk
+
+        out = []
+        for arr in (self.image, self.labels):
+            img = sitk.GetImageFromArray(arr)
+            img.SetSpacing(self.spacing)
+            img.SetOrigin(self.origin)
+            out.append(img)
+        return tuple(out)
+
+
+def _z_range(task: str, p: Patient, rng) -> tuple[float, float]:
+    u = rng.uniform
+    if task == "liver":
+        top = p.dome + (u(-25, 0) if rng.random() < 0.15 else u(0, 70))
+        bottom = p.dome - p.liver_span - (u(-20, 0) if rng.random() < 0.1 else u(0, 130))
+    else:
+        hi = max(z + L / 2 for z, L in zip(p.kidney_z, p.kidney_len))
+        lo = min(z - L / 2 for z, L in zip(p.kidney_z, p.kidney_len))
+        top = hi + (u(-20, 0) if rng.random() < 0.1 else u(0, 120))
+        bottom = lo - (u(-20, 0) if rng.random() < 0.1 else u(0, 130))
+    return bottom, top
+
+
+def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
+    """A reproducible case: the same (config, seed) gives identical arrays."""
+    cfg = config or SynthConfig()
+    rng = np.random.default_rng([seed, 7])
+    u = rng.uniform
+    p = Patient.draw(rng)
+    p.extra["metal_prob"] = cfg.metal
+    # acquisition grid
+    sx = u(*cfg.inplane_mm)
+    sz = float(rng.choice(cfg.slice_mm, p=np.asarray(cfg.slice_weights) / sum(cfg.slice_weights)))
+    k = 1 if sz <= 3.0 else 2  # fine sub-slices per slice
+    z_lo, z_hi = _z_range(cfg.task, p, rng)
+    n_slices = max(8, min(cfg.max_slices, int(round((z_hi - z_lo) / sz))))
+    z_lo = (z_lo + z_hi) / 2 - n_slices * sz / 2
+    fov = u(*cfg.fov_mm)
+    cx, cy = u(-15, 15), u(-5, 25)
+    if rng.random() < cfg.fov_cut:  # reconstruction field smaller than, or off, the body
+        fov = min(fov, 2 * p.a * u(0.75, 1.0))
+        cx += u(-1, 1) * 0.25 * fov
+        cy += u(-1, 1) * 0.2 * fov
+    sx = max(sx, fov / MAX_INPLANE)  # bounded cost: a 480 mm field at 1.67 mm
+    n = int(round(fov / sx))
+    xs = cx - fov / 2 + sx * (np.arange(n) + 0.5)
+    ys = cy - fov / 2 + sx * (np.arange(n) + 0.5)
+    fine_dz = sz / k
+    zs = z_lo + fine_dz * (np.arange(n_slices * k) + 0.5)
+    grid = Grid(xs, ys, zs, rng, cfg.deform_mm)
+    anatomy = build(grid, p, rng)
+    tumour_free = bool(rng.random() < cfg.tumour_free)
+    lesions = add_lesions(grid, anatomy, cfg.task, rng, tumour_free)
+    weights = cfg.phases or PHASE_WEIGHTS[cfg.task]
+    names = sorted(weights)
+    phase = str(rng.choice(names, p=np.array([weights[n] for n in names]) / sum(weights.values())))
+    img = render(grid, anatomy, lesions, phase, rng, (sx, sx, fine_dz))
+    img = average_slices(img, k)
+    organ = anatomy.liver if cfg.task == "liver" else anatomy.kidney
+    tumour = anatomy.tissue == T[f"{cfg.task}_tumour"]
+    labels = np.zeros(grid.shape, dtype=np.uint8)
+    labels[organ] = 1
+    labels[tumour] = 2
+    labels = labels[k // 2 :: k][: img.shape[0]]
+    body = anatomy.body_rho[k // 2 :: k][: img.shape[0]]
+    sd = u(*cfg.noise_hu) * min(1.6, max(0.8, (p.a / 155) ** 1.5)) * math.sqrt(2.5 / sz) ** 0.5
+    img += ct_noise(img.shape, (sx, sx, sz), sd, u(*cfg.noise_peak), rng) * (body <= 1.02)
+    img += ct_noise(img.shape, (sx, sx, sz), 4.0, 0.3, rng) * (body > 1.02)  # air is noisy too
+    if anatomy.metal:
+        img += metal_streaks(img.shape, (xs, ys), anatomy.metal, sx, rng)[None] * (body <= 1.0)
+    if rng.random() < cfg.circle_mask:
+        r2 = (xs[None, :] - cx) ** 2 + (ys[:, None] - cy) ** 2
+        img[:, r2 > (fov / 2) ** 2] = rng.choice([-1024.0, -2048.0, -3024.0])
+    image = np.clip(np.rint(img), -1024, 3071).astype(np.int16)
+    meta = {
+        "task": cfg.task,
+        "seed": seed,
+        "phase": phase,
+        "slice_mm": sz,
+        "inplane_mm": round(sx, 3),
+        "fov_mm": round(fov, 1),
+        "noise_hu": round(sd, 1),
+        "tumour_free": tumour_free,
+        "metal": bool(anatomy.metal),
+        "lesions": [
+            {k: v for k, v in rec.items() if k not in ("box", "q", "region")} for rec in lesions
+        ],
+        "patient": {k: v for k, v in asdict(p).items() if k != "extra"},
+    }
+    origin = (float(xs[0]), float(ys[0]), float(zs[k // 2]))
+    return SynthCase(image, labels, (sx, sx, sz), origin, meta)

@@ -1,0 +1,142 @@
+"""Liver and kidney lesions: tumours of many kinds and benign cysts (a hard negative).
+
+Size, count and appearance rules (``shared/SYNTH-REFERENCES.md`` section 2): KiTS tumour median
+33 cm3 (4 cm sphere-equivalent, 0.9-1447 cm3) and cysts in half of the cases; liver lesions from
+tiny (5 mm) to huge (12 cm) with several per liver as in Hu et al. (CVPR 2023: tiny/small 3-10,
+medium 2-5, large 1-3); hypovascular metastases hypodense in the portal phase with enhancing
+rims in 84 % (Ann Acad Med Singapore 2003); HCC hyperenhancing in the arterial phase
+(tumour-liver +23..+47 HU, PMID 17329690) with washout and capsule later; ccRCC 173 +- 45
+corticomedullary, 149 +- 34 nephrographic (Urologia J); papillary RCC hypoenhancing 32-100;
+necrosis 10-30 HU; calcification > 130 HU; the SyntheticTumors texture (blurred Bernoulli noise)
+and edge blur of 1-2 voxels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .geometry import Grid
+from .tissues import T
+
+
+# tissues a growing tumour does not replace
+FIRM = [
+    T[n]
+    for n in ("air", "fat", "skin", "muscle", "cortical_bone", "cancellous_bone", "disc", "csf",
+              "aorta", "ivc", "lung", "table", "mattress", "metal")
+]
+
+
+def _radius(rng: np.random.Generator, organ: str) -> float:
+    """Lesion radius in mm: log-uniform within a size class."""
+    if organ == "liver":
+        cls = rng.choice(["tiny", "small", "medium", "large"], p=[0.2, 0.3, 0.3, 0.2])
+        lo, hi = {"tiny": (2.5, 5), "small": (5, 10), "medium": (10, 20), "large": (20, 60)}[cls]
+    else:
+        cls = rng.choice(["small", "medium", "large"], p=[0.3, 0.45, 0.25])
+        lo, hi = {"small": (6, 14), "medium": (14, 28), "large": (28, 50)}[cls]
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def _count(rng: np.random.Generator, organ: str) -> int:
+    if organ == "liver":
+        return int(rng.choice([1, 2, 3, 4, 6, 9], p=[0.3, 0.22, 0.18, 0.12, 0.1, 0.08]))
+    return int(rng.choice([1, 2], p=[0.9, 0.1]))
+
+
+def _centre(grid: Grid, organ_mask: np.ndarray, rng: np.random.Generator, surface: bool):
+    """A random point in the organ (near its surface for exophytic kidney tumours)."""
+    pts = np.argwhere(organ_mask[::2, ::3, ::3])
+    if not len(pts):
+        return None
+    k, j, i = pts[rng.integers(len(pts))] * (2, 3, 3)
+    k, j, i = (min(v, n - 1) for v, n in zip((k, j, i), grid.shape))
+    c = np.array([grid.X[k, j, i], grid.Y[k, j, i], grid.Z[k, j, i]], dtype=float)
+    if surface:
+        c += rng.normal(0, 8, 3)
+    return c
+
+
+def texture(shape, rng: np.random.Generator) -> np.ndarray:
+    """SyntheticTumors-style texture in [0, 1]: blurred Bernoulli noise, mean about 0.5."""
+    from scipy.ndimage import gaussian_filter
+
+    base = gaussian_filter(rng.uniform(size=shape).astype(np.float32), rng.uniform(1.0, 2.5))
+    p = rng.uniform(0.3, 0.6)
+    spots = (base > np.quantile(base, 1 - p)).astype(np.float32)
+    tex = gaussian_filter(spots, rng.uniform(0.8, 2.0))
+    return np.clip(tex / max(tex.mean(), 1e-3) * 0.5, 0, 1)
+
+
+def add_lesions(grid: Grid, anatomy, organ: str, rng: np.random.Generator, tumour_free: bool) -> list[dict]:
+    """Paint tumours (unless ``tumour_free``) and 0-3 cysts of ``organ`` into the anatomy; the
+    per-lesion appearance goes to the returned records for the renderer."""
+    u = rng.uniform
+    mask = anatomy.liver if organ == "liver" else anatomy.kidney
+    tissue = anatomy.tissue
+    out = []
+    n_tumours = 0 if tumour_free else _count(rng, organ)
+    n_cysts = int(rng.choice([0, 1, 2, 3], p=[0.45, 0.3, 0.15, 0.1]))
+    for kind in ["tumour"] * n_tumours + ["cyst"] * n_cysts:
+        exophytic = organ == "kidney" and kind == "tumour" and rng.random() < 0.5
+        c = _centre(grid, mask, rng, exophytic)
+        if c is None:
+            break
+        r = _radius(rng, organ) if kind == "tumour" else float(np.exp(u(np.log(3), np.log(25))))
+        radii = r * rng.uniform(0.75, 1.25, 3)
+        lob = u(0.1, 0.35) if kind == "tumour" else u(0.0, 0.05)
+        e = grid.ellipsoid(c, radii, lobulation=lob, pad=1.2)
+        if e is None:
+            continue
+        sl, q = e
+        region = q <= 1
+        if kind == "tumour" and organ == "liver":
+            region &= mask[sl] | (q <= 0.6) & np.isin(tissue[sl], [T["visceral_fat"]])  # may bulge
+            region &= anatomy.body_rho[sl] < 0.97
+        elif kind == "tumour":  # kidney: exophytic, pushing organs aside; never bone or vessels
+            region &= ~np.isin(tissue[sl], FIRM) & (anatomy.body_rho[sl] < 0.9)
+        else:
+            region &= mask[sl]
+        if not region.any():
+            continue
+        name = f"{organ}_tumour" if kind == "tumour" else "cyst"
+        tissue[sl][region] = T[name]
+        if kind == "tumour":
+            mask[sl] &= ~region
+        else:
+            mask[sl] |= region
+        rec = {"kind": kind, "organ": organ, "centre_mm": c.round(1).tolist(), "radius_mm": round(r, 1)}
+        rec.update(_appearance(rng, organ, kind, r))
+        rec["box"], rec["q"], rec["region"] = sl, q, region
+        out.append(rec)
+    return out
+
+
+def _appearance(rng, organ: str, kind: str, r: float) -> dict:
+    """How a lesion enhances, relative to its organ (ΔHU per phase) or absolutely."""
+    u = rng.uniform
+    if kind == "cyst":
+        return {"type": "cyst", "hu": u(-5, 20), "edge": u(0.02, 0.08)}
+    if organ == "liver":
+        t = rng.choice(["hypo", "rim", "hcc", "necrotic", "faint"], p=[0.4, 0.2, 0.15, 0.15, 0.1])
+        d = {
+            "hypo": {"non_contrast": u(-25, -5), "arterial": u(-50, -15), "portal_venous": u(-90, -30), "delayed": u(-70, -20)},
+            "rim": {"non_contrast": u(-25, -5), "arterial": u(-45, -10), "portal_venous": u(-90, -35), "delayed": u(-70, -25)},
+            "hcc": {"non_contrast": u(-20, 0), "arterial": u(20, 50), "portal_venous": u(-30, 5), "delayed": u(-40, -10)},
+            "necrotic": {"non_contrast": u(-20, -5), "arterial": u(-40, -10), "portal_venous": u(-70, -30), "delayed": u(-60, -20)},
+            "faint": {"non_contrast": u(-12, -4), "arterial": u(-20, -8), "portal_venous": u(-30, -12), "delayed": u(-25, -10)},
+        }[str(t)]
+    else:
+        t = rng.choice(["ccrcc", "papillary", "necrotic"], p=[0.55, 0.25, 0.2])
+        if t == "papillary":  # hypoenhancing: below the cortex in every contrast phase
+            d = {"non_contrast": u(-15, 10), "arterial": u(-170, -90), "portal_venous": u(-120, -60), "delayed": u(-100, -40)}
+        else:  # ccRCC: bright but heterogeneous, below the cortex after the arterial peak
+            d = {"non_contrast": u(-10, 5), "arterial": u(-70, 10), "portal_venous": u(-70, -10), "delayed": u(-80, -20)}
+    rec = {"type": str(t), "delta": d, "edge": u(0.1, 0.35), "texture_hu": u(8, 30)}
+    if t == "rim" or (t == "hcc" and rng.random() < 0.5):
+        rec["rim_hu"] = u(20, 60)
+    if t == "necrotic" or (r > 20 and rng.random() < 0.4):
+        rec["necrosis"] = {"q": u(0.15, 0.45), "hu": u(10, 30)}
+    if rng.random() < 0.06:
+        rec["calcification_hu"] = u(200, 600)
+    return rec
