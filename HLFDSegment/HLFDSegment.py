@@ -408,7 +408,7 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
     def modelChoices(extra: list[str] | None = None) -> list[tuple[str, str]]:
         """(title, MODEL argument) pairs: registry, cache, then ``extra`` paths."""
         try:
-            from HLFDSegmentLib.registry import cached_models, load_registry
+            from HLFDSegmentLib.registry import builtin_models, cached_models, load_registry
         except ImportError:  # dependencies not installed yet: only explicit paths
             return slicerjob.model_choices([], [], extra or [])
         try:
@@ -416,7 +416,7 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
         except Exception as exc:
             logging.warning("HLFD Segment: model registry not readable: %s", exc)
             entries = []
-        return slicerjob.model_choices(entries, cached_models(), extra or [])
+        return slicerjob.model_choices(entries, cached_models(), extra or [], builtin_models())
 
     def installDependencies(self, askConfirmation: bool = True) -> bool:
         """Install torch (PyTorch extension) and the rest (pip, Slicer's packages pinned).

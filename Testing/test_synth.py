@@ -66,7 +66,9 @@ def test_field_of_view_cuts_through_the_body():
     for seed in range(4):
         case = synth_case(fast(fov_cut=1.0, circle_mask=0.0), seed)
         im = case.image
-        border = np.concatenate([im[:, 0].ravel(), im[:, -1].ravel(), im[:, :, 0].ravel(), im[:, :, -1].ravel()])
+        border = np.concatenate(
+            [im[:, 0].ravel(), im[:, -1].ravel(), im[:, :, 0].ravel(), im[:, :, -1].ravel()]
+        )
         touches.append((border > -500).mean())
     assert max(touches) > 0.05
     wide = synth_case(fast(fov_cut=0.0, fov_mm=(480.0, 480.0), circle_mask=0.0), 0)
@@ -98,3 +100,13 @@ def test_write_command_writes_a_dataset_the_loaders_read(tmp_path, capsys):
     assert info["config"]["task"] == "kidney" and info["config"]["max_slices"] == 32
     assert train_cli(["synth", "write", str(tmp_path / "x"), "--set", "fov_cut=2"]) == 1
     assert "fov_cut" in capsys.readouterr().err
+
+
+def test_realism_report_has_its_figures(tmp_path):
+    from hlfd_train.synth.report import write_report
+
+    path = write_report(tmp_path, fast(), cases=3, seed=1)
+    text = path.read_text(encoding="utf-8")
+    assert "no patient data" in text and "Organ volumes" in text
+    for png in ("synth-montage.png", "synth-hu.png", "synth-nps.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

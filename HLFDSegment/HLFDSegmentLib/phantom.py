@@ -313,11 +313,16 @@ def layout_paths(out: Path, layout: str, organ: str, i: int) -> tuple[Path, Path
         name = f"{organ}_{i}.nii.gz"
         return out / "imagesTr" / name, out / "labelsTr" / name
     if layout == "nnunet":
-        return out / "imagesTr" / f"case_{i:04d}_0000.nii.gz", out / "labelsTr" / f"case_{i:04d}.nii.gz"
+        return (
+            out / "imagesTr" / f"case_{i:04d}_0000.nii.gz",
+            out / "labelsTr" / f"case_{i:04d}.nii.gz",
+        )
     raise ValueError(f"unknown layout {layout!r}: use kits19, lits, msd or nnunet")
 
 
-def write_layout(out_dir: str | Path, layout: str, organ: str, cases: int, make, jobs: int = 1) -> list[Path]:
+def write_layout(
+    out_dir: str | Path, layout: str, organ: str, cases: int, make, jobs: int = 1
+) -> list[Path]:
     """Write ``cases`` (image, labels) SimpleITK pairs from ``make(i)`` in ``layout`` (see
     :func:`layout_paths`), with the layout's ``dataset.json`` where it has one; ``jobs`` > 1
     makes cases in that many processes. Returns the image paths."""
@@ -341,7 +346,9 @@ def write_layout(out_dir: str | Path, layout: str, organ: str, cases: int, make,
     else:
         written = [write(i, make(i)) for i in range(cases)]
     pairs = [layout_paths(out, layout, organ, i) for i in range(cases)]
-    items = [{"image": f"./{a.relative_to(out)}", "label": f"./{b.relative_to(out)}"} for a, b in pairs]
+    items = [
+        {"image": f"./{a.relative_to(out)}", "label": f"./{b.relative_to(out)}"} for a, b in pairs
+    ]
     tumour = "cancer" if organ == "liver" else "tumour"
     if layout == "msd":
         (out / "imagesTs").mkdir(exist_ok=True)

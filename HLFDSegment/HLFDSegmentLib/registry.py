@@ -124,9 +124,7 @@ def builtin_models() -> dict[str, Path]:
     need no download and are checked like any package (sha256 of every file) when loaded."""
     if not BUILTIN_DIR.is_dir():
         return {}
-    return {
-        p.name: p for p in sorted(BUILTIN_DIR.iterdir()) if (p / "model.json").is_file()
-    }
+    return {p.name: p for p in sorted(BUILTIN_DIR.iterdir()) if (p / "model.json").is_file()}
 
 
 def cached_models() -> list[Path]:

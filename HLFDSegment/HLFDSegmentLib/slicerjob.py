@@ -437,13 +437,24 @@ def volume_rows(
 
 
 def model_choices(
-    entries: Iterable[Any], cached: Iterable[Path], extra: Iterable[str | os.PathLike[str]] = ()
+    entries: Iterable[Any],
+    cached: Iterable[Path],
+    extra: Iterable[str | os.PathLike[str]] = (),
+    builtin: Mapping[str, Path] | None = None,
 ) -> list[tuple[str, str]]:
-    """(title, MODEL argument) for the model selector: registry entries (``ID@VERSION``, marked
+    """(title, MODEL argument) for the model selector: built-in models (by id, titled from their
+    card, read as plain JSON: no extra package needed), registry entries (``ID@VERSION``, marked
     when cached), then cached packages that are not registry downloads, then ``extra`` paths."""
     cached = list(cached)
     cached_names = {p.name for p in cached}
     out: list[tuple[str, str]] = []
+    for model_id, folder in (builtin or {}).items():
+        try:
+            card = json.loads((Path(folder) / "model.json").read_text(encoding="utf-8"))
+            title = f"{card.get('title') or card['name']} [{card['task']}, built in]"
+        except (OSError, ValueError, KeyError, TypeError):
+            title = f"{model_id} [built in, card unreadable]"
+        out.append((title, model_id))
     seen: set[str] = set()
     for e in entries:
         mark = "" if e.filename in cached_names else " (download)"

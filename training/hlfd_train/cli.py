@@ -3,6 +3,7 @@
     hlfd-train phantom OUT --task kidney --cases 12
     hlfd-train synth write OUT --task liver --cases 60 [--jobs 2] [--set noise_hu=[6,20]]
     hlfd-train synth report OUT [--task liver] [--cases 24]
+    hlfd-train synth robustness OUT --task liver --models TEACHER STUDENT [--cases 3]
     hlfd-train prepare  --config C [--set data.root=...]
     hlfd-train teacher  --config C [--set train.steps=500 ...]
     hlfd-train distill  --config C --method hlfd --teacher runs/teacher [--set ...]
@@ -68,6 +69,13 @@ def cmd_synth_report(args: argparse.Namespace) -> None:
     print(f"realism report: {path}")
 
 
+def cmd_synth_robustness(args: argparse.Namespace) -> None:
+    from .synth.robustness import write_robustness
+
+    path = write_robustness(args.out, args.task, args.models, args.cases, args.seed)
+    print(path.read_text(encoding="utf-8"))
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     from .engine import prepare_data
 
@@ -126,7 +134,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import export
 
-    out = export(args.run, args.out, which=args.which, onnx=args.onnx, timing=not args.no_timing)
+    fields = {k: getattr(args, k) for k in ("name", "version", "title", "description")}
+    out = export(
+        args.run,
+        args.out,
+        which=args.which,
+        onnx=args.onnx,
+        timing=not args.no_timing,
+        card_fields={k: v for k, v in fields.items() if v is not None},
+    )
     print(f"model package: {out}")
 
 
@@ -214,6 +230,13 @@ def parser() -> argparse.ArgumentParser:
             q.add_argument("--layout", choices=["kits19", "lits", "msd", "nnunet"])
             q.add_argument("--jobs", type=_at_least_one, default=1, help="processes")
         q.set_defaults(func=func)
+    q = synth.add_parser("robustness", help="models on held-out synthetic conditions")
+    q.add_argument("out", type=Path)
+    q.add_argument("--task", choices=["kidney", "liver"], default="liver")
+    q.add_argument("--models", nargs="+", type=Path, required=True, help="model packages")
+    q.add_argument("--cases", type=_at_least_one, default=3, help="cases per condition")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_synth_robustness)
 
     p = sub.add_parser("prepare", help="validate, resample and cache a dataset; write splits")
     with_config(p)
@@ -247,6 +270,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=["best", "last"], default="best")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (checked)")
     p.add_argument("--no-timing", action="store_true", help="skip the run-time measurement")
+    for field in ("name", "version", "title", "description"):
+        p.add_argument(f"--{field}", help=f"model card {field} (default: from the run)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("explain", help="attention maps of teacher and students")

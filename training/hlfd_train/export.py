@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import platform
 import time
 import warnings
@@ -112,27 +111,50 @@ def time_pipeline(package: Any, image_path: Path | None) -> list[dict[str, Any]]
     ]
 
 
+def data_description(cfg: dict, info: dict) -> str:
+    """What the run was trained on, without the training machine's paths: a synthetic dataset
+    (``synth.json`` beside it) says so, in words a reader cannot take for KiTS or LiTS."""
+    root = Path(str(cfg["data"]["root"]))
+    layout = info.get("layout", cfg["data"]["layout"])
+    cases = len(info.get("cases", [])) or "?"
+    labelset = cfg["data"]["labelset"]
+    synth = root / "synth.json"
+    if synth.is_file():
+        meta = json.loads(synth.read_text(encoding="utf-8"))
+        return (
+            f"synthetic CT only (hlfd_train.synth, seed {meta.get('seed')}, {cases} cases written "
+            f"in the {layout} file layout; no patient data), labelset {labelset}"
+        )
+    return f"{layout} dataset '{root.name}', labelset {labelset}, {cases} cases"
+
+
 def export(
-    run: Path, out: Path, *, which: str = "best", onnx: bool = False, timing: bool = True
+    run: Path,
+    out: Path,
+    *,
+    which: str = "best",
+    onnx: bool = False,
+    timing: bool = True,
+    card_fields: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the model package of ``run`` to ``out``; returns ``out``."""
+    """Write the model package of ``run`` to ``out``; returns ``out``. ``card_fields`` (name,
+    version, title, description, license) override the card's defaults."""
     cfg, summary, weights = run_files(Path(run), which)
     role = summary.get("role", "student")
     info, timing_image = prepared_info(cfg)
     state = load_weights(weights)
+    teacher = summary.get("teacher")
     provenance = {
-        "teacher": summary.get("teacher"),
+        "teacher": Path(teacher).name if teacher else teacher,
         "method": "none (teacher)" if role == "teacher" else cfg["distill"]["method"],
-        "data": (
-            f"{info.get('layout', cfg['data']['layout'])} at {cfg['data']['root']}, labelset "
-            f"{cfg['data']['labelset']}, {len(info.get('cases', [])) or '?'} cases"
-        ),
+        "data": data_description(cfg, info),
         "seed": cfg["seed"],
         "steps": summary.get("steps"),
         "method_options": cfg["distill"]["options"] if role == "student" else {},
-        "run": os.path.abspath(run),
+        "run": f"{cfg['name']}/{Path(run).name}",
     }
     card = card_for(cfg, role, preprocessing=info.get("preprocessing"), provenance=provenance)
+    card.update(card_fields or {})
     best = (
         json.loads((Path(run) / "best.json").read_text())
         if (Path(run) / "best.json").is_file()

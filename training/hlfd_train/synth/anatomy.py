@@ -88,9 +88,9 @@ def _body_rho(grid: Grid, p: Patient) -> np.ndarray:
     """Superellipse radius (1 at the skin) of every voxel, tapering a little with z."""
     taper = 1.0 + 0.03 * np.sin(grid.Z / 90.0)
     yb = np.where(grid.Y < 0, p.b_ant, p.b_post)
-    return (np.abs(grid.X / (p.a * taper)) ** p.power + np.abs(grid.Y / (yb * taper)) ** p.power) ** (
-        1.0 / p.power
-    )
+    return (
+        np.abs(grid.X / (p.a * taper)) ** p.power + np.abs(grid.Y / (yb * taper)) ** p.power
+    ) ** (1.0 / p.power)
 
 
 def build(grid: Grid, p: Patient, rng: np.random.Generator) -> Anatomy:
@@ -116,11 +116,11 @@ def build(grid: Grid, p: Patient, rng: np.random.Generator) -> Anatomy:
         p.dome_left - ((X - xl) ** 2 + (Y + 5) ** 2) / (2 * rc),
     )
     zd = np.maximum(zd, p.dome - 125.0)
-    thorax = cavity & (Z > zd)
-    abdomen = cavity & (Z <= zd - 4)
-    tissue[cavity & (Z > zd - 4) & (Z <= zd)] = T["muscle"]  # diaphragm
-    y_vb, (vw, vd) = p.y_vb, p.vb_r
-    mediastinum = thorax & (np.abs(X - 10) < 35) & (Y < y_vb + vd)
+    thorax = cavity & (zd < Z)
+    abdomen = cavity & (zd - 4 >= Z)
+    tissue[cavity & (zd - 4 < Z) & (zd >= Z)] = T["muscle"]  # diaphragm
+    y_vb, vd = p.y_vb, p.vb_r[1]
+    mediastinum = thorax & (np.abs(X - 10) < 35) & (y_vb + vd > Y)
     tissue[thorax & ~mediastinum] = T["lung"]
     lung_vessels = thorax & ~mediastinum & (grid.fine_noise > 1.9)
     tissue[lung_vessels] = T["myocardium"]  # soft-tissue vessels in lung
@@ -144,7 +144,13 @@ def build(grid: Grid, p: Patient, rng: np.random.Generator) -> Anatomy:
     liver &= np.isin(tissue, [T["liver"], T["portal_vein"], T["hepatic_vein"], T["cyst"]])
     kidney &= np.isin(
         tissue,
-        [T["kidney_cortex"], T["kidney_medulla"], T["renal_pelvis"], T["renal_sinus_fat"], T["cyst"]],
+        [
+            T["kidney_cortex"],
+            T["kidney_medulla"],
+            T["renal_pelvis"],
+            T["renal_sinus_fat"],
+            T["cyst"],
+        ],
     )
     return Anatomy(tissue, liver, kidney, rho.astype(np.float32), [], metal)
 
@@ -180,7 +186,7 @@ def _spine_and_muscles(grid, tissue, p, body, depth, rng):
     yv = p.y_vb + 6.0 * np.sin(Z / 150.0)  # lordosis
     in_level = np.mod(Z - z0, level_h)
     disc = in_level < disc_h
-    vb_q = ((X / vw) ** 2 + ((Y - yv) / vd) ** 2)
+    vb_q = (X / vw) ** 2 + ((Y - yv) / vd) ** 2
     canal_y = yv + vd + u(9, 12)
     canal_r = u(7, 10)
     canal_q = (X**2 + (Y - canal_y) ** 2) / canal_r**2
@@ -198,9 +204,15 @@ def _spine_and_muscles(grid, tissue, p, body, depth, rng):
     tissue[bone] = T["cortical_bone"]
     tissue[bone & (vb_q <= 0.78)] = T["cancellous_bone"]
     tissue[bone & disc] = T["disc"]
-    arch = body & (canal_q <= ((canal_r + u(5, 7)) / canal_r) ** 2) & (Y > yv + vd * 0.5) & ~disc
+    arch = body & (canal_q <= ((canal_r + u(5, 7)) / canal_r) ** 2) & (yv + vd * 0.5 < Y) & ~disc
     tissue[arch] = T["cortical_bone"]
-    spinous = body & (np.abs(X) < 4) & (Y > canal_y) & (Y < canal_y + u(30, 45)) & (in_level > disc_h + 10)
+    spinous = (
+        body
+        & (np.abs(X) < 4)
+        & (canal_y < Y)
+        & (canal_y + u(30, 45) > Y)
+        & (in_level > disc_h + 10)
+    )
     tissue[spinous] = T["cortical_bone"]
     transverse = (
         body
@@ -224,20 +236,20 @@ def _ribs(grid, tissue, p, body, depth, radius, rng):
     ring_d = p.fat + p.wall * 0.4
     in_ring = np.abs(depth - ring_d) < u(4.5, 6.5)
     lowest = p.dome - 150 + 95 * np.clip(anterior, 0, 1)
-    ribcage = body & in_ring & (Z > lowest) & ~((np.abs(X) < 30) & (anterior > 0.7))
+    ribcage = body & in_ring & (lowest < Z) & ~((np.abs(X) < 30) & (anterior > 0.7))
     ribs = ribcage & (near < rib_h / 2)
     cartilage = anterior > 0.35
     tissue[ribs & ~cartilage] = T["cortical_bone"]
     tissue[ribs & ~cartilage & (near < rib_h / 2 - 2.2)] = T["cancellous_bone"]
     tissue[ribs & cartilage] = T["disc"]
-    sternum = body & (np.abs(X) < u(12, 18)) & (anterior > 0.9) & in_ring & (Z > p.dome - u(25, 50))
+    sternum = body & (np.abs(X) < u(12, 18)) & (anterior > 0.9) & in_ring & (p.dome - u(25, 50) < Z)
     tissue[sternum] = T["cancellous_bone"]
 
 
 def _great_vessels(grid, tissue, p, rng) -> dict:
     """Aorta (with iliac bifurcation, celiac and SMA), IVC, portal and splenic veins."""
     u = rng.uniform
-    vw, vd = p.vb_r
+    vd = p.vb_r[1]
     top, bottom = float(grid.zs.max()) + 30, float(grid.zs.min()) - 30
     ax, ay = u(8, 18), p.y_vb - vd - u(9, 14)
     ar = u(8.5, 12)
@@ -246,9 +258,17 @@ def _great_vessels(grid, tissue, p, rng) -> dict:
     vessels = {"aorta": (ax, ay, ar), "bif": bif}
     _paint(tissue, *_inside(grid.tube(aorta, (ar, ar * 0.85))), "aorta")
     for s in (-1, 1):  # iliac arteries
-        _paint(tissue, *_inside(grid.tube([(ax - 4, ay, bif), (s * 45, ay + 10, bif - 90)], 6.0)), "aorta")
+        _paint(
+            tissue,
+            *_inside(grid.tube([(ax - 4, ay, bif), (s * 45, ay + 10, bif - 90)], 6.0)),
+            "aorta",
+        )
     for zc, length in ((u(35, 50), u(20, 30)), (u(20, 32), u(35, 60))):  # celiac, SMA
-        path = [(ax, ay - ar + 2, zc), (ax - 3, ay - ar - 15, zc - 8), (ax - 6, ay - ar - length, zc - 40)]
+        path = [
+            (ax, ay - ar + 2, zc),
+            (ax - 3, ay - ar - 15, zc - 8),
+            (ax - 6, ay - ar - length, zc - 40),
+        ]
         _paint(tissue, *_inside(grid.tube(path, 3.5)), "aorta")
     ix, iy = -u(20, 28), p.y_vb - vd - u(4, 9)
     ivc_top = (ix + 5, iy - 25, p.dome + 5)
@@ -258,7 +278,11 @@ def _great_vessels(grid, tissue, p, rng) -> dict:
     vessels["ivc_path"] = ivc
     _paint(tissue, *_inside(grid.tube(ivc, u(10, 13))), "ivc")
     for s in (-1, 1):  # iliac veins
-        _paint(tissue, *_inside(grid.tube([(ix + 2, iy + 2, bif - 10), (s * 40, iy + 18, bif - 100)], 6.5)), "ivc")
+        _paint(
+            tissue,
+            *_inside(grid.tube([(ix + 2, iy + 2, bif - 10), (s * 40, iy + 18, bif - 100)], 6.5)),
+            "ivc",
+        )
     conf = (u(-5, 10), ay - ar - u(15, 22), u(15, 30))  # portal confluence behind the pancreas neck
     vessels["confluence"] = conf
     hilum = (-0.38 * p.a + u(-8, 8), p.y_vb - vd - u(25, 40), p.dome - u(70, 95))
@@ -266,7 +290,11 @@ def _great_vessels(grid, tissue, p, rng) -> dict:
     _paint(tissue, *_inside(grid.tube(smooth_path(conf, hilum, rng, 4, 4), u(6, 8))), "portal_vein")
     spl_hilum = (0.55 * p.a, p.y_vb + u(-10, 10), p.dome - u(70, 90))
     vessels["splenic_hilum"] = spl_hilum
-    _paint(tissue, *_inside(grid.tube(smooth_path(conf, spl_hilum, rng, 8, 5), u(3.5, 5))), "portal_vein")
+    _paint(
+        tissue,
+        *_inside(grid.tube(smooth_path(conf, spl_hilum, rng, 8, 5), u(3.5, 5))),
+        "portal_vein",
+    )
     return vessels
 
 
@@ -288,17 +316,20 @@ def _liver(grid, tissue, p, abdomen, zd, vessels, rng) -> np.ndarray:
         (u(55, 85), u(28, 42), u(35, 55)),
     )
     lob = u(0.05, 0.15)
-    for (c, r), rot in ((right, rotation(rx=u(-10, 10), rz=u(-15, 15))), (left, rotation(rz=u(-25, 5)))):
+    for (c, r), rot in (
+        (right, rotation(rx=u(-10, 10), rz=u(-15, 15))),
+        (left, rotation(rz=u(-25, 5))),
+    ):
         e = grid.ellipsoid(c, r, rot, lobulation=lob)
         if e is None:
             continue
         sl, q = e
         liver[sl] |= q <= 1
-    liver &= abdomen & (grid.Z <= zd - 5)
-    liver &= ~((grid.X > 0.2 * p.a) & (grid.Y > p.y_vb - 20))  # left upper quadrant stays spleen's
+    liver &= abdomen & (zd - 5 >= grid.Z)
+    liver &= ~((0.2 * p.a < grid.X) & (p.y_vb - 20 < grid.Y))  # left upper quadrant stays spleen's
     tissue[liver] = T["liver"]
     # intrahepatic portal and hepatic veins: branching trees from the hilum and the IVC
-    pts = np.argwhere(liver[:: 4, :: 4, :: 4])
+    pts = np.argwhere(liver[::4, ::4, ::4])
     if len(pts):
         hil = np.array(vessels["hilum"])
         for _ in range(int(u(4, 7))):
@@ -318,8 +349,14 @@ def _liver(grid, tissue, p, abdomen, zd, vessels, rng) -> np.ndarray:
             twig = smooth_path(mid, _point(grid, pts, rng), rng, 4, 3)
             _paint(tissue, *_inside(grid.tube(twig, (u(2.5, 4), 1.5))), "hepatic_vein", liver)
     if p.gallbladder:
-        c = (-0.25 * p.a + u(-10, 10), -0.35 * p.b_ant + u(-5, 10), p.dome - p.liver_span * u(0.65, 0.85))
-        e = grid.ellipsoid(c, (u(12, 20), u(12, 20), u(25, 45)), rotation(rx=u(-30, 30), ry=u(-20, 20)))
+        c = (
+            -0.25 * p.a + u(-10, 10),
+            -0.35 * p.b_ant + u(-5, 10),
+            p.dome - p.liver_span * u(0.65, 0.85),
+        )
+        e = grid.ellipsoid(
+            c, (u(12, 20), u(12, 20), u(25, 45)), rotation(rx=u(-30, 30), ry=u(-20, 20))
+        )
         if e is not None:
             sl, q = e
             gb = (q <= 1) & abdomen[sl]
@@ -337,10 +374,12 @@ def _point(grid: Grid, pts: np.ndarray, rng) -> np.ndarray:
 
 def _spleen_stomach_pancreas(grid, tissue, p, abdomen, zd, vessels, rng):
     u = rng.uniform
-    below = abdomen & (grid.Z <= zd - 5)
+    below = abdomen & (zd - 5 >= grid.Z)
     free = np.isin(tissue, [T["visceral_fat"]])
     c = (0.6 * p.a, 0.45 * p.b_post, p.dome_left - u(55, 80))
-    e = grid.ellipsoid(c, (u(22, 32), u(48, 62), u(45, 60)), rotation(rz=u(-50, -25)), lobulation=0.08)
+    e = grid.ellipsoid(
+        c, (u(22, 32), u(48, 62), u(45, 60)), rotation(rz=u(-50, -25)), lobulation=0.08
+    )
     if e is not None:
         sl, q = e
         tissue[sl][(q <= 1) & below[sl] & free[sl]] = T["spleen"]
@@ -360,23 +399,36 @@ def _spleen_stomach_pancreas(grid, tissue, p, abdomen, zd, vessels, rng):
     # pancreas: head by the duodenum, neck over the confluence, tail to the splenic hilum
     conf = np.array(vessels["confluence"])
     head = (-u(30, 45), conf[1] - 5, conf[2] - u(10, 25))
-    tail = np.array(vessels["splenic_hilum"]) + (-15, -10, u(0, 15))
-    path = np.vstack([head, conf + (0, -u(12, 18), 5), tail])
-    t = grid.tube(smooth_path(path[0], path[1], rng, 3, 3)[:-1].tolist() + smooth_path(path[1], path[2], rng, 6, 4).tolist(), (u(13, 18), u(8, 11)))
+    tail = np.add(vessels["splenic_hilum"], (-15, -10, u(0, 15)))
+    path = np.vstack([head, np.add(conf, (0, -u(12, 18), 5)), tail])
+    t = grid.tube(
+        smooth_path(path[0], path[1], rng, 3, 3)[:-1].tolist()
+        + smooth_path(path[1], path[2], rng, 6, 4).tolist(),
+        (u(13, 18), u(8, 11)),
+    )
     if t is not None:
         sl, d = t
         d = d * (1 + 0.15 * grid.fine_noise[sl])
         tissue[sl][(d <= 1) & below[sl] & (tissue[sl] == T["visceral_fat"])] = T["pancreas"]
     for s in (-1, 1):  # adrenals: thin limbs above the kidneys
-        base = (s * (p.vb_r[0] + u(18, 28)), p.y_vb - u(5, 15), p.kidney_z[(s + 1) // 2] + u(50, 65))
+        base = (
+            s * (p.vb_r[0] + u(18, 28)),
+            p.y_vb - u(5, 15),
+            p.kidney_z[(s + 1) // 2] + u(50, 65),
+        )
         for dx in (-8, 8):
-            _paint(tissue, *_inside(grid.tube([base, (base[0] + s * dx, base[1] - 18, base[2] - 20)], 2.5)), "adrenal", below)
+            _paint(
+                tissue,
+                *_inside(grid.tube([base, (base[0] + s * dx, base[1] - 18, base[2] - 20)], 2.5)),
+                "adrenal",
+                below,
+            )
 
 
 def _kidneys(grid, tissue, p, abdomen, vessels, rng) -> np.ndarray:
     u = rng.uniform
     kidney = np.zeros(grid.shape, dtype=bool)
-    vw, vd = p.vb_r
+    vw = p.vb_r[0]
     for side, s in ((0, -1), (1, 1)):
         half_len = p.kidney_len[side] / 2
         r = (u(27, 34), u(21, 26), half_len * 1.05)
@@ -387,10 +439,22 @@ def _kidneys(grid, tissue, p, abdomen, vessels, rng) -> np.ndarray:
             continue
         sl, q = e
         lu, lv, lw = grid.local(sl, c, rot)
-        notch = ((lu + s * r[0] * 0.9) / (r[0] * 0.5)) ** 2 + (lv / (r[1] * 0.45)) ** 2 + (lw / (r[2] * 0.35)) ** 2
+        notch = (
+            ((lu + s * r[0] * 0.9) / (r[0] * 0.5)) ** 2
+            + (lv / (r[1] * 0.45)) ** 2
+            + (lw / (r[2] * 0.35)) ** 2
+        )
         hull = (q <= 1) & (notch > 1) & abdomen[sl]
-        sinus = ((lu + s * r[0] * 0.35) / (r[0] * 0.45)) ** 2 + (lv / (r[1] * 0.5)) ** 2 + (lw / (r[2] * 0.62)) ** 2
-        pelvis = ((lu + s * r[0] * 0.45) / (r[0] * 0.28)) ** 2 + (lv / (r[1] * 0.3)) ** 2 + ((lw + r[2] * 0.1) / (r[2] * 0.35)) ** 2
+        sinus = (
+            ((lu + s * r[0] * 0.35) / (r[0] * 0.45)) ** 2
+            + (lv / (r[1] * 0.5)) ** 2
+            + (lw / (r[2] * 0.62)) ** 2
+        )
+        pelvis = (
+            ((lu + s * r[0] * 0.45) / (r[0] * 0.28)) ** 2
+            + (lv / (r[1] * 0.3)) ** 2
+            + ((lw + r[2] * 0.1) / (r[2] * 0.35)) ** 2
+        )
         angle = np.arctan2(lv, lw)
         pyramids = (q > 0.3) & (q < 0.72) & (np.cos(7 * angle + u(0, 6)) > -0.2)
         sub = tissue[sl]
@@ -403,9 +467,20 @@ def _kidneys(grid, tissue, p, abdomen, vessels, rng) -> np.ndarray:
         hil = np.array(c) + rot @ np.array([-s * r[0] * 0.8, 0, 0])
         ivc = vessels["ivc"]
         ax, ay, _ = vessels["aorta"]
-        _paint(tissue, *_inside(grid.tube([hil, (ivc[0], ivc[1], hil[2] + 5)], 5.0)), "ivc", abdomen)
-        _paint(tissue, *_inside(grid.tube([hil + (0, 4, 5), (ax, ay, hil[2] + 12)], 3.0)), "aorta", abdomen)
-        ureter = [hil + (0, 0, -10), (s * (vw + 15), p.y_vb - 5, hil[2] - 80), (s * (vw + 20), p.y_vb - 10, hil[2] - 250)]
+        _paint(
+            tissue, *_inside(grid.tube([hil, (ivc[0], ivc[1], hil[2] + 5)], 5.0)), "ivc", abdomen
+        )
+        _paint(
+            tissue,
+            *_inside(grid.tube([np.add(hil, (0, 4, 5)), (ax, ay, hil[2] + 12)], 3.0)),
+            "aorta",
+            abdomen,
+        )
+        ureter = [
+            np.add(hil, (0, 0, -10)),
+            (s * (vw + 15), p.y_vb - 5, hil[2] - 80),
+            (s * (vw + 20), p.y_vb - 10, hil[2] - 250),
+        ]
         _paint(tissue, *_inside(grid.tube(ureter, 2.5)), "renal_pelvis", abdomen & ~kidney)
     return kidney
 
@@ -426,7 +501,9 @@ def _bowel(grid, tissue, p, abdomen, organs, rng):
         (0.55 * a, 0.0, -140),
         (0.1 * a, -0.25 * ba, -190),
     ]
-    path = np.vstack([smooth_path(frame[k], frame[k + 1], rng, 8, 4)[:-1] for k in range(len(frame) - 1)])
+    path = np.vstack(
+        [smooth_path(frame[k], frame[k + 1], rng, 8, 4)[:-1] for k in range(len(frame) - 1)]
+    )
     t = grid.tube(path, u(17, 26))
     if t is not None:
         sl, d = t
@@ -449,7 +526,9 @@ def _bowel(grid, tissue, p, abdomen, organs, rng):
         wall = (d <= 1) & free[sl] & (tissue[sl] == T["visceral_fat"])
         tissue[sl][wall] = T["bowel_wall"]
         lumen = wall & (d <= u(0.6, 0.8))
-        kind = rng.choice(["bowel_fluid", "air", "oral_contrast", "bowel_wall"], p=[0.5, 0.15, 0.15, 0.2])
+        kind = rng.choice(
+            ["bowel_fluid", "air", "oral_contrast", "bowel_wall"], p=[0.5, 0.15, 0.15, 0.2]
+        )
         if p.oral_contrast and rng.random() < 0.7:
             kind = "oral_contrast"
         tissue[sl][lumen] = T[str(kind)]
@@ -463,7 +542,7 @@ def _pelvis(grid, tissue, p, abdomen, rng):
         return
     for s in (-1, 1):
         q = ((X - s * 0.42 * p.a) / (0.42 * p.a)) ** 2 + ((Y - p.y_vb - 5) / 55) ** 2
-        wing = (np.abs(q - 1) < 0.22) & (Z < crest) & (Z > crest - 110) & (Y > p.y_vb - 50)
+        wing = (np.abs(q - 1) < 0.22) & (crest > Z) & (crest - 110 < Z) & (p.y_vb - 50 < Y)
         wing &= (X * s > 25) & (tissue != T["air"])
         tissue[wing] = T["cortical_bone"]
         tissue[wing & (np.abs(q - 1) < 0.1)] = T["cancellous_bone"]
@@ -478,7 +557,12 @@ def _mesenteric_vessels(grid, tissue, p, abdomen, rng):
     for _ in range(int(u(15, 35))):
         start = (u(-0.5, 0.5) * p.a, u(-0.7, 0.1) * p.b_ant, u(-150, 40))
         end = np.add(start, rng.normal(0, 35, 3))
-        _paint(tissue, *_inside(grid.tube([start, end], u(1.2, 3.0))), "portal_vein", abdomen & (tissue == T["visceral_fat"]))
+        _paint(
+            tissue,
+            *_inside(grid.tube([start, end], u(1.2, 3.0))),
+            "portal_vein",
+            abdomen & (tissue == T["visceral_fat"]),
+        )
 
 
 def _arms(grid, tissue, p, rng):
@@ -498,9 +582,9 @@ def _table(grid, tissue, p, rng):
     y0 = p.b_post * 1.03 + u(2, 25)  # mattress under the back
     X, Y = grid.xs[None, None, :], grid.ys[None, :, None]
     curve = y0 + (X / 250.0) ** 2 * u(20, 60)
-    shell = (Y > curve) & (Y < curve + u(3, 7)) & (np.abs(X) < u(200, 240))
-    under = (Y > curve + 18) & (Y < curve + 22) & (np.abs(X) < 180)
-    mattress = (Y > p.b_post * 0.8) & (Y <= curve) & (np.abs(X) < 220) & (tissue == T["air"])
+    shell = (curve < Y) & (curve + u(3, 7) > Y) & (np.abs(X) < u(200, 240))
+    under = (curve + 18 < Y) & (curve + 22 > Y) & (np.abs(X) < 180)
+    mattress = (p.b_post * 0.8 < Y) & (curve >= Y) & (np.abs(X) < 220) & (tissue == T["air"])
     tissue[mattress] = T["mattress"]
     tissue[np.broadcast_to(shell | under, tissue.shape)] = T["table"]
 

@@ -59,7 +59,9 @@ class SynthConfig:
             raise SynthError("synth slice_mm / slice_weights: same length, positive values")
         for name in ("fov_cut", "circle_mask", "tumour_free", "metal"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise SynthError(f"synth {name}: a probability in [0, 1], got {getattr(self, name)}")
+                raise SynthError(
+                    f"synth {name}: a probability in [0, 1], got {getattr(self, name)}"
+                )
         unknown = set(self.phases) - set(PHASES)
         if unknown:
             raise SynthError(f"synth phases: unknown {sorted(unknown)}; known: {', '.join(PHASES)}")
@@ -70,7 +72,9 @@ class SynthConfig:
         known = {f for f in cls.__dataclass_fields__ if f != "task"}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise SynthError(f"unknown synth key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+            raise SynthError(
+                f"unknown synth key {unknown[0]!r} (known: {', '.join(sorted(known))})"
+            )
         defaults = cls()
         for k, v in values.items():
             want = getattr(defaults, k)
@@ -99,6 +103,7 @@ class SynthCase:
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float]
     meta: dict
+    tissue: np.ndarray | None = None  # uint8 tissue ids (tissues.T) on the image grid
 
     def to_sitk(self):
         import SimpleITK as sitk
@@ -137,7 +142,7 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
     sz = float(rng.choice(cfg.slice_mm, p=np.asarray(cfg.slice_weights) / sum(cfg.slice_weights)))
     k = 1 if sz <= 3.0 else 2  # fine sub-slices per slice
     z_lo, z_hi = _z_range(cfg.task, p, rng)
-    n_slices = max(8, min(cfg.max_slices, int(round((z_hi - z_lo) / sz))))
+    n_slices = max(8, min(cfg.max_slices, round((z_hi - z_lo) / sz)))
     z_lo = (z_lo + z_hi) / 2 - n_slices * sz / 2
     fov = u(*cfg.fov_mm)
     cx, cy = u(-15, 15), u(-5, 25)
@@ -146,7 +151,7 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
         cx += u(-1, 1) * 0.25 * fov
         cy += u(-1, 1) * 0.2 * fov
     sx = max(sx, fov / MAX_INPLANE)  # bounded cost: a 480 mm field at 1.67 mm
-    n = int(round(fov / sx))
+    n = round(fov / sx)
     xs = cx - fov / 2 + sx * (np.arange(n) + 0.5)
     ys = cy - fov / 2 + sx * (np.arange(n) + 0.5)
     fine_dz = sz / k
@@ -192,4 +197,5 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
         "patient": {k: v for k, v in asdict(p).items() if k != "extra"},
     }
     origin = (float(xs[0]), float(ys[0]), float(zs[k // 2]))
-    return SynthCase(image, labels, (sx, sx, sz), origin, meta)
+    tissue = anatomy.tissue[k // 2 :: k][: image.shape[0]]
+    return SynthCase(image, labels, (sx, sx, sz), origin, meta, tissue)

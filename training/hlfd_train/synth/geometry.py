@@ -39,12 +39,16 @@ class Grid:
         self.shape = (len(self.zs), len(self.ys), len(self.xs))
         self.step = np.array([self.xs[1] - self.xs[0], self.ys[1] - self.ys[0], self._dz()])
         extent = np.array([np.ptp(self.zs), np.ptp(self.ys), np.ptp(self.xs)])
-        cells = tuple(int(max(2, min(n, math.ceil(e / 70.0) + 2))) for n, e in zip(self.shape, extent))
+        cells = tuple(
+            int(max(2, min(n, math.ceil(e / 70.0) + 2))) for n, e in zip(self.shape, extent)
+        )
         self.margin = 3.0 * deform_mm
         self.X = self.xs[None, None, :] + deform_mm * smooth_field(self.shape, cells, rng)
         self.Y = self.ys[None, :, None] + deform_mm * smooth_field(self.shape, cells, rng)
         self.Z = self.zs[:, None, None] + 0.6 * deform_mm * smooth_field(self.shape, cells, rng)
-        fine = tuple(int(max(2, min(n, math.ceil(e / 12.0) + 2))) for n, e in zip(self.shape, extent))
+        fine = tuple(
+            int(max(2, min(n, math.ceil(e / 12.0) + 2))) for n, e in zip(self.shape, extent)
+        )
         self.coarse_noise = smooth_field(self.shape, cells, rng)  # organ lobulation, textures
         self.fine_noise = smooth_field(self.shape, fine, rng)
 

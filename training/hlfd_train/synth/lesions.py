@@ -18,12 +18,25 @@ import numpy as np
 from .geometry import Grid
 from .tissues import T
 
-
 # tissues a growing tumour does not replace
 FIRM = [
     T[n]
-    for n in ("air", "fat", "skin", "muscle", "cortical_bone", "cancellous_bone", "disc", "csf",
-              "aorta", "ivc", "lung", "table", "mattress", "metal")
+    for n in (
+        "air",
+        "fat",
+        "skin",
+        "muscle",
+        "cortical_bone",
+        "cancellous_bone",
+        "disc",
+        "csf",
+        "aorta",
+        "ivc",
+        "lung",
+        "table",
+        "mattress",
+        "metal",
+    )
 ]
 
 
@@ -68,7 +81,9 @@ def texture(shape, rng: np.random.Generator) -> np.ndarray:
     return np.clip(tex / max(tex.mean(), 1e-3) * 0.5, 0, 1)
 
 
-def add_lesions(grid: Grid, anatomy, organ: str, rng: np.random.Generator, tumour_free: bool) -> list[dict]:
+def add_lesions(
+    grid: Grid, anatomy, organ: str, rng: np.random.Generator, tumour_free: bool
+) -> list[dict]:
     """Paint tumours (unless ``tumour_free``) and 0-3 cysts of ``organ`` into the anatomy; the
     per-lesion appearance goes to the returned records for the renderer."""
     u = rng.uniform
@@ -105,7 +120,12 @@ def add_lesions(grid: Grid, anatomy, organ: str, rng: np.random.Generator, tumou
             mask[sl] &= ~region
         else:
             mask[sl] |= region
-        rec = {"kind": kind, "organ": organ, "centre_mm": c.round(1).tolist(), "radius_mm": round(r, 1)}
+        rec = {
+            "kind": kind,
+            "organ": organ,
+            "centre_mm": c.round(1).tolist(),
+            "radius_mm": round(r, 1),
+        }
         rec.update(_appearance(rng, organ, kind, r))
         rec["box"], rec["q"], rec["region"] = sl, q, region
         out.append(rec)
@@ -120,18 +140,53 @@ def _appearance(rng, organ: str, kind: str, r: float) -> dict:
     if organ == "liver":
         t = rng.choice(["hypo", "rim", "hcc", "necrotic", "faint"], p=[0.4, 0.2, 0.15, 0.15, 0.1])
         d = {
-            "hypo": {"non_contrast": u(-25, -5), "arterial": u(-50, -15), "portal_venous": u(-90, -30), "delayed": u(-70, -20)},
-            "rim": {"non_contrast": u(-25, -5), "arterial": u(-45, -10), "portal_venous": u(-90, -35), "delayed": u(-70, -25)},
-            "hcc": {"non_contrast": u(-20, 0), "arterial": u(20, 50), "portal_venous": u(-30, 5), "delayed": u(-40, -10)},
-            "necrotic": {"non_contrast": u(-20, -5), "arterial": u(-40, -10), "portal_venous": u(-70, -30), "delayed": u(-60, -20)},
-            "faint": {"non_contrast": u(-12, -4), "arterial": u(-20, -8), "portal_venous": u(-30, -12), "delayed": u(-25, -10)},
+            "hypo": {
+                "non_contrast": u(-25, -5),
+                "arterial": u(-50, -15),
+                "portal_venous": u(-90, -30),
+                "delayed": u(-70, -20),
+            },
+            "rim": {
+                "non_contrast": u(-25, -5),
+                "arterial": u(-45, -10),
+                "portal_venous": u(-90, -35),
+                "delayed": u(-70, -25),
+            },
+            "hcc": {
+                "non_contrast": u(-20, 0),
+                "arterial": u(20, 50),
+                "portal_venous": u(-30, 5),
+                "delayed": u(-40, -10),
+            },
+            "necrotic": {
+                "non_contrast": u(-20, -5),
+                "arterial": u(-40, -10),
+                "portal_venous": u(-70, -30),
+                "delayed": u(-60, -20),
+            },
+            "faint": {
+                "non_contrast": u(-12, -4),
+                "arterial": u(-20, -8),
+                "portal_venous": u(-30, -12),
+                "delayed": u(-25, -10),
+            },
         }[str(t)]
     else:
         t = rng.choice(["ccrcc", "papillary", "necrotic"], p=[0.55, 0.25, 0.2])
         if t == "papillary":  # hypoenhancing: below the cortex in every contrast phase
-            d = {"non_contrast": u(-15, 10), "arterial": u(-170, -90), "portal_venous": u(-120, -60), "delayed": u(-100, -40)}
+            d = {
+                "non_contrast": u(-15, 10),
+                "arterial": u(-170, -90),
+                "portal_venous": u(-120, -60),
+                "delayed": u(-100, -40),
+            }
         else:  # ccRCC: bright but heterogeneous, below the cortex after the arterial peak
-            d = {"non_contrast": u(-10, 5), "arterial": u(-70, 10), "portal_venous": u(-70, -10), "delayed": u(-80, -20)}
+            d = {
+                "non_contrast": u(-10, 5),
+                "arterial": u(-70, 10),
+                "portal_venous": u(-70, -10),
+                "delayed": u(-80, -20),
+            }
     rec = {"type": str(t), "delta": d, "edge": u(0.1, 0.35), "texture_hu": u(8, 30)}
     if t == "rim" or (t == "hcc" and rng.random() < 0.5):
         rec["rim_hu"] = u(20, 60)

@@ -44,7 +44,9 @@ def render(grid, anatomy, lesions, phase: str, rng: np.random.Generator, spacing
     for rec in lesions:
         _lesion(img, rec, organ_hu[rec["organ"]], phase, rng)
     body = anatomy.body_rho <= 1.0
-    img += (rng.uniform(-6, 6) - rng.uniform(0, 15) * (1 - np.minimum(anatomy.body_rho, 1) ** 2)) * body
+    img += (
+        rng.uniform(-6, 6) - rng.uniform(0, 15) * (1 - np.minimum(anatomy.body_rho, 1) ** 2)
+    ) * body
     img += rng.uniform(0, 6) * grid.coarse_noise * body
     sx, sy, sz = spacing
     psf = rng.uniform(0.45, 0.9)  # mm, in-plane point spread (Gaussian sigma)
@@ -89,7 +91,7 @@ def average_slices(img: np.ndarray, k: int) -> np.ndarray:
 def ct_noise(shape, spacing, sd: float, peak: float, rng) -> np.ndarray:
     """Noise with a CT-like in-plane power spectrum (ramp x Gaussian roll-off peaking at
     ``peak`` cycles/mm) and little correlation across slices, scaled to ``sd`` HU."""
-    z, h, w = shape
+    h, w = shape[1:]
     fy = np.fft.fftfreq(h, spacing[1])[:, None]
     fx = np.fft.rfftfreq(w, spacing[0])[None, :]
     f = np.sqrt(fx**2 + fy**2)

@@ -32,7 +32,13 @@ def write_synth(
     layout = layout or DEFAULT_LAYOUT[config.task]
     make = functools.partial(_make, config, seed)
     written = write_layout(out, layout, config.task, cases, make, jobs=jobs)
-    info = {"generator": "hlfd_train.synth", "seed": seed, "cases": cases, "layout": layout,
-            "config": asdict(config), "note": "synthetic CT: no patient data"}
+    info = {
+        "generator": "hlfd_train.synth",
+        "seed": seed,
+        "cases": cases,
+        "layout": layout,
+        "config": asdict(config),
+        "note": "synthetic CT: no patient data",
+    }
     (out / "synth.json").write_text(json.dumps(info, indent=2))
     return written
