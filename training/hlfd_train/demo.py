@@ -7,8 +7,8 @@ dataset in the KiTS19 layout (kidney) or the LiTS layout (liver). It trains a te
 a compact student from it with HLFD (both on a wall-clock budget), exports the student, segments
 the held-out phantom with the command-line tool exactly as a user would, and evaluates teacher,
 student and an untrained student on it through the runtime pipeline. OUTDIR gets ``data/``,
-``runs/`` (logs, curves, checkpoints), ``model/`` (the student package), ``case.seg.nrrd``, ``case.report.json``,
-``overlay.png``, ``attention.png`` and ``metrics.json`` / ``metrics.md`` (teacher vs student).
+``runs/`` (logs, curves, checkpoints), ``model/`` (the student package), ``case.seg.nrrd``,
+``case.report.json``, ``overlay.png``, ``attention.png`` and ``metrics.json`` / ``metrics.md`` (teacher vs student).
 """
 
 from __future__ import annotations
