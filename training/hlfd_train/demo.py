@@ -8,7 +8,8 @@ a compact student from it with HLFD (both on a wall-clock budget), exports the s
 the held-out phantom with the command-line tool exactly as a user would, and evaluates teacher,
 student and an untrained student on it through the runtime pipeline. OUTDIR gets ``data/``,
 ``runs/`` (logs, curves, checkpoints), ``model/`` (the student package), ``case.seg.nrrd``,
-``case.report.json``, ``overlay.png``, ``attention.png`` and ``metrics.json`` / ``metrics.md`` (teacher vs student).
+``case.report.json``, ``overlay.png``, ``attention.png`` and ``metrics.json`` / ``metrics.md``
+(teacher vs student).
 """
 
 from __future__ import annotations
