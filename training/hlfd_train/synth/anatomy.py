@@ -179,8 +179,13 @@ def _heart(grid, tissue, p, zd, rng):
 
 def _spine_and_muscles(grid, tissue, p, body, depth, rng):
     u = rng.uniform
-    X, Y, Z = grid.X, grid.Y, grid.Z
     vw, vd = p.vb_r
+    reach = vw + 95  # the quadratus lumborum is the most lateral structure painted here
+    sl = grid.box((-reach, p.y_vb - 45, -1e9), (reach, 1.1 * p.b_post, 1e9))
+    if sl is None:
+        sl = (slice(0, 0),) * 3
+    X, Y, Z = grid.X[sl], grid.Y[sl], grid.Z[sl]
+    tissue, body, depth = tissue[sl], body[sl], depth[sl]  # views: painting reaches the map
     level_h, disc_h = u(34, 40), u(8, 12)
     z0 = u(0, level_h)
     yv = p.y_vb + 6.0 * np.sin(Z / 150.0)  # lordosis
