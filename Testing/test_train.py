@@ -362,3 +362,33 @@ def test_explain_figure(teacher_run, tmp_path):
     assert train_cli(["explain", "-c", str(conf), "--models", str(folder), "-o", str(out)]) == 0
     assert out.stat().st_size > 10_000
     assert np.asarray(__import__("matplotlib.image").image.imread(out)).shape[-1] in (3, 4)
+
+
+def test_fine_tune_starts_from_a_package_and_refuses_another_architecture(teacher_run, tmp_path):
+    """model.<role>.init: a run starts from a package's weights (a shipped synthetic-CT model
+    fine-tuned on real data); a package of another architecture is one clear error."""
+    cfg, folder = teacher_run
+    package = export(folder, tmp_path / "pkg", timing=False)
+    assert "no patient data" not in load_package(package).card["provenance"]["data"]
+    tuned = load_config(
+        None,
+        [
+            f"model.teacher.init={package}",
+            "train.steps=1",
+            "train.lr=0",
+            "train.weight_decay=0",
+            f"output={tmp_path / 'runs'}",
+        ],
+        base=cfg,
+    )
+    run = train(tuned, "teacher", progress=False)  # one step at lr 0: the weights it started at
+    start = load_weights(run / "last.safetensors")
+    for k, v in load_weights(folder / "best.safetensors").items():
+        if "running_" not in k and "num_batches" not in k:  # BN statistics move in train mode
+            torch.testing.assert_close(start[k], v, rtol=0, atol=0)
+    wrong = load_config(
+        None, [f"model.student.init={package}", f"output={tmp_path / 'other'}"], base=cfg
+    )
+    wrong["model"]["student"]["kwargs"] = {"base": 4}
+    with pytest.raises(ConfigError, match="init"):
+        train(wrong, "student", progress=False)

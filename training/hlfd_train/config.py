@@ -49,8 +49,10 @@ DEFAULTS: dict[str, Any] = {
     },
     "model": {
         "spatial_dims": 2,
-        "teacher": {"architecture": "unetpp2d", "kwargs": {}, "taps": {}},
-        "student": {"architecture": "resnet18_unet2d", "kwargs": {}, "taps": {}},
+        # init: start from trained weights (a model package, e.g. a shipped synthetic-CT
+        # student, or a .safetensors file): fine-tuning on real data
+        "teacher": {"architecture": "unetpp2d", "kwargs": {}, "taps": {}, "init": None},
+        "student": {"architecture": "resnet18_unet2d", "kwargs": {}, "taps": {}, "init": None},
     },
     "train": {
         "steps": 2000,

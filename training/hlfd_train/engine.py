@@ -223,9 +223,34 @@ def load_teacher(cfg: Mapping[str, Any], classes: int) -> tuple[nn.Module, dict,
     """The frozen teacher from ``distill.teacher``: a teacher run folder, a ``.safetensors``
     file (architecture from ``model.teacher``) or a model package. Returns (net, spec, name)."""
     src = cfg["distill"]["teacher"] or run_folder(cfg, "teacher")
+    net, spec = trained_network(src, dict(cfg["model"]["teacher"]), cfg, classes, "teacher")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval(), spec, str(src)
+
+
+def initial_network(spec: Mapping[str, Any], cfg: Mapping[str, Any], classes: int, role: str):
+    """The run's network: fresh, or with the weights named by ``model.<role>.init`` (a model
+    package or a ``.safetensors`` file of the same architecture) for fine-tuning."""
+    if not spec.get("init"):
+        return make_network(spec, cfg["model"]["spatial_dims"], classes)
+    net, got = trained_network(spec["init"], dict(spec), cfg, classes, role)
+    want = (spec["architecture"], dict(spec.get("kwargs") or {}))
+    if (got["architecture"], dict(got.get("kwargs") or {})) != want:
+        raise ConfigError(
+            f"model.{role}.init = {spec['init']!r}: a {got['architecture']!r} network with "
+            f"kwargs {got.get('kwargs') or {}}, but model.{role} asks for {want[0]!r} with {want[1]}"
+        )
+    return net.train()
+
+
+def trained_network(
+    src: str | Path, spec: dict, cfg: Mapping[str, Any], classes: int, role: str
+) -> tuple[nn.Module, dict]:
+    """(network with trained weights, its spec) from a model package (folder or .zip), a run
+    folder (teacher runs) or a ``.safetensors`` file of ``spec``'s architecture."""
     path = Path(src)
-    spec = dict(cfg["model"]["teacher"])
-    if path.is_dir() and (path / "model.json").is_file():
+    if (path.is_dir() and (path / "model.json").is_file()) or path.suffix.lower() == ".zip":
         pkg = load_package(path)
         net = pkg.build_network()
         spec = {
@@ -248,18 +273,16 @@ def load_teacher(cfg: Mapping[str, Any], classes: int) -> tuple[nn.Module, dict,
                 path / "best.safetensors",
             )
         if not path.is_file():
-            raise ConfigError(f"{path}: teacher weights not found")
+            raise ConfigError(f"{path}: {role} weights not found")
         net = make_network(spec, cfg["model"]["spatial_dims"], classes)
         try:
             net.load_state_dict(load_weights(path), strict=True)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:
             line = str(exc).strip().splitlines()[0]
             raise ConfigError(
-                f"{path}: weights do not fit teacher {spec['architecture']!r}: {line}"
+                f"{path}: weights do not fit {role} {spec['architecture']!r}: {line}"
             ) from None
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net.eval(), spec, str(src)
+    return net, spec
 
 
 class StudentStep(nn.Module):
@@ -404,7 +427,7 @@ def train(cfg: Mapping[str, Any], role: str = "student", progress: bool = True) 
 
     prepared = PreparedData(prepare_data(cfg, rank))
     spec = cfg["model"][role]
-    student = make_network(spec, dims, classes)
+    student = initial_network(spec, cfg, classes, role)
     teacher, t_taps, t_name = None, {}, None
     if method_name != "none":
         teacher, t_spec, t_name = load_teacher(cfg, classes)
