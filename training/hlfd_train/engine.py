@@ -239,7 +239,7 @@ def initial_network(spec: Mapping[str, Any], cfg: Mapping[str, Any], classes: in
     if (got["architecture"], dict(got.get("kwargs") or {})) != want:
         raise ConfigError(
             f"model.{role}.init = {spec['init']!r}: a {got['architecture']!r} network with "
-            f"kwargs {got.get('kwargs') or {}}, but model.{role} asks for {want[0]!r} with {want[1]}"
+            f"kwargs {got.get('kwargs') or {}}, model.{role} asks {want[0]!r} with {want[1]}"
         )
     return net.train()
 
