@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 import qt
 import slicer
@@ -27,8 +27,31 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from HLFDSegmentLib import deps, samples, slicerjob
-from HLFDSegmentLib.mrml import SegmentationRun
+# This file stays loadable by Python 3.9 (Slicer 5.8) so that an older Slicer shows one clear
+# message instead of a traceback; HLFDSegmentLib and the worker need Python 3.10+ (checked in CI).
+MINIMUM_SLICER = "5.10"
+MINIMUM_PYTHON = (3, 10)
+SUPPORTED = sys.version_info >= MINIMUM_PYTHON
+UNSUPPORTED_MESSAGE = (
+    "HLFD Segment needs 3D Slicer {slicer} or later (Python {need} or later); this Slicer runs "
+    "Python {have}. Please install a newer 3D Slicer."
+)
+
+if SUPPORTED:
+    from HLFDSegmentLib import deps, samples, slicerjob
+    from HLFDSegmentLib.mrml import SegmentationRun
+
+
+def unsupportedMessage() -> str:
+    """The one line an older Slicer shows (empty where this Slicer is supported)."""
+    if SUPPORTED:
+        return ""
+    return _(UNSUPPORTED_MESSAGE).format(
+        slicer=MINIMUM_SLICER,
+        need=".".join(map(str, MINIMUM_PYTHON)),
+        have=f"{sys.version_info.major}.{sys.version_info.minor}",
+    )
+
 
 CITATION = (
     "Rethinking Intermediate Layers design in Knowledge Distillation for Kidney and Liver Tumor "
@@ -72,6 +95,9 @@ class HLFDSegment(ScriptedLoadableModule):
             "If you use this extension, please cite the HLFD paper: {citation} "
             "Inference uses PyTorch and MONAI."
         ).format(citation=CITATION)
+        if not SUPPORTED:
+            self.parent.helpText = f"<p><b>{unsupportedMessage()}</b></p>" + self.parent.helpText
+            return
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
@@ -142,6 +168,13 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        if not SUPPORTED:  # an older Slicer: say so in the panel, build nothing else
+            label = qt.QLabel(unsupportedMessage())
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            logging.warning(unsupportedMessage())
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/HLFDSegment.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -205,7 +238,7 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode.model and self.ui.modelComboBox.count:
             self._parameterNode.model = self.ui.modelComboBox.itemData(0) or ""
 
-    def setParameterNode(self, inputParameterNode: HLFDSegmentParameterNode | None) -> None:
+    def setParameterNode(self, inputParameterNode: Optional[HLFDSegmentParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(
@@ -405,7 +438,7 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
             return _("unknown ({error})").format(error=exc)
 
     @staticmethod
-    def modelChoices(extra: list[str] | None = None) -> list[tuple[str, str]]:
+    def modelChoices(extra: Optional[list[str]] = None) -> list[tuple[str, str]]:
         """(title, MODEL argument) pairs: registry, cache, then ``extra`` paths."""
         try:
             from HLFDSegmentLib.registry import builtin_models, cached_models, load_registry
@@ -478,12 +511,12 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
     def segment(
         self,
         volumeNode: Any,
-        model: str | None = None,
+        model: Optional[str] = None,
         device: str = "auto",
         tta: bool = False,
         segmentationNode: Any = None,
         show3D: bool = False,
-        timeout: float | None = None,
+        timeout: Optional[float] = None,
     ) -> Any:
         """Segment ``volumeNode`` and wait; returns the segmentation node (raises on failure).
 
@@ -516,6 +549,9 @@ class HLFDSegmentTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
+        if not SUPPORTED:
+            self.delayDisplay(unsupportedMessage())
+            return
         self.setUp()
         self.test_SegmentPhantom()
 

@@ -230,3 +230,33 @@ assert isinstance(logic.modelChoices(["/x/model.zip"]), list)
         [sys.executable, "-c", code], cwd=MODULE, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_code_runs_on_the_stated_minimum_python():
+    """The module file loads on Python 3.9 (Slicer 5.8 then shows one 'needs Slicer 5.10'
+    message); the runtime the worker imports needs no more than Python 3.10 (pyproject's
+    requires-python), with annotations evaluated."""
+    ruff = Path(sys.executable).with_name("ruff")
+    vermin = Path(sys.executable).with_name("vermin")
+    checks = [
+        [
+            str(ruff),
+            "check",
+            "--no-cache",
+            "--isolated",
+            "--select",
+            "FA102,UP036",
+            "--target-version",
+            "py39",
+            str(SCRIPT),
+        ],
+        [str(vermin), "--no-tips", "--violations", "--eval-annotations", "-t=3.9-", str(SCRIPT)],
+        [str(vermin), "--no-tips", "--violations", "--eval-annotations", "-t=3.10-", str(LIB)],
+    ]
+    for cmd in checks:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+    text = SCRIPT.read_text(encoding="utf-8")
+    assert 'MINIMUM_SLICER = "5.10"' in text and "MINIMUM_PYTHON = (3, 10)" in text
+    assert "Slicer 5.10" in (ROOT / "README.md").read_text(encoding="utf-8")
+    assert 'VERSION_LESS "5.10"' in (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
