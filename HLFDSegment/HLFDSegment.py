@@ -491,7 +491,7 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
         device: str = "auto",
         tta: bool = False,
         segmentationNode: Any = None,
-    ) -> SegmentationRun:
+    ) -> "SegmentationRun":
         """Launch the worker for ``volumeNode``; poll the returned run, then :meth:`finish`."""
         run = SegmentationRun(
             volumeNode,
@@ -504,7 +504,7 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
         run.start()
         return run
 
-    def finish(self, run: SegmentationRun, show3D: bool = True) -> Any:
+    def finish(self, run: "SegmentationRun", show3D: bool = True) -> Any:
         """Put a finished run's result into the scene; returns the segmentation node."""
         return run.apply(show_3d=show3D)
 

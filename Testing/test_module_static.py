@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -260,3 +261,61 @@ def test_code_runs_on_the_stated_minimum_python():
     assert 'MINIMUM_SLICER = "5.10"' in text and "MINIMUM_PYTHON = (3, 10)" in text
     assert "Slicer 5.10" in (ROOT / "README.md").read_text(encoding="utf-8")
     assert 'VERSION_LESS "5.10"' in (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+
+
+def _python39() -> str | None:
+    """A Python 3.9 interpreter (Slicer 5.8's version), if this machine has one."""
+    candidates = [
+        shutil.which("python3.9"),
+        *map(str, Path.home().glob(".pyenv/versions/3.9*/bin/python3.9")),
+    ]
+    for exe in filter(None, candidates):
+        done = subprocess.run(
+            [exe, "-c", "import sys; print(sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if done.returncode == 0 and "(3, 9)" in done.stdout:
+            return exe
+    return None
+
+
+def test_module_on_python39_loads_and_says_it_needs_slicer_510():
+    """On Slicer 5.8 (Python 3.9, everything Slicer-side stubbed) the module file imports, its
+    panel holds the one-line message and nothing of HLFDSegmentLib is imported."""
+    exe = _python39()
+    if exe is None:
+        pytest.skip("no Python 3.9 interpreter on this machine")
+    code = r"""
+import sys, types
+from unittest import mock
+for name in ("qt", "vtk", "slicer", "slicer.util", "slicer.i18n", "slicer.parameterNodeWrapper",
+             "slicer.ScriptedLoadableModule"):
+    sys.modules[name] = mock.MagicMock()
+sys.modules["slicer.i18n"].tr = lambda text: text
+sys.modules["slicer.i18n"].translate = lambda context, text: text
+sys.modules["slicer.parameterNodeWrapper"].parameterNodeWrapper = lambda cls: cls
+slm = sys.modules["slicer.ScriptedLoadableModule"]
+for base in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic",
+             "ScriptedLoadableModuleTest", "ScriptedLoadableModuleWidget"):
+    init = lambda self, parent=None, *a: setattr(self, "parent", parent)
+    setattr(slm, base, type(base, (), {"__init__": init, "setup": lambda self: None}))
+sys.modules["slicer.util"].VTKObservationMixin = type("M", (), {"__init__": lambda s: None})
+import HLFDSegment as module
+assert module.SUPPORTED is False
+parent = mock.MagicMock()
+parent.helpText = ""
+module.HLFDSegment(parent)
+assert "needs 3D Slicer 5.10" in parent.helpText, parent.helpText
+widget = module.HLFDSegmentWidget()
+widget.layout = mock.MagicMock()
+widget.setup()
+shown = sys.modules["qt"].QLabel.call_args[0][0]
+assert "needs 3D Slicer 5.10" in shown and "Python 3.9" in shown, shown
+assert not any(m.startswith("HLFDSegmentLib") for m in sys.modules)
+"""
+    result = subprocess.run(
+        [exe, "-c", code], cwd=MODULE, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
