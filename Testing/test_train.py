@@ -364,8 +364,9 @@ def test_explain_figure(teacher_run, tmp_path):
     assert np.asarray(__import__("matplotlib.image").image.imread(out)).shape[-1] in (3, 4)
 
 
-def test_fine_tune_starts_from_a_package_and_refuses_another_architecture(teacher_run, tmp_path):
-    """model.<role>.init: a run starts from a package's weights (a shipped synthetic-CT model
+def test_half_export_and_fine_tuning_from_a_package(teacher_run, tmp_path):
+    """A float16 package predicts what the float32 one does; model.<role>.init starts a run
+    from a package's weights (a shipped synthetic-CT model
     fine-tuned on real data); a package of another architecture is one clear error."""
     cfg, folder = teacher_run
     package = export(folder, tmp_path / "pkg", timing=False)
@@ -386,6 +387,12 @@ def test_fine_tune_starts_from_a_package_and_refuses_another_architecture(teache
     for k, v in load_weights(folder / "best.safetensors").items():
         if "running_" not in k and "num_batches" not in k:  # BN statistics move in train mode
             torch.testing.assert_close(start[k], v, rtol=0, atol=0)
+    half = load_package(export(folder, tmp_path / "half", timing=False, half=True))
+    assert len(half.weights) < 0.6 * len(load_package(package).weights)
+    rng = np.random.default_rng(0)
+    arr = rng.uniform(0, 1, (3, 64, 64)).astype(np.float32)
+    full, small = (Segmenter(p, device="cpu").infer(arr) for p in (load_package(package), half))
+    assert (full == small).mean() > 0.99
     wrong = load_config(
         None, [f"model.student.init={package}", f"output={tmp_path / 'other'}"], base=cfg
     )

@@ -142,6 +142,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         onnx=args.onnx,
         timing=not args.no_timing,
         card_fields={k: v for k, v in fields.items() if v is not None},
+        half=args.half,
     )
     print(f"model package: {out}")
 
@@ -270,6 +271,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=["best", "last"], default="best")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (checked)")
     p.add_argument("--no-timing", action="store_true", help="skip the run-time measurement")
+    p.add_argument("--half", action="store_true", help="float16 weights (half the size)")
     for field in ("name", "version", "title", "description"):
         p.add_argument(f"--{field}", help=f"model card {field} (default: from the run)")
     p.set_defaults(func=cmd_export)

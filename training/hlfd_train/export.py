@@ -136,9 +136,11 @@ def export(
     onnx: bool = False,
     timing: bool = True,
     card_fields: dict[str, Any] | None = None,
+    half: bool = False,
 ) -> Path:
     """Write the model package of ``run`` to ``out``; returns ``out``. ``card_fields`` (name,
-    version, title, description, license) override the card's defaults."""
+    version, title, description, license) override the card's defaults; ``half`` stores the
+    floating-point weights as float16 (half the size; loaded back into float32 networks)."""
     cfg, summary, weights = run_files(Path(run), which)
     role = summary.get("role", "student")
     info, timing_image = prepared_info(cfg)
@@ -180,6 +182,10 @@ def export(
         extra[ONNX_NAME] = data
         card["onnx"] = ONNX_NAME
         card["metrics"]["onnx_max_probability_error"] = err
+    state = net.state_dict()
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        package = package_from_state(card, state, Path(out))
     if timing:
         card["runtimes"] = time_pipeline(package, timing_image)
-    return save_package(out, card, net.state_dict(), extra)
+    return save_package(out, card, state, extra)
