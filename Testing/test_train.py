@@ -366,8 +366,8 @@ def test_explain_figure(teacher_run, tmp_path):
 
 def test_half_export_and_fine_tuning_from_a_package(teacher_run, tmp_path):
     """A float16 package predicts what the float32 one does; model.<role>.init starts a run
-    from a package's weights (a shipped synthetic-CT model
-    fine-tuned on real data); a package of another architecture is one clear error."""
+    from a package's weights (a shipped synthetic-CT model fine-tuned on real data); a package
+    of another architecture is one clear error."""
     cfg, folder = teacher_run
     package = export(folder, tmp_path / "pkg", timing=False)
     assert "no patient data" not in load_package(package).card["provenance"]["data"]
