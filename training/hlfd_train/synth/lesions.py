@@ -40,21 +40,37 @@ FIRM = [
 ]
 
 
-def _radius(rng: np.random.Generator, organ: str) -> float:
-    """Lesion radius in mm: log-uniform within a size class."""
-    if organ == "liver":
-        cls = rng.choice(["tiny", "small", "medium", "large"], p=[0.2, 0.3, 0.3, 0.2])
-        lo, hi = {"tiny": (2.5, 5), "small": (5, 10), "medium": (10, 20), "large": (20, 60)}[cls]
-    else:
+# liver lesion radius (mm) per size class and how many of that class a case gets: Hu et al.'s
+# tiny / small / medium / large classes and counts (3-10, 3-10, 2-5, 1-3), a little fewer
+LIVER_CLASSES = {
+    "tiny": (2.5, 5.0, 3, 8),
+    "small": (5.0, 10.0, 2, 6),
+    "medium": (10.0, 20.0, 1, 4),
+    "large": (20.0, 40.0, 1, 2),
+}
+MAX_TUMOUR_SHARE = 0.4  # of the organ: no case where tumour replaces the whole liver
+
+
+def _liver_radii(rng: np.random.Generator) -> list[float]:
+    """Radii of one case's liver tumours: one size class, or a mix (Hu et al., CVPR 2023)."""
+    kind = str(rng.choice(["tiny", "small", "medium", "large", "mix"]))
+    mix = [str(rng.choice(["medium", "large"])), "small", "tiny"]
+    radii = []
+    for cls in [kind] if kind != "mix" else mix:
+        lo, hi, n_lo, n_hi = LIVER_CLASSES[cls]
+        n = int(rng.integers(n_lo, n_hi + 1)) if kind != "mix" else int(rng.integers(1, 4))
+        radii += [float(np.exp(rng.uniform(np.log(lo), np.log(hi)))) for _ in range(n)]
+    return sorted(radii, reverse=True)
+
+
+def _kidney_radii(rng: np.random.Generator) -> list[float]:
+    """KiTS: one tumour in about 90 % of cases, median 33 cm3 (about 20 mm radius)."""
+    radii = []
+    for _ in range(int(rng.choice([1, 2], p=[0.9, 0.1]))):
         cls = rng.choice(["small", "medium", "large"], p=[0.3, 0.45, 0.25])
         lo, hi = {"small": (6, 14), "medium": (14, 28), "large": (28, 50)}[cls]
-    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-
-
-def _count(rng: np.random.Generator, organ: str) -> int:
-    if organ == "liver":
-        return int(rng.choice([1, 2, 3, 4, 6, 9], p=[0.3, 0.22, 0.18, 0.12, 0.1, 0.08]))
-    return int(rng.choice([1, 2], p=[0.9, 0.1]))
+        radii.append(float(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
+    return radii
 
 
 def _centre(grid: Grid, organ_mask: np.ndarray, rng: np.random.Generator, surface: bool):
@@ -90,17 +106,21 @@ def add_lesions(
     mask = anatomy.liver if organ == "liver" else anatomy.kidney
     tissue = anatomy.tissue
     out = []
-    n_tumours = 0 if tumour_free else _count(rng, organ)
+    radii = [] if tumour_free else (_liver_radii(rng) if organ == "liver" else _kidney_radii(rng))
     n_cysts = int(rng.choice([0, 1, 2, 3], p=[0.45, 0.3, 0.15, 0.1]))
-    for kind in ["tumour"] * n_tumours + ["cyst"] * n_cysts:
+    organ_voxels = max(1, int(mask.sum()))
+    tumour_voxels = 0
+    for k, kind in enumerate(["tumour"] * len(radii) + ["cyst"] * n_cysts):
+        if kind == "tumour" and tumour_voxels > MAX_TUMOUR_SHARE * organ_voxels:
+            continue
         exophytic = organ == "kidney" and kind == "tumour" and rng.random() < 0.5
         c = _centre(grid, mask, rng, exophytic)
         if c is None:
             break
-        r = _radius(rng, organ) if kind == "tumour" else float(np.exp(u(np.log(3), np.log(25))))
-        radii = r * rng.uniform(0.75, 1.25, 3)
+        r = radii[k] if kind == "tumour" else float(np.exp(u(np.log(3), np.log(25))))
+        axes = r * rng.uniform(0.75, 1.25, 3)
         lob = u(0.1, 0.35) if kind == "tumour" else u(0.0, 0.05)
-        e = grid.ellipsoid(c, radii, lobulation=lob, pad=1.2)
+        e = grid.ellipsoid(c, axes, lobulation=lob, pad=1.2)
         if e is None:
             continue
         sl, q = e
@@ -118,6 +138,7 @@ def add_lesions(
         tissue[sl][region] = T[name]
         if kind == "tumour":
             mask[sl] &= ~region
+            tumour_voxels += int(region.sum())
         else:
             mask[sl] |= region
         rec = {
@@ -152,11 +173,11 @@ def _appearance(rng, organ: str, kind: str, r: float) -> dict:
                 "portal_venous": u(-90, -35),
                 "delayed": u(-70, -25),
             },
-            "hcc": {
-                "non_contrast": u(-20, 0),
+            "hcc": {  # hyperenhancing, then washout: at least ~10 HU from the liver
+                "non_contrast": u(-20, -5),
                 "arterial": u(20, 50),
-                "portal_venous": u(-30, 5),
-                "delayed": u(-40, -10),
+                "portal_venous": u(-35, -12),
+                "delayed": u(-45, -15),
             },
             "necrotic": {
                 "non_contrast": u(-20, -5),
@@ -165,10 +186,10 @@ def _appearance(rng, organ: str, kind: str, r: float) -> dict:
                 "delayed": u(-60, -20),
             },
             "faint": {
-                "non_contrast": u(-12, -4),
-                "arterial": u(-20, -8),
-                "portal_venous": u(-30, -12),
-                "delayed": u(-25, -10),
+                "non_contrast": u(-15, -6),
+                "arterial": u(-25, -10),
+                "portal_venous": u(-35, -15),
+                "delayed": u(-30, -12),
             },
         }[str(t)]
     else:

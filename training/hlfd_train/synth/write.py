@@ -32,7 +32,10 @@ def write_synth(
     layout = layout or DEFAULT_LAYOUT[config.task]
     make = functools.partial(_make, config, seed)
     written = write_layout(out, layout, config.task, cases, make, jobs=jobs)
+    from ..cards import code_version
+
     info = {
+        "code_version": code_version(),
         "generator": "hlfd_train.synth",
         "seed": seed,
         "cases": cases,
