@@ -1,10 +1,11 @@
-# HLFDSegment: `make demo` (set-up + main job), `make test`, `make bench`, `make bench-kd`, `make lint`.
+# HLFDSegment: `make demo` (set-up + main job), `make test` (CI), `make test-fast`, `make bench`,
+# `make bench-kd`, `make lint`.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= out/demo
 
-.PHONY: setup demo test lint bench bench-kd clean
+.PHONY: setup demo test test-fast lint bench bench-kd clean
 
 setup: $(VENV)/.installed
 
@@ -18,8 +19,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/python -m hlfd_train.demo $(OUT)
 
-test: setup
-	$(BIN)/python -m pytest -q
+test: setup          # the full suite (CI); the 10 slowest tests are listed so growth shows
+	$(BIN)/python -m pytest -q --durations=10
+
+test-fast: setup     # the edit loop: everything but the end-to-end tests marked slow
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

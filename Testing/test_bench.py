@@ -19,6 +19,7 @@ from hlfd_train.bench import (
 from hlfd_train.config import ConfigError
 
 
+@pytest.mark.slow
 def test_smoke_benchmark_runs_reports_and_resumes(tmp_path, capsys):
     report = tmp_path / "docs" / "kd.md"
     results = run_bench("smoke", tmp_path / "bench", report)

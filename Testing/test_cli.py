@@ -200,6 +200,7 @@ def test_verbose_shows_the_traceback(tmp_path, capsys, tiny_package):
     assert code == 1 and "Traceback" in err
 
 
+@pytest.mark.slow
 def test_console_script_runs_a_large_volume_within_bounded_memory(tmp_path, tiny_package):
     """512x512x1000 int16 (500 MB) through the installed console script, peak RSS measured."""
     arr = np.full((1000, 512, 512), -1000, dtype=np.int16)

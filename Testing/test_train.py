@@ -194,6 +194,7 @@ def _write_config(cfg: dict, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(dataset, teacher_run, tmp_path):
     """An uninterrupted distillation and one killed (SIGKILL) after its first checkpoint and
     then resumed end with identical student weights."""
@@ -235,6 +236,7 @@ def _log_without_clock(path: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes(dataset, teacher_run, tmp_path):
     cfg = json.loads(json.dumps(teacher_run[0]))
     cfg["output"] = str(tmp_path)
