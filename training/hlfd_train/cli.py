@@ -135,6 +135,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .export import export
 
     fields = {k: getattr(args, k) for k in ("name", "version", "title", "description")}
+    if args.min_island_ml is not None:
+        fields["postprocessing"] = {"min_island_ml": args.min_island_ml}
     out = export(
         args.run,
         args.out,
@@ -272,6 +274,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (checked)")
     p.add_argument("--no-timing", action="store_true", help="skip the run-time measurement")
     p.add_argument("--half", action="store_true", help="float16 weights (half the size)")
+    p.add_argument(
+        "--min-island-ml", type=float, help="lesions smaller than this (mL) become organ"
+    )
     for field in ("name", "version", "title", "description"):
         p.add_argument(f"--{field}", help=f"model card {field} (default: from the run)")
     p.set_defaults(func=cmd_export)

@@ -139,7 +139,8 @@ def export(
     half: bool = False,
 ) -> Path:
     """Write the model package of ``run`` to ``out``; returns ``out``. ``card_fields`` (name,
-    version, title, description, license) override the card's defaults; ``half`` stores the
+    version, title, description, license; postprocessing keys are merged) override the card's
+    defaults; ``half`` stores the
     floating-point weights as float16 (half the size; loaded back into float32 networks)."""
     cfg, summary, weights = run_files(Path(run), which)
     role = summary.get("role", "student")
@@ -156,7 +157,9 @@ def export(
         "run": f"{cfg['name']}/{Path(run).name}",
     }
     card = card_for(cfg, role, preprocessing=info.get("preprocessing"), provenance=provenance)
-    card.update(card_fields or {})
+    fields = dict(card_fields or {})
+    card["postprocessing"].update(fields.pop("postprocessing", {}))
+    card.update(fields)
     best = (
         json.loads((Path(run) / "best.json").read_text())
         if (Path(run) / "best.json").is_file()
