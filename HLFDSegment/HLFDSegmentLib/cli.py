@@ -8,6 +8,7 @@ the exit status is 1 if any case failed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -126,6 +127,7 @@ def _run(args: argparse.Namespace) -> int:
     for path in [*targets, *([Path(args.report)] if args.report else [])]:
         if not path.parent.is_dir():
             raise InputError(f"{path}: output folder {path.parent} does not exist")
+    check_output_paths(inputs, targets, Path(args.report) if args.report else None)
 
     show = not args.quiet
     model = resolve_model(
@@ -157,6 +159,39 @@ def _run(args: argparse.Namespace) -> int:
         for line in failures:
             print(f"  FAILED {line}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` name one file: equal resolved paths, a symlink, a hard link."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def check_output_paths(inputs: list[Path], targets: list[Path], report: Path | None) -> None:
+    """Refuse, before any work, outputs that would overwrite an input (same path, symlink or
+    hard link), a report written over an output or an input, and two cases of a batch that would
+    write one output file."""
+    for out in [*targets, *([report] if report else [])]:
+        for src in inputs:
+            if _same_file(out, src):
+                raise InputError(f"{out}: is the input {src}; refusing to overwrite an input")
+    if report is not None:
+        for out in targets:
+            if _same_file(report, out):
+                raise InputError(f"{report}: --report names the segmentation output {out}")
+    seen: dict[Path, Path] = {}
+    for src, out in zip(inputs, targets):
+        key = out.resolve()
+        if key in seen:
+            raise InputError(
+                f"{out}: inputs {seen[key]} and {src} would both be written there; "
+                "rename one or segment them separately"
+            )
+        seen[key] = src
 
 
 def _write_or_undo(report: dict, path: Path, output: Path) -> None:
