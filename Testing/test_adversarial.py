@@ -75,3 +75,39 @@ def test_batch_inputs_of_one_name_are_refused_before_any_work(tmp_path, capsys, 
     code, err = _run(capsys, a, b, "-o", out, "-m", tiny_package)
     assert code == 1 and "would both be written there" in err
     assert list(out.iterdir()) == []
+
+
+def test_truncated_nifti_is_refused_not_zero_filled(tmp_path, capsys, tiny_package):
+    """ITK zero-fills a short NIfTI; the CLI refuses it in one line and writes nothing."""
+    for name in ("ct.nii.gz", "ct.nii"):
+        whole = _ct(tmp_path / name).read_bytes()
+        cut = tmp_path / f"cut-{name}"
+        cut.write_bytes(whole[: len(whole) * 2 // 3])
+        out = tmp_path / f"seg-{name}"
+        code, err = _run(capsys, cut, "-o", out, "-m", tiny_package)
+        assert code == 1 and "truncated" in err and len(err.splitlines()) == 1, (name, err)
+        assert not out.exists()
+
+
+def test_header_declaring_a_huge_volume_is_refused_before_reading(tmp_path, capsys, tiny_package):
+    """A small .nii whose header declares 1024x1024x512 voxels is refused, not allocated."""
+    import struct
+
+    data = bytearray(_ct(tmp_path / "ct.nii").read_bytes())
+    data[40:56] = struct.pack("<8h", 3, 1024, 1024, 512, 1, 1, 1, 1)
+    big = tmp_path / "big.nii"
+    big.write_bytes(bytes(data))
+    code, err = _run(capsys, big, "-o", tmp_path / "seg.nii.gz", "-m", tiny_package)
+    assert code == 1 and "declares" in err
+
+
+def test_complete_multi_member_gzip_nifti_is_accepted(tmp_path, capsys, tiny_package):
+    """A whole .nii.gz written as two gzip members (block-gzip tools do this) passes the check:
+    its trailer holds only the last member's size, so the stream is counted instead."""
+    import gzip
+
+    raw = gzip.decompress(_ct(tmp_path / "ct.nii.gz").read_bytes())
+    two = tmp_path / "two.nii.gz"
+    two.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    code, err = _run(capsys, two, "-o", tmp_path / "seg.nii.gz", "-m", tiny_package)
+    assert code == 0, err

@@ -8,8 +8,11 @@ at the end: a failure never leaves a partial file under the final name.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
+import math
 import os
+import struct
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +38,8 @@ def read_image(path: str | os.PathLike[str]) -> sitk.Image:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
+    if path.is_file():
+        check_nifti_complete(path)
     try:
         image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -42,6 +47,63 @@ def read_image(path: str | os.PathLike[str]) -> sitk.Image:
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     return image
+
+
+def check_nifti_complete(path: Path) -> None:
+    """Refuse a NIfTI-1 file holding less voxel data than its header declares (ITK would
+    zero-fill the rest and segment a half-empty volume): the size of a ``.nii``, the gzip
+    trailer's uncompressed size of a ``.nii.gz``. Checked before any voxel is read."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    gz = name.endswith(".gz")
+    try:
+        with (gzip.open if gz else open)(path, "rb") as f:
+            header = f.read(348)
+    except (OSError, EOFError):
+        return  # not gzip / unreadable: ITK's own error names the problem
+    if len(header) < 348:
+        raise InputError(f"{path}: truncated NIfTI file ({len(header)} of 348 header bytes)")
+    endian = next((e for e in "<>" if struct.unpack(e + "i", header[:4])[0] == 348), None)
+    if endian is None:
+        return  # NIfTI-2 or not NIfTI: left to ITK
+    dim = struct.unpack(endian + "8h", header[40:56])
+    bitpix = struct.unpack(endian + "h", header[72:74])[0]
+    offset = struct.unpack(endian + "f", header[108:112])[0]
+    if not 1 <= dim[0] <= 7 or bitpix <= 0 or not math.isfinite(offset):
+        return
+    expected = (
+        max(352, int(offset)) + math.prod(max(1, d) for d in dim[1 : dim[0] + 1]) * bitpix // 8
+    )
+    if gz:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            trailer = struct.unpack("<I", f.read(4))[0]  # ISIZE: uncompressed size mod 2**32
+        if trailer == expected % 2**32:
+            return
+        held = _gzip_length(path)  # multi-member gzip, or truncated: count the bytes
+        if held is None or held < expected:
+            where = "the gzip stream is cut short" if held is None else f"it holds {held}"
+            raise InputError(
+                f"{path}: truncated NIfTI: the header declares {expected} bytes, {where}"
+            )
+    elif path.stat().st_size < expected:
+        raise InputError(
+            f"{path}: truncated NIfTI: the header declares {expected} bytes, the file holds "
+            f"{path.stat().st_size}"
+        )
+
+
+def _gzip_length(path: Path) -> int | None:
+    """Uncompressed length of a gzip file, or None when the stream is truncated or corrupt."""
+    total = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                total += len(chunk)
+    except (OSError, EOFError):
+        return None
+    return total
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
