@@ -111,3 +111,16 @@ def test_complete_multi_member_gzip_nifti_is_accepted(tmp_path, capsys, tiny_pac
     two.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
     code, err = _run(capsys, two, "-o", tmp_path / "seg.nii.gz", "-m", tiny_package)
     assert code == 0, err
+
+
+def test_nan_in_a_float_nifti_is_refused(tmp_path, capsys, tiny_package):
+    """ITK's NIfTI reader turns NaN into 0 HU; the CLI finds them in the raw data first."""
+    import numpy as np
+
+    arr = block_ct().astype(np.float32)
+    arr[2, 5, 5] = np.nan
+    arr[3, 6, 6] = np.inf
+    for name in ("nan.nii.gz", "nan.nii"):
+        sitk.WriteImage(make_image(arr), str(tmp_path / name))
+        code, err = _run(capsys, tmp_path / name, "-o", tmp_path / "seg.nii.gz", "-m", tiny_package)
+        assert code == 1 and "2 voxels are NaN or infinite" in err, err

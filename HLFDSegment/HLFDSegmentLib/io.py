@@ -52,7 +52,8 @@ def read_image(path: str | os.PathLike[str]) -> sitk.Image:
 def check_nifti_complete(path: Path) -> None:
     """Refuse a NIfTI-1 file holding less voxel data than its header declares (ITK would
     zero-fill the rest and segment a half-empty volume): the size of a ``.nii``, the gzip
-    trailer's uncompressed size of a ``.nii.gz``. Checked before any voxel is read."""
+    trailer's uncompressed size of a ``.nii.gz``; checked before any voxel is read. Float files
+    are also scanned for NaN/Inf, which ITK's NIfTI reader silently turns into 0."""
     name = path.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         return
@@ -68,7 +69,7 @@ def check_nifti_complete(path: Path) -> None:
     if endian is None:
         return  # NIfTI-2 or not NIfTI: left to ITK
     dim = struct.unpack(endian + "8h", header[40:56])
-    bitpix = struct.unpack(endian + "h", header[72:74])[0]
+    datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
     offset = struct.unpack(endian + "f", header[108:112])[0]
     if not 1 <= dim[0] <= 7 or bitpix <= 0 or not math.isfinite(offset):
         return
@@ -79,9 +80,7 @@ def check_nifti_complete(path: Path) -> None:
         with open(path, "rb") as f:
             f.seek(-4, os.SEEK_END)
             trailer = struct.unpack("<I", f.read(4))[0]  # ISIZE: uncompressed size mod 2**32
-        if trailer == expected % 2**32:
-            return
-        held = _gzip_length(path)  # multi-member gzip, or truncated: count the bytes
+        held = expected if trailer == expected % 2**32 else _gzip_length(path)  # else count
         if held is None or held < expected:
             where = "the gzip stream is cut short" if held is None else f"it holds {held}"
             raise InputError(
@@ -92,6 +91,18 @@ def check_nifti_complete(path: Path) -> None:
             f"{path}: truncated NIfTI: the header declares {expected} bytes, the file holds "
             f"{path.stat().st_size}"
         )
+    if datatype in NIFTI_FLOATS:  # ITK reads NaN/Inf as 0 HU: look at the raw values first
+        dtype = np.dtype(NIFTI_FLOATS[datatype]).newbyteorder(endian)
+        start = max(352, int(offset))
+        with (gzip.open if gz else open)(path, "rb") as f:
+            f.seek(start)
+            values = np.frombuffer(f.read(expected - start), dtype=dtype)
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            raise InputError(f"{path}: {bad} voxels are NaN or infinite")
+
+
+NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 / float64
 
 
 def _gzip_length(path: Path) -> int | None:
