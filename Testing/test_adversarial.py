@@ -124,3 +124,33 @@ def test_nan_in_a_float_nifti_is_refused(tmp_path, capsys, tiny_package):
         sitk.WriteImage(make_image(arr), str(tmp_path / name))
         code, err = _run(capsys, tmp_path / name, "-o", tmp_path / "seg.nii.gz", "-m", tiny_package)
         assert code == 1 and "2 voxels are NaN or infinite" in err, err
+
+
+def test_impossible_geometry_is_refused_and_implausible_spacing_warned(
+    tmp_path, capsys, tiny_package
+):
+    """NaN origin: refused; NIfTI pixdim 0 or NaN (ITK would read 1 mm): refused in one line;
+    1e-3 mm spacing: a warning."""
+    import struct
+
+    from HLFDSegmentLib.errors import InputError
+    from HLFDSegmentLib.io import check_image
+
+    image = make_image(block_ct())
+    broken = sitk.Image(image)
+    broken.SetOrigin((float("nan"), 0.0, 0.0))
+    try:
+        check_image(broken, "ct")
+        raise AssertionError("NaN origin accepted")
+    except InputError as exc:
+        assert "origin" in str(exc)
+    tiny = sitk.Image(image)
+    tiny.SetSpacing((1e-3, 1e-3, 1e-3))
+    assert any("outside 0.2-20 mm" in w for w in check_image(tiny, "ct"))
+    for value in (float("nan"), 0.0):
+        path = _ct(tmp_path / "ct.nii")
+        data = bytearray(path.read_bytes())
+        data[80:84] = struct.pack("<f", value)  # pixdim[1]
+        path.write_bytes(bytes(data))
+        code, err = _run(capsys, path, "-o", tmp_path / "seg.nii.gz", "-m", tiny_package)
+        assert code == 1 and "pixdim" in err and len(err.splitlines()) == 1, err

@@ -70,6 +70,9 @@ def check_nifti_complete(path: Path) -> None:
         return  # NIfTI-2 or not NIfTI: left to ITK
     dim = struct.unpack(endian + "8h", header[40:56])
     datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
+    pixdim = struct.unpack(endian + "3f", header[80:92])
+    if not all(math.isfinite(v) and v > 0 for v in pixdim):  # ITK would make them 1 mm
+        raise InputError(f"{path}: voxel spacing (pixdim) {pixdim} mm is not positive and finite")
     offset = struct.unpack(endian + "f", header[108:112])[0]
     if not 1 <= dim[0] <= 7 or bitpix <= 0 or not math.isfinite(offset):
         return
@@ -149,6 +152,7 @@ def check_image(image: sitk.Image, where: str) -> list[str]:
     if len(size) != 3 or 1 in size:
         kind = "4D" if len(size) > 3 else "2D"
         raise InputError(f"{where}: {kind} image of size {shown}; a 3D CT volume is needed")
+    warnings = check_geometry(image, where)
     arr = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(arr.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(arr)))
@@ -157,7 +161,6 @@ def check_image(image: sitk.Image, where: str) -> list[str]:
     lo, hi = (float(v) for v in (arr.min(), arr.max()))
     if lo == hi:
         raise InputError(f"{where}: constant image (every voxel is {lo:g}); nothing to segment")
-    warnings = []
     sample = arr[:: max(1, arr.shape[0] // 16), ::4, ::4]
     p1, p99 = np.percentile(sample, [1, 99])
     if p1 > -500 or p99 < 0 or hi > 10000:
@@ -166,6 +169,30 @@ def check_image(image: sitk.Image, where: str) -> list[str]:
             "like CT in Hounsfield units; results may be meaningless"
         )
     return warnings
+
+
+PLAUSIBLE_SPACING_MM = (0.2, 20.0)
+
+
+def check_geometry(image: sitk.Image, where: str) -> list[str]:
+    """Refuse non-finite or non-positive spacing and non-finite origin or direction (volumes in
+    mL and the output geometry would be wrong); warn on spacing outside 0.2-20 mm."""
+    spacing, origin = image.GetSpacing(), image.GetOrigin()
+    direction = np.asarray(image.GetDirection(), dtype=float)
+    if not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise InputError(f"{where}: voxel spacing {tuple(spacing)} mm is not positive and finite")
+    if not all(math.isfinite(v) for v in origin) or not np.isfinite(direction).all():
+        raise InputError(f"{where}: origin or direction holds NaN or infinite values")
+    n = round(math.sqrt(direction.size))
+    if abs(abs(np.linalg.det(direction.reshape(n, n))) - 1) > 1e-3:
+        raise InputError(f"{where}: direction matrix is not a rotation (determinant not +-1)")
+    lo, hi = PLAUSIBLE_SPACING_MM
+    if not all(lo <= v <= hi for v in spacing):
+        shown = ", ".join(f"{v:g}" for v in spacing)
+        return [
+            f"{where}: voxel spacing ({shown}) mm is outside {lo:g}-{hi:g} mm; check the header"
+        ]
+    return []
 
 
 @contextlib.contextmanager
