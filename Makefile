@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= out/demo
 
-.PHONY: setup demo test test-fast lint bench bench-kd clean
+.PHONY: setup demo test test-fast lint bench bench-kd models clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,17 @@ bench: setup
 bench-kd: setup      # distillation benchmark (~90 min here; PRESET=quick for a ~10 min check)
 	$(BIN)/hlfd-train bench --preset $(or $(PRESET),full) --out runs/kd-bench-$(or $(PRESET),full) \
 		--report docs/results/kd-benchmark$(if $(filter quick,$(PRESET)),-quick).md
+
+# The built-in students, from nothing: synthetic CT -> teacher -> distilled student -> package
+# (about 60 min per task on 2 cores; TASKS="liver" for one). Overwrites Resources/Models/<task>.
+TASKS ?= liver kidney
+models: setup
+	for t in $(TASKS); do \
+	  $(BIN)/hlfd-train synth write data/synth-$$t --task $$t --cases 56 --jobs 2 && \
+	  $(BIN)/hlfd-train teacher -c training/configs/synth-$$t.yaml -q && \
+	  $(BIN)/hlfd-train distill -c training/configs/synth-$$t.yaml -q && \
+	  $(BIN)/python -m hlfd_train.ship $$t || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,75 @@
+"""Export a synthetic-CT recipe's distilled student as a built-in model of the extension.
+
+    python -m hlfd_train.ship liver|kidney [--runs runs] [--dest HLFDSegment/Resources/Models]
+
+Reads ``training/configs/synth-<task>.yaml``, takes its student run (``<method>-seed<seed>``)
+and its teacher's validation figures, and writes ``<dest>/<task>/`` as a float16 package whose
+card says what the model is: trained on synthetic CT only, not for diagnosis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from HLFDSegmentLib.registry import BUILTIN_DIR
+
+from .config import load_config
+from .export import export
+
+ROOT = Path(__file__).resolve().parents[2]
+TITLES = {"liver": "Liver + liver tumor", "kidney": "Kidney + kidney tumor"}
+MIN_ISLAND_ML = {"liver": 0.1, "kidney": 0.5}  # KiTS tumours start near 1 mL; LiTS has tiny ones
+
+
+def _validation(run: Path) -> str:
+    best = json.loads((run / "best.json").read_text()) if (run / "best.json").is_file() else {}
+    figures = [
+        f"{k.removeprefix('val.')} {v:.2f}"
+        for k, v in best.items()
+        if k.startswith("val.") and k != "val.mean"
+    ]
+    return ", ".join(figures) or "not recorded"
+
+
+def ship(task: str, runs: Path | None = None, dest: Path = BUILTIN_DIR) -> Path:
+    cfg = load_config(ROOT / "training" / "configs" / f"synth-{task}.yaml")
+    base = Path(runs or cfg["output"]) / cfg["name"]
+    method = cfg["distill"]["method"]
+    student = base / f"{method}-seed{cfg['seed']}"
+    description = (
+        f"{TITLES[task]} on CT. A {cfg['model']['student']['architecture']} student distilled "
+        f"({method}) from a {cfg['model']['teacher']['architecture']} teacher. Trained on "
+        "synthetic CT only (hlfd_train.synth, no patient data): its accuracy on real scans is "
+        "not validated. Research use only; not for diagnosis. Dice on held-out synthetic "
+        f"validation cases: student {_validation(student)}; teacher "
+        f"{_validation(base / 'teacher')}."
+    )
+    return export(
+        student,
+        Path(dest) / task,
+        half=True,
+        card_fields={
+            "name": f"synth-{task}-student",
+            "version": "0.2.0",
+            "title": f"{TITLES[task]} (student, synthetic CT)",
+            "description": description,
+            "postprocessing": {"min_island_ml": MIN_ISLAND_ML[task]},
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("task", choices=sorted(TITLES))
+    ap.add_argument("--runs", type=Path, help="runs folder (default: the recipe's output)")
+    ap.add_argument("--dest", type=Path, default=BUILTIN_DIR)
+    args = ap.parse_args(argv)
+    print(f"built-in model: {ship(args.task, args.runs, args.dest)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
