@@ -355,8 +355,9 @@ def test_adapters_created_once_and_counted():
     fit = build("fitnet", teacher, student, x, 2)
     assert fit.num_adapter_parameters() == 4 * 10 + 10  # 1x1 conv student e3 (4) -> teacher (10)
     hl = build("hlfd", teacher, student, x, 2)
-    heads = {"d5": 5, "d4": 4, "d3": 3, "d2": 2}  # student decoder channels
-    assert hl.num_adapter_parameters() == sum(c * K + K for c in heads.values())
+    heads = {"d4": 4, "d3": 3, "d2": 2}  # student decoder channels
+    unified = 5 * 30 + 30  # student d5 (5) -> teacher d5 + d4 + d3 (12 + 10 + 8)
+    assert hl.num_adapter_parameters() == sum(c * K + K for c in heads.values()) + unified
     assert set(hl.aux_heads) == set(heads)
     deep = build("deep", teacher, student, x, 2)
     assert len(list(deep.adapters)) == 9
@@ -397,7 +398,7 @@ def test_hlfd_layer_map_and_target_shapes(dims):
             size = s_feat[tap].shape[2:]  # student stage k: full / 2**k, e5 and d5 at full / 16
             k = min(int(tap[1]), 4)
             assert tuple(size) == tuple(f // 2**k for f in full)
-            chans = 1 if term.startswith("flfd") else K
+            chans = 1 if term.startswith("flfd") else 30 if term == "plfd_unified" else K
             assert target.shape == (n, chans, *size), (term, tap)
             assert not target.requires_grad
             if term.startswith("flfd"):
@@ -431,9 +432,40 @@ def test_hlfd_weights_and_ablations():
     assert not feat_only.needs_logits()
     uni = build("hlfd", teacher, student, x, 2, individual=False)
     assert uni.required_taps() == (("e1", "d5"), ("e2", "e3", "e4", "d5", "d4", "d3"))
-    assert set(uni.aux_heads) == {"d5"}
+    assert set(uni.aux_heads) == set() and uni.unified_projection is not None
+    assert not uni.needs_logits()  # the unified pixel branch works on teacher features
     t_uni, _ = step_terms(uni, teacher, student, x)
     assert set(t_uni) == {"flfd_unified", "plfd_unified"}
     ind = build("hlfd", teacher, student, x, 2, unified=False, feature_level=False)
     assert ind.required_taps() == (("d4", "d3", "d2"), ())
     assert set(step_terms(ind, teacher, student, x)[0]) == {"plfd_individual"}
+
+
+@pytest.mark.parametrize("layer", ["d5", "d4", "d3"])
+def test_hlfd_unified_pixel_branch_follows_every_teacher_middle_layer(layer):
+    """Changing any one of the teacher's d5, d4, d3 features changes the unified PLFD loss (it
+    used to depend on their shapes only)."""
+    teacher, student, x, _ = make_pair(2)
+    hl = build("hlfd", teacher, student, x, 2, feature_level=False, individual=False)
+    t_out, t_feat = run_with_taps(teacher, TAPS, x, teacher=True)
+    _, s_feat = run_with_taps(student, TAPS, x)
+    base = hl(s_feat, t_feat, None, t_out)["plfd_unified"].item()
+    changed = dict(t_feat)
+    changed[layer] = t_feat[layer] * 3.0 + torch.rand_like(t_feat[layer])
+    assert hl(s_feat, changed, None, t_out)["plfd_unified"].item() != pytest.approx(base, rel=1e-4)
+
+
+def test_hlfd_individual_branch_sums_its_stages_like_the_authors():
+    teacher, student, x, _ = make_pair(2)
+    summed = build("hlfd", teacher, student, x, 2)
+    assert summed.config["individual_reduction"] == "sum"
+    torch.manual_seed(0)
+    mean = build("hlfd", teacher, student, x, 2, individual_reduction="mean")
+    mean.load_state_dict(summed.state_dict())
+    t_sum, _ = step_terms(summed, teacher, student, x)
+    t_mean, _ = step_terms(mean, teacher, student, x)
+    for term in ("flfd_individual", "plfd_individual"):
+        assert t_sum[term].item() == pytest.approx(3 * t_mean[term].item(), rel=1e-5)
+    assert t_sum["plfd_unified"].item() == pytest.approx(t_mean["plfd_unified"].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="individual_reduction"):
+        build("hlfd", teacher, student, x, 2, individual_reduction="max")

@@ -286,18 +286,21 @@ class HLFD(DistillMethod):
 
     FLFD (attention maps, exponent ``p``): unified teacher e2,e3,e4 -> student e1 (see
     :func:`unified_attention_target`); individual teacher e5 -> student e2, e3, e4.
-    PLFD (KL at temperature ``T``): unified teacher d5,d4,d3 -> student d5; individual teacher
-    output -> student d4, d3, d2. Student decoder stages get 1x1 auxiliary heads to class
-    logits (the adapters). Teacher decoder stages carry no class map and a teacher-side head
-    would have to be trained, which is forbidden (teacher targets never pass through a
-    trainable layer); so the teacher distribution "at d_k" is the teacher's final logits
-    resized (area average) to the teacher d_k grid. Unified PLFD averages the three softened
-    distributions (each brought to the student d5 grid); individual PLFD resizes the teacher
-    logits to each student head's grid.
+    PLFD (KL at temperature ``T``): unified teacher d5,d4,d3 -> student d5: the three teacher
+    decoder features are resized to the student d5 grid and concatenated (channels c5+c4+c3);
+    a learned student-side 1x1 projection maps the student d5 to those channels, and the KL of
+    the channel softmaxes at T compares them, so every teacher middle layer shapes the loss.
+    Individual teacher output -> student d4, d3, d2 through student-side 1x1 auxiliary heads to
+    class logits (the teacher's logits resized to each head's grid). Teacher targets never pass
+    through a trainable layer.
+
+    The authors' code builds its 1x1 projections anew (random, untrained) at every call and
+    computes the KL over ``.view(-1, 2)`` of many-channel tensors; both are bugs not copied here.
 
     Every comparison is made at the student tap's resolution. Terms: ``flfd_unified``,
     ``flfd_individual``, ``plfd_unified``, ``plfd_individual``, each already multiplied by
-    level weight x branch weight; the individual branches average their three stages.
+    level weight x branch weight; ``individual_reduction`` "sum" (the authors': 0.5 x (L_e2 +
+    L_e3 + L_e4)) or "mean" over the individual branches' three stages.
     Ablations: ``feature_level`` / ``pixel_level`` / ``unified`` / ``individual`` switches
     drop terms (and their taps and heads) without renormalising the remaining weights.
     ``num_classes`` 0 means "the channel count of the ``out`` tap".
@@ -323,6 +326,7 @@ class HLFD(DistillMethod):
         "unified": True,
         "individual": True,
         "num_classes": 0,
+        "individual_reduction": "sum",
     }
 
     def __init__(self, teacher_channels, student_channels, spatial_dims, **cfg):
@@ -341,7 +345,7 @@ class HLFD(DistillMethod):
             and c["unified" if term.endswith("unified") else "individual"]
         )
         heads = sorted(
-            {s for t in self.terms if t.startswith("plfd") for s in self.LAYER_MAP[t][1]},
+            {s for t in self.terms if t == "plfd_individual" for s in self.LAYER_MAP[t][1]},
             key=DECODER.index,
         )
         self.num_classes = 0
@@ -349,9 +353,16 @@ class HLFD(DistillMethod):
             self.num_classes = c["num_classes"] or self.channels("teacher", "out")
             if self.num_classes < 1:
                 raise ValueError("distillation method 'hlfd': 'num_classes' must be >= 1")
+        if c["individual_reduction"] not in ("sum", "mean"):
+            raise ValueError("distillation method 'hlfd': 'individual_reduction' is sum or mean")
         self.aux_heads = nn.ModuleDict(
             {d: self.conv1x1(self.channels("student", d), self.num_classes) for d in heads}
         )
+        self.unified_projection = None
+        if "plfd_unified" in self.terms:
+            sources, (receiver,) = self.LAYER_MAP["plfd_unified"]
+            width = sum(self.channels("teacher", t) for t in sources)
+            self.unified_projection = self.conv1x1(self.channels("student", receiver), width)
 
     def required_taps(self):
         student: list[str] = []
@@ -363,7 +374,7 @@ class HLFD(DistillMethod):
         return tuple(student), tuple(teacher)
 
     def needs_logits(self) -> bool:
-        return any(t.startswith("plfd") for t in self.terms)
+        return "plfd_individual" in self.terms
 
     def aux_logits(self, student: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Class logits of the student decoder stages through the auxiliary heads."""
@@ -377,8 +388,9 @@ class HLFD(DistillMethod):
     ) -> dict[str, dict[str, torch.Tensor]]:
         """Teacher-side targets per term and receiving student tap (no trainable op).
 
-        FLFD targets are unit-norm attention maps (N,1,*student size); PLFD targets are class
-        probabilities at temperature T (N,K,*student size).
+        FLFD targets are unit-norm attention maps (N,1,*student size); unified PLFD targets
+        are channel softmaxes at temperature T of the concatenated teacher d5, d4, d3 features
+        (N,c5+c4+c3,*student size); individual PLFD targets are class probabilities at T.
         """
         p, tau = self.config["p"], self.config["temperature"]
         out: dict[str, dict[str, torch.Tensor]] = {}
@@ -392,14 +404,8 @@ class HLFD(DistillMethod):
                 elif term == "flfd_individual":
                     tgt = feedback_attention_target(teacher[sources[0]], size, p)
                 elif term == "plfd_unified":
-                    probs = [
-                        F.softmax(
-                            resize_to(resize_to(teacher_logits, teacher[t].shape[2:]), size) / tau,
-                            1,
-                        )
-                        for t in sources
-                    ]
-                    tgt = torch.stack(probs).mean(dim=0)
+                    joined = torch.cat([resize_to(teacher[t].float(), size) for t in sources], 1)
+                    tgt = F.softmax(joined / tau, dim=1)
                 else:
                     tgt = F.softmax(resize_to(teacher_logits, size) / tau, dim=1)
                 out[term][r] = tgt
@@ -426,7 +432,12 @@ class HLFD(DistillMethod):
             for r, tgt in per_tap.items():
                 if term.startswith("flfd"):
                     losses.append(attention_distance(_student_attention(student[r], c["p"]), tgt))
+                elif term == "plfd_unified":
+                    projected = self.unified_projection(student[r])
+                    losses.append(kl_from_probs(projected, tgt, c["temperature"]))
                 else:
                     losses.append(kl_from_probs(aux[r], tgt, c["temperature"]))
-            terms[term] = level * branch * torch.stack(losses).mean()
+            stacked = torch.stack(losses)
+            summed = term.endswith("individual") and c["individual_reduction"] == "sum"
+            terms[term] = level * branch * (stacked.sum() if summed else stacked.mean())
         return terms
