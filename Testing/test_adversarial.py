@@ -154,3 +154,40 @@ def test_impossible_geometry_is_refused_and_implausible_spacing_warned(
         path.write_bytes(bytes(data))
         code, err = _run(capsys, path, "-o", tmp_path / "seg.nii.gz", "-m", tiny_package)
         assert code == 1 and "pixdim" in err and len(err.splitlines()) == 1, err
+
+
+def test_full_disk_leaves_no_truncated_output(tmp_path, capsys, tiny_package, monkeypatch):
+    """ITK's NIfTI writer ignores ENOSPC: a short file is written with no error. The written
+    file is checked before the rename: exit 1, one line, no output and no temporary file."""
+    from HLFDSegmentLib import io
+
+    real = io.sitk.WriteImage
+
+    def full_disk(image, name, *args, **kwargs):  # what a full disk leaves: a cut file
+        real(image, name, *args, **kwargs)
+        data = Path(name).read_bytes()
+        Path(name).write_bytes(data[: len(data) // 2])
+
+    ct = _ct(tmp_path / "ct.nrrd")
+    monkeypatch.setattr(io.sitk, "WriteImage", full_disk)
+    for out in ("seg.nii.gz", "seg.nii"):
+        code, err = _run(capsys, ct, "-o", tmp_path / out, "-m", tiny_package)
+        assert code == 1 and "incomplete (disk full?)" in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nrrd"]
+
+
+def test_outputs_get_the_mode_of_a_normal_write(tmp_path, capsys, tiny_package):
+    """Not mkstemp's 0600: the umask's mode for a new file, the old mode for a replaced one."""
+    import stat
+
+    ct = _ct(tmp_path / "ct.nrrd")
+    out = tmp_path / "seg.nii.gz"
+    old = os.umask(0o022)
+    try:
+        assert _run(capsys, ct, "-o", out, "-m", tiny_package)[0] == 0
+        assert stat.S_IMODE(out.stat().st_mode) == 0o644
+        out.chmod(0o664)
+        assert _run(capsys, ct, "-o", out, "-m", tiny_package)[0] == 0
+        assert stat.S_IMODE(out.stat().st_mode) == 0o664
+    finally:
+        os.umask(old)

@@ -12,6 +12,7 @@ import gzip
 import json
 import math
 import os
+import stat
 import struct
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -206,9 +207,37 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # the mode a plain write would give (mkstemp makes 0600), or the replaced file's mode
+        mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~UMASK
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _current_umask()
+
+
+def _write_itk(image: sitk.Image, tmp: Path, final: Path, suffix: str) -> None:
+    """``sitk.WriteImage`` to ``tmp``, then verified: ITK's NIfTI writer does not report a full
+    disk, so a NIfTI is checked to hold all the data its header declares."""
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=suffix != ".nii")
+    except RuntimeError as exc:
+        raise InputError(f"{final}: cannot write the image ({_itk_reason(exc)})") from None
+    if suffix in (".nii", ".nii.gz"):
+        try:
+            check_nifti_complete(tmp)
+        except InputError:
+            raise InputError(
+                f"{final}: the written file is incomplete (disk full?); nothing was kept"
+            ) from None
 
 
 def label_counts(labels: sitk.Image) -> np.ndarray:
@@ -236,7 +265,7 @@ def write_labelmap(
         write_seg_nrrd(labels, segments, path)
         return
     with atomic_path(path, suffix) as tmp:
-        sitk.WriteImage(labels, str(tmp), useCompression=suffix != ".nii")
+        _write_itk(labels, tmp, Path(path), suffix)
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike[str]) -> None:
@@ -247,7 +276,7 @@ def write_image(image: sitk.Image, path: str | os.PathLike[str]) -> None:
             f"{path}: unknown image type; use one of {', '.join(LABELMAP_SUFFIXES[1:])}"
         )
     with atomic_path(path, suffix) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=suffix != ".nii")
+        _write_itk(image, tmp, Path(path), suffix)
 
 
 def write_json(data: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
