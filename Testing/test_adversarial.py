@@ -191,3 +191,24 @@ def test_outputs_get_the_mode_of_a_normal_write(tmp_path, capsys, tiny_package):
         assert stat.S_IMODE(out.stat().st_mode) == 0o664
     finally:
         os.umask(old)
+
+
+def test_a_folder_named_like_a_model_id_does_not_shadow_it(tmp_path, monkeypatch, tiny_package):
+    """Ids and paths are unambiguous: ``-m liver`` is the built-in model even when the working
+    directory holds a folder 'liver'; ``./liver`` is that folder."""
+    import shutil
+
+    from HLFDSegmentLib.errors import ModelError
+    from HLFDSegmentLib.registry import BUILTIN_DIR, builtin_models, resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_package, tmp_path / "liver")
+    shutil.copytree(tiny_package, tmp_path / "no-such-id")
+    if "liver" in builtin_models():
+        assert resolve_model("liver") == BUILTIN_DIR / "liver"
+    assert resolve_model("./liver") == Path("./liver")
+    try:
+        resolve_model("no-such-id")
+        raise AssertionError("a bare name resolved to a folder")
+    except ModelError as exc:
+        assert "write ./no-such-id" in str(exc)

@@ -242,17 +242,24 @@ def resolve_model(
     network; otherwise it is downloaded into the cache (refused when ``offline``).
     """
     text = os.fspath(spec)
-    if not isinstance(spec, os.PathLike) and not _looks_like_path(text):
-        builtin = builtin_models().get(text)
-        if builtin is not None:  # a built-in id wins over a same-named folder in the cwd
-            return builtin
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
     if isinstance(spec, os.PathLike) or _looks_like_path(text):
+        path = Path(text).expanduser()
+        if path.exists():
+            return path
         raise ModelNotFoundError(f"{text}: no such model folder or .zip file")
+    # an id (no "/", no ".zip"): built-in, then registry; a same-named folder in the working
+    # directory never shadows a sha-pinned model (write ./NAME to mean the folder)
+    builtin = builtin_models().get(text)
+    if builtin is not None:
+        return builtin
     reg = Path(registry) if registry is not None else registry_path()
-    entry = find_entry(load_registry(reg), text, reg)
+    try:
+        entry = find_entry(load_registry(reg), text, reg)
+    except ModelNotFoundError as exc:
+        hint = f"; built-in models: {', '.join(builtin_models()) or 'none'}"
+        if Path(text).exists():
+            hint += f"; to use the folder or file {text!r}, write ./{text}"
+        raise ModelNotFoundError(f"{exc}{hint}") from None
     dest = cache_dir() / entry.filename
     if dest.is_file():
         digest, nbytes = file_sha256(dest)
