@@ -212,3 +212,33 @@ def test_a_folder_named_like_a_model_id_does_not_shadow_it(tmp_path, monkeypatch
         raise AssertionError("a bare name resolved to a folder")
     except ModelError as exc:
         assert "write ./no-such-id" in str(exc)
+
+
+def test_card_values_without_sense_are_refused_at_load(tmp_path):
+    """Types the schema allows, values no model can mean: one line naming the field."""
+    import json
+
+    import pytest
+
+    from HLFDSegmentLib.errors import ModelError
+    from HLFDSegmentLib.modelpackage import load_package
+
+    from conftest import build_package
+
+    cases = [
+        (("preprocessing", "window"), [300.0, -200.0], "preprocessing/window"),
+        (("preprocessing", "normalize"), {"mode": "zscore", "mean": 0, "std": 1e-300}, "std"),
+        (("postprocessing", "min_island_ml"), 1e9, "min_island_ml"),
+        (("inference", "tta_flips"), [["x"]] * 200, "tta_flips"),
+        (("labels", 0, "name"), "Kidney\nrm -rf", "labels/0/name"),
+    ]
+    for i, (keys, value, field) in enumerate(cases):
+        folder = build_package(tmp_path / f"m{i}")
+        card = json.loads((folder / "model.json").read_text())
+        node = card
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+        (folder / "model.json").write_text(json.dumps(card))
+        with pytest.raises(ModelError, match=field):
+            load_package(folder)

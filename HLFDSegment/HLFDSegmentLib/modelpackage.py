@@ -12,6 +12,7 @@ import copy
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -103,6 +104,7 @@ def validate_card(card: Any, where: str = CARD_NAME) -> None:
         raise ModelError(
             f"{where}: field 'files': weights file {card['weights']!r} has no checksum"
         )
+    _check_sense(card, where)
     spatial = card["network"]["spatial_dims"]
     if spatial == 3 and "roi_size" not in card["inference"]:
         raise ModelError(f"{where}: field 'inference/roi_size' is required for a 3D network")
@@ -114,6 +116,41 @@ def validate_card(card: Any, where: str = CARD_NAME) -> None:
             f"{where}: field 'network/architecture': unknown architecture {arch!r} "
             f"(known: {', '.join(sorted(ARCHITECTURES))})"
         )
+
+
+MAX_TTA_FLIPS = 7  # every non-empty subset of three axes
+MAX_MIN_ISLAND_ML = 50.0
+
+
+def _check_sense(card: Mapping[str, Any], where: str) -> None:
+    """Values the schema's types allow but no model can mean: one line naming the field."""
+
+    def bad(field: str, problem: str) -> ModelError:
+        return ModelError(f"{where}: field '{field}': {problem}")
+
+    for i, lab in enumerate(card["labels"]):
+        name = str(lab.get("name", ""))
+        if not name.strip() or any(ch in name for ch in "\r\n\t") or len(name) > 64:
+            raise bad(f"labels/{i}/name", f"{name!r} is not a one-line segment name (1-64 chars)")
+    pre = card["preprocessing"]
+    window = pre.get("window")
+    if window is not None and not (
+        len(window) == 2 and all(map(math.isfinite, window)) and window[0] < window[1]
+    ):
+        raise bad("preprocessing/window", f"{window} needs finite low < high")
+    for axis, v in enumerate(pre.get("spacing") or []):
+        if v is not None and not (math.isfinite(v) and 0.05 <= v <= 50):
+            raise bad(f"preprocessing/spacing/{axis}", f"{v} mm is outside 0.05-50 mm")
+    norm = pre.get("normalize") or {}
+    std = norm.get("std")
+    if std is not None and not (math.isfinite(std) and std >= 1e-3):
+        raise bad("preprocessing/normalize/std", f"{std} would blow up the intensities")
+    flips = card["inference"].get("tta_flips", [])
+    if len(flips) > MAX_TTA_FLIPS:
+        raise bad("inference/tta_flips", f"{len(flips)} flips; at most {MAX_TTA_FLIPS}")
+    island = card["postprocessing"].get("min_island_ml", 0.0)
+    if not (math.isfinite(island) and 0 <= island <= MAX_MIN_ISLAND_ML):
+        raise bad("postprocessing/min_island_ml", f"{island} mL is outside 0-{MAX_MIN_ISLAND_ML:g}")
 
 
 class _Source:
