@@ -2,7 +2,7 @@
 
 
 class HLFDError(Exception):
-    """Root of every error the runtime reports to a user (CLI: one line, exit code 2)."""
+    """Root of every error the runtime reports to a user (CLI: one line, exit code 1)."""
 
 
 class ModelError(HLFDError):

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from HLFDSegmentLib.errors import ModelError
 from HLFDSegmentLib.modelpackage import ModelPackage, make_card, standard_labels
 
 N_CLASSES = {"organ+tumour": 3, "tumour": 2, "organ": 2}
@@ -117,4 +118,5 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load(data)
     except Exception as exc:
-        raise ValueError(f"{path}: not a safetensors weight file ({exc})") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: not a safetensors weight file ({reason})") from None

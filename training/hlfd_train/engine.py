@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from HLFDSegmentLib.errors import ModelError
 from HLFDSegmentLib.modelpackage import load_package
 from HLFDSegmentLib.nets import build_network
 from HLFDSegmentLib.pipeline import Segmenter, cpu_has_fast_bf16
@@ -277,7 +278,7 @@ def trained_network(
         net = make_network(spec, cfg["model"]["spatial_dims"], classes)
         try:
             net.load_state_dict(load_weights(path), strict=True)
-        except (RuntimeError, ValueError) as exc:
+        except (RuntimeError, ValueError, ModelError) as exc:
             line = str(exc).strip().splitlines()[0]
             raise ConfigError(
                 f"{path}: weights do not fit {role} {spec['architecture']!r}: {line}"
