@@ -258,3 +258,45 @@ def test_export_of_a_run_with_pickled_weights_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "not a safetensors weight file" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_foreign_errors_are_one_line_and_a_batch_goes_on(
+    tmp_path, capsys, tiny_package, monkeypatch
+):
+    """An exception that is not the project's own (here a RuntimeError from inside the network)
+    is one stderr line; in a batch the other cases are still segmented and the summary lists
+    the failure; exit 1. --threads -3 is a usage error (exit 2)."""
+    import pytest
+
+    from HLFDSegmentLib import pipeline
+
+    cts = [_ct(tmp_path / f"{n}.nii.gz") for n in ("a", "b")]
+    real = pipeline.Segmenter.__call__
+
+    def flaky(self, image, where="input image", progress=None):
+        if where.endswith("a.nii.gz"):
+            raise RuntimeError("CRC check failed\nsecond line")
+        return real(self, image, where, progress)
+
+    monkeypatch.setattr(pipeline.Segmenter, "__call__", flaky)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, err = _run(capsys, *cts, "-o", out, "-m", tiny_package, "--report", out / "summary.json")
+    assert code == 1 and "unexpected RuntimeError: CRC check failed" in err
+    assert "second line" not in err
+    assert (out / "b.seg.nrrd").is_file() and not (out / "a.seg.nrrd").exists()
+    code, err = _run(capsys, cts[0], "-o", tmp_path / "one.nii.gz", "-m", tiny_package)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "RuntimeError" in err
+    with pytest.raises(SystemExit) as stop:
+        main(
+            [
+                str(cts[1]),
+                "-o",
+                str(tmp_path / "x.nii.gz"),
+                "-m",
+                str(tiny_package),
+                "--threads",
+                "-3",
+            ]
+        )
+    assert stop.value.code == 2

@@ -48,12 +48,32 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LABELMAP_SUFFIXES,
         help="output type in batch mode (default %(default)s)",
     )
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
+    p.add_argument(
+        "--threads", type=_positive_int, help="CPU threads for torch (default: all cores)"
+    )
     p.add_argument("--offline", action="store_true", help="never download; use the cache only")
     p.add_argument("--list-models", action="store_true", help="list registry and cached models")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    """A foreign exception as one line: its type and the first line of its message."""
+    if isinstance(exc, MemoryError):
+        return "out of memory; try a smaller volume, fewer --threads or another device"
+    text = str(exc).strip().splitlines()
+    return f"unexpected {type(exc).__name__}: {text[0] if text else ''} (-v shows the traceback)"
 
 
 def _list_models() -> None:
@@ -98,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hlfd-segment: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # not ours (ITK, torch, zlib, ...): still one line, exit 1
+        if args.verbose:
+            traceback.print_exc()
+        print(f"hlfd-segment: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -145,13 +170,15 @@ def _run(args: argparse.Namespace) -> int:
             if not batch and args.report:
                 _write_or_undo(report, Path(args.report), dst)
             reports.append(report)
-        except (HLFDError, OSError) as exc:
+        except Exception as exc:  # one case's failure, whatever raised it, ends that case only
             if not batch:
                 raise
             if args.verbose:
                 traceback.print_exc()
-            failures.append(f"{src}: {exc}")
-            tqdm.write(f"hlfd-segment: failed: {exc}", file=sys.stderr)
+            ours = isinstance(exc, (HLFDError, OSError))
+            line = f"{src}: {exc if ours else _one_line(exc)}"
+            failures.append(line)
+            tqdm.write(f"hlfd-segment: failed: {line}", file=sys.stderr)
     if batch:
         if args.report:
             write_json({"cases": reports, "failures": failures}, args.report)
