@@ -41,6 +41,7 @@ class FileServer:
         self.honour_range = True
         self.cut_after: int | None = None  # drop the connection after this many body bytes
         self.send_length = True
+        self.trickle: float | None = None  # seconds between single body bytes
         self.running = True
         self.log: list[dict] = []
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -92,7 +93,16 @@ class FileServer:
                 if srv.send_length:
                     self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(sent)
+                if srv.trickle is None:
+                    self.wfile.write(sent)
+                    return
+                for i in range(len(sent)):  # one byte at a time, until the client gives up
+                    try:
+                        self.wfile.write(sent[i : i + 1])
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    time.sleep(srv.trickle)
 
         return Handler
 
@@ -453,3 +463,37 @@ def test_downloaded_package_loads(tiny_package, server, cache, tmp_path):
     reg = write_registry(tmp_path / "models.json", [item])
     package = load_package(resolve_model("kidney-test", registry=reg))
     assert package.card["task"] == "kidney"
+
+
+def test_trickling_server_is_given_up_and_the_lock_released(server, tmp_path):
+    """A server sending a byte every 0.05 s is abandoned once the average rate stays below the
+    minimum past the grace time (resumable), and the lock is free for the next try."""
+    server.trickle = 0.05
+    limits = registry.Limits(timeout=5, deadline=60, min_rate=1000, grace=0.5)
+    dest = tmp_path / "m.zip"
+    t0 = time.monotonic()
+    with pytest.raises(registry.DownloadError, match="too slow"):
+        registry.download(server.url("m.zip"), dest, PAYLOAD_SHA, len(PAYLOAD), limits=limits)
+    assert time.monotonic() - t0 < 10
+    assert not dest.exists() and (tmp_path / "m.zip.part").is_file()  # kept for a resume
+    with registry._exclusive(tmp_path / "m.zip.lock", deadline=1):
+        pass
+
+
+def test_planted_symlinks_in_a_shared_cache_are_not_followed(server, tmp_path):
+    """A .part or .lock symlink planted in a group-writable cache must not make the downloader
+    write through it to another file."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for planted in ("m.zip.part", "m.zip.lock"):
+        link = cache / planted
+        link.unlink(missing_ok=True)
+        link.symlink_to(victim)
+        with pytest.raises(registry.DownloadError, match="symbolic link"):
+            registry.download(server.url("m.zip"), cache / "m.zip", PAYLOAD_SHA, len(PAYLOAD))
+        assert victim.read_text() == "precious"
+        link.unlink()
+    registry.download(server.url("m.zip"), cache / "m.zip", PAYLOAD_SHA, len(PAYLOAD))
+    assert (cache / "m.zip").read_bytes() == PAYLOAD

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,6 +42,9 @@ BUILTIN_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 REGISTRY_ENV = "HLFD_MODEL_REGISTRY"
 CACHE_ENV = "HLFD_CACHE_DIR"
 CHUNK_SIZE = 1 << 20
+DEADLINE_S = 3600.0  # a whole download (and a wait for another downloader's lock)
+MIN_RATE_BPS = 4096.0  # slower than this on average after GRACE_S: give up (resumable)
+GRACE_S = 30.0
 
 Progress = Callable[[int, int], None]
 """``progress(done_bytes, total_bytes)``; ``total_bytes`` is 0 when unknown."""
@@ -293,10 +297,21 @@ def file_sha256(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), nbytes
 
 
+def _open_nofollow(path: Path, flags: int) -> int:
+    """``os.open`` that refuses a symbolic link planted at ``path`` (a shared cache folder)."""
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise DownloadError(f"{path}: is a symbolic link; refusing to follow it") from None
+        raise exc
+
+
 @contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an OS lock on ``lock_path`` (released by the OS if the process dies)."""
-    with lock_path.open("a+b") as fh:
+def _exclusive(lock_path: Path, deadline: float = DEADLINE_S) -> Iterator[None]:
+    """Hold an OS lock on ``lock_path`` (released by the OS if the process dies); wait for
+    another holder at most ``deadline`` seconds."""
+    with os.fdopen(_open_nofollow(lock_path, os.O_RDWR | os.O_CREAT), "a+b") as fh:
         if os.name == "nt":  # pragma: no cover - exercised on Windows only
             import msvcrt
 
@@ -315,11 +330,18 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
         else:
             import fcntl
 
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                log.info("waiting for another download of %s", lock_path.stem)
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            until = time.monotonic() + deadline
+            while True:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if time.monotonic() > until:
+                        raise DownloadError(
+                            f"{lock_path}: another download held the lock for over {deadline:.0f} s"
+                        ) from None
+                    log.info("waiting for another download of %s", lock_path.stem)
+                    time.sleep(0.2)
             try:
                 yield
             finally:
@@ -350,11 +372,25 @@ def _open(url: str, start: int, timeout: float) -> Any:
         raise DownloadError(f"{url}: cannot download ({reason})") from None
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How long a download may take: per read (``timeout``), in all (``deadline``), and the
+    average rate below which it gives up after ``grace`` seconds (a trickling server)."""
+
+    timeout: float = 30.0
+    deadline: float = DEADLINE_S
+    min_rate: float = MIN_RATE_BPS
+    grace: float = GRACE_S
+
+
 def _fetch(
-    url: str, part: Path, size: int | None, progress: Progress | None, timeout: float
+    url: str, part: Path, size: int | None, progress: Progress | None, limits: Limits
 ) -> tuple[str, int, int]:
     """Complete ``part`` from ``url``; return (sha256, byte count, offset it resumed from)."""
+    if part.is_symlink():
+        raise DownloadError(f"{part}: is a symbolic link; refusing to follow it")
     have = part.stat().st_size if part.is_file() else 0
+    timeout = limits.timeout
     if size is not None and have > size:
         part.unlink()
         have = 0
@@ -370,7 +406,7 @@ def _fetch(
             if crange is None or crange[0] != have:
                 resp.close()
                 part.unlink()  # a range we did not ask for: start over without one
-                return _fetch(url, part, size, progress, timeout)
+                return _fetch(url, part, size, progress, limits)
             start, total = have, crange[1]
         else:
             start, total = 0, None  # a full body: the server ignored Range or none was sent
@@ -389,7 +425,9 @@ def _fetch(
         if progress:
             progress(done, expected or 0)
         read = getattr(resp, "read1", resp.read)  # read1: what has arrived, up to CHUNK_SIZE
-        with part.open("ab" if start else "wb") as out:
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if start else os.O_TRUNC)
+        t0 = time.monotonic()
+        with os.fdopen(_open_nofollow(part, flags), "ab" if start else "wb") as out:
             try:
                 while chunk := read(CHUNK_SIZE):
                     done += len(chunk)
@@ -399,6 +437,7 @@ def _fetch(
                     out.write(chunk)
                     if progress:
                         progress(done, expected or 0)
+                    _check_pace(url, done - start, time.monotonic() - t0, limits)
             except (OSError, http.client.HTTPException) as exc:
                 raise DownloadError(
                     f"{url}: download interrupted after {done} B ({exc}); run again to resume"
@@ -415,6 +454,18 @@ def _fetch(
     return digest.hexdigest(), done, start
 
 
+def _check_pace(url: str, received: int, elapsed: float, limits: Limits) -> None:
+    if elapsed > limits.deadline:
+        raise DownloadError(
+            f"{url}: download took longer than {limits.deadline:.0f} s; run again to resume"
+        )
+    if elapsed > limits.grace and received / elapsed < limits.min_rate:
+        raise DownloadError(
+            f"{url}: server too slow ({received / elapsed:.0f} B/s for {elapsed:.0f} s, under "
+            f"{limits.min_rate:.0f} B/s); run again to resume"
+        )
+
+
 def download(
     url: str,
     dest: str | os.PathLike[str],
@@ -422,6 +473,7 @@ def download(
     size: int | None = None,
     progress: Progress | None = None,
     timeout: float = 30,
+    limits: Limits | None = None,
 ) -> Path:
     """Fetch ``url`` to ``dest``, verified against ``sha256`` (and ``size``); return ``dest``.
 
@@ -439,7 +491,8 @@ def download(
         raise DownloadError(f"{url}: unsupported URL scheme (use https://, http:// or file://)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    with _exclusive(dest.with_name(dest.name + ".lock")):
+    limits = limits or Limits(timeout=timeout)
+    with _exclusive(dest.with_name(dest.name + ".lock"), limits.deadline):
         if dest.is_file():
             digest, nbytes = file_sha256(dest)
             if digest == sha256 and (size is None or nbytes == size):
@@ -447,7 +500,7 @@ def download(
             dest.unlink()
         log.info("downloading %s -> %s", url, dest)
         while True:
-            digest, nbytes, start = _fetch(url, part, size, progress, timeout)
+            digest, nbytes, start = _fetch(url, part, size, progress, limits)
             if digest == sha256 and (size is None or nbytes == size):
                 os.replace(part, dest)
                 return dest
