@@ -300,3 +300,18 @@ def test_foreign_errors_are_one_line_and_a_batch_goes_on(
             ]
         )
     assert stop.value.code == 2
+
+
+def test_a_model_grid_that_cannot_fit_is_refused_before_allocation(tmp_path, capsys, tiny_package):
+    """A 64x64x32 CT whose header says 100 mm voxels would become a ~4000^3 grid at the
+    model's 1.5 mm: refused in one line, nothing allocated, no output."""
+    import numpy as np
+
+    image = make_image(np.full((32, 64, 64), -1000, np.int16) + block_ct((32, 64, 64)) % 3)
+    image.SetSpacing((100.0, 100.0, 100.0))
+    path = tmp_path / "huge.nrrd"
+    sitk.WriteImage(image, str(path))
+    out = tmp_path / "seg.nii.gz"
+    code, err = _run(capsys, path, "-o", out, "-m", tiny_package)
+    assert code == 1 and "model grid would be" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()

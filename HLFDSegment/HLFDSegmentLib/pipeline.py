@@ -101,9 +101,39 @@ def respaced_grid(grid: Grid, spacing: Iterable[float | None]) -> Grid:
     return Grid(size, new_spacing, tuple(origin), grid.direction)
 
 
-def model_grid(image: sitk.Image, pre: dict[str, Any]) -> Grid:
-    """The grid a model sees: ``image``'s voxels reoriented and resampled per the card."""
-    return respaced_grid(oriented_grid(Grid.of(image), pre["orientation"]), pre["spacing"])
+# A model grid above this many voxels is refused before anything is allocated: 2**28 float32
+# voxels are 1 GiB per copy (512 x 512 x 1024 voxels); real CTs at the students'
+# 1.5 mm grid are ~10-30 M voxels. A finer limit applies when the machine has less memory.
+MAX_MODEL_VOXELS = 2**28
+
+
+def model_grid(image: sitk.Image, pre: dict[str, Any], where: str = "input image") -> Grid:
+    """The grid a model sees: ``image``'s voxels reoriented and resampled per the card. A grid
+    that would not fit in memory (e.g. a header's spacing of 100 mm on a fine-grid model) is
+    refused with one line before any voxel is resampled."""
+    grid = respaced_grid(oriented_grid(Grid.of(image), pre["orientation"]), pre["spacing"])
+    voxels = math.prod(grid.size)
+    limit = min(MAX_MODEL_VOXELS, _available_bytes() // 24)  # float32 copies + probabilities
+    if voxels > limit:
+        shown = "x".join(map(str, grid.size))
+        raise InputError(
+            f"{where}: the model grid would be {shown} voxels ({voxels * 4 / 2**30:.1f} GiB per "
+            f"float copy), over the {limit * 4 / 2**30:.1f} GiB this machine allows; check the "
+            "spacing in the image header"
+        )
+    return grid
+
+
+def _available_bytes() -> int:
+    """Memory available to this process (Linux: MemAvailable), else a generous default."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 64 * 2**30
 
 
 def normalise(image: sitk.Image, grid: Grid, pre: dict[str, Any]) -> np.ndarray:
@@ -369,7 +399,7 @@ class Segmenter:
         t = time.perf_counter()
         report("preprocess", 0.0)
         pre = self.card["preprocessing"]
-        grid = model_grid(image, pre)
+        grid = model_grid(image, pre, where)
         arr = normalise(image, grid, pre)
         timings["preprocess"] = time.perf_counter() - t
 
