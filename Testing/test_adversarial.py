@@ -315,3 +315,37 @@ def test_a_model_grid_that_cannot_fit_is_refused_before_allocation(tmp_path, cap
     code, err = _run(capsys, path, "-o", out, "-m", tiny_package)
     assert code == 1 and "model grid would be" in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_oversized_network_zip_bomb_and_member_flood_are_refused_cheaply(tmp_path):
+    """kwargs asking for a huge network, a zip member inflating past its card size, a zip of
+    thousands of members: each refused in one line before the memory or time is spent."""
+    import json
+    import zipfile
+
+    import pytest
+
+    from HLFDSegmentLib.errors import ModelError
+    from HLFDSegmentLib.modelpackage import load_package
+
+    from conftest import build_package
+
+    folder = build_package(tmp_path / "big")
+    card = json.loads((folder / "model.json").read_text())
+    card["network"]["kwargs"]["base"] = 2048  # ~5 GB of float32 if it were built
+    (folder / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="do not fit"):
+        load_package(folder).build_network()
+    good = build_package(tmp_path / "good")
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(good / "model.json", "model.json")
+        zf.writestr("model.safetensors", b"\0" * (64 << 20))  # 64 MiB of zeros, tiny on disk
+    with pytest.raises(ModelError, match="refusing to read it"):
+        load_package(bomb)
+    flood = tmp_path / "flood.zip"
+    with zipfile.ZipFile(flood, "w") as zf:
+        for i in range(500):
+            zf.writestr(f"f{i}.txt", b"x")
+    with pytest.raises(ModelError, match="members"):
+        load_package(flood)

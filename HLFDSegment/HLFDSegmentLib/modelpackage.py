@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -165,6 +166,11 @@ class _Source:
                 raise ModelError(f"{path}: not a model package (expected a folder or a .zip)")
             with zipfile.ZipFile(path) as zf:
                 infos = zf.infolist()
+            if len(infos) > MAX_ZIP_MEMBERS:
+                raise ModelError(
+                    f"{path}: {len(infos)} members in the zip; a model package holds a few files "
+                    f"(at most {MAX_ZIP_MEMBERS})"
+                )
             self._zip = {}
             for info in infos:
                 name = info.filename
@@ -184,7 +190,9 @@ class _Source:
         elif not path.is_dir():
             raise ModelError(f"{path}: no such model folder or file")
 
-    def read(self, name: str, field_name: str = "files") -> bytes:
+    def read(self, name: str, field_name: str = "files", size: int | None = None) -> bytes:
+        """The bytes of ``name``; a file whose size differs from ``size`` (the card's) or that
+        exceeds the card limit is refused before it is read (no zip bomb is inflated)."""
         pure = PurePosixPath(name)
         if pure.is_absolute() or ".." in pure.parts or "\\" in name:
             raise ModelError(
@@ -195,6 +203,7 @@ class _Source:
             key = str(PurePosixPath(self._prefix) / pure) if self._prefix else str(pure)
             if key not in self._zip:
                 raise ModelError(f"{self.path}: missing file {name!r} (field '{field_name}')")
+            _check_size(self.path / name, self._zip[key].file_size, size, field_name)
             with zipfile.ZipFile(self.path) as zf:
                 return zf.read(self._zip[key])
         root = self.path.resolve()
@@ -206,7 +215,19 @@ class _Source:
             )
         if not target.is_file():
             raise ModelError(f"{self.path / name}: missing file (field '{field_name}')")
+        _check_size(self.path / name, target.stat().st_size, size, field_name)
         return target.read_bytes()
+
+
+MAX_ZIP_MEMBERS = 64
+MAX_CARD_BYTES = 1 << 20
+
+
+def _check_size(path: Path, actual: int, declared: int | None, field_name: str) -> None:
+    limit = MAX_CARD_BYTES if declared is None else declared
+    if (declared is None and actual > limit) or (declared is not None and actual != declared):
+        said = f"the card says {declared} B" if declared is not None else f"limit {limit} B"
+        raise ModelError(f"{path}: {actual} B ({said}; field '{field_name}'): refusing to read it")
 
 
 def _common_folder(names: list[str]) -> str:
@@ -260,6 +281,7 @@ class ModelPackage:
         from .nets import build_network
 
         net_cfg = self.card["network"]
+        self._check_shapes()
         try:
             net = build_network(
                 net_cfg["architecture"],
@@ -287,6 +309,41 @@ class ModelPackage:
             ) from None
         return net.eval()
 
+    def _check_shapes(self) -> None:
+        """Compare the weights' tensor shapes (from the safetensors header) with the network the
+        card describes, built on torch's meta device: a card asking for a huge network fails
+        here, before any memory is allocated for it."""
+        import torch
+
+        from .nets import build_network
+
+        net_cfg = self.card["network"]
+        where = self.path / self.card["weights"]
+        try:
+            (n,) = struct.unpack("<Q", self.weights[:8])
+            header = json.loads(self.weights[8 : 8 + n])
+            shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        except (struct.error, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ModelError(f"{where}: unreadable safetensors header ({exc})") from None
+        try:
+            with torch.device("meta"):
+                meta = build_network(
+                    net_cfg["architecture"],
+                    net_cfg["spatial_dims"],
+                    net_cfg["in_channels"],
+                    net_cfg["out_channels"],
+                    **net_cfg.get("kwargs", {}),
+                )
+        except (ValueError, TypeError) as exc:
+            raise ModelError(f"{self.path / CARD_NAME}: field 'network': {exc}") from None
+        for key, tensor in meta.state_dict().items():
+            if key in shapes and shapes[key] != tuple(tensor.shape):
+                raise ModelError(
+                    f"{where}: weights do not fit network {net_cfg['architecture']!r} of the card "
+                    f"(field 'network/kwargs'): {key} is {list(shapes[key])} in the file, "
+                    f"{list(tensor.shape)} in the network"
+                )
+
 
 def load_package(path: str | os.PathLike[str]) -> ModelPackage:
     """Open, validate and checksum a package folder or ``.zip``."""
@@ -301,7 +358,7 @@ def load_package(path: str | os.PathLike[str]) -> ModelPackage:
     validate_card(card, where)
     blobs = {}
     for name, meta in card["files"].items():
-        data = src.read(name, f"files/{name}")
+        data = src.read(name, f"files/{name}", meta["size"])
         if len(data) != meta["size"] or sha256_bytes(data) != meta["sha256"]:
             raise ModelError(
                 f"{path / name}: sha256/size mismatch with {CARD_NAME} "
