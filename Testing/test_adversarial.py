@@ -349,3 +349,59 @@ def test_oversized_network_zip_bomb_and_member_flood_are_refused_cheaply(tmp_pat
             zf.writestr(f"f{i}.txt", b"x")
     with pytest.raises(ModelError, match="members"):
         load_package(flood)
+
+
+def test_dicom_series_choice_is_named_and_selectable_and_gaps_are_warned(
+    tmp_path, capsys, tiny_package
+):
+    """Two series in one folder: the largest is used and named (report + warning), --series
+    picks the other, an unknown UID lists what is there; a missing slice is warned about."""
+    import json
+    import shutil
+
+    from test_io import write_dicom_series
+
+    big = make_image(
+        block_ct((8, 40, 36)), spacing=(0.7, 0.7, 2.5), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)
+    )
+    small = make_image(
+        block_ct((4, 40, 36), seed=1),
+        spacing=(0.7, 0.7, 2.5),
+        direction=(1, 0, 0, 0, 1, 0, 0, 0, 1),
+    )
+    write_dicom_series(big, tmp_path / "a", uid="1.2.3.1")
+    write_dicom_series(small, tmp_path / "b", uid="1.2.3.2")
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for f in [*(tmp_path / "a").iterdir(), *(tmp_path / "b").iterdir()]:
+        shutil.copy(f, folder / f"{f.parent.name}-{f.name}")
+    report = tmp_path / "r.json"
+    code, err = _run(
+        capsys, folder, "-o", tmp_path / "s.nii.gz", "-m", tiny_package, "--report", report
+    )
+    assert code == 0 and "2 DICOM series" in err and "--series" in err
+    assert json.loads(report.read_text())["series"] == {
+        "uid": "1.2.3.1",
+        "description": "",
+        "slices": 8,
+    }
+    code, err = _run(
+        capsys,
+        folder,
+        "-o",
+        tmp_path / "s2.nii.gz",
+        "-m",
+        tiny_package,
+        "--series",
+        "1.2.3.2",
+        "--report",
+        report,
+    )
+    assert code == 0 and json.loads(report.read_text())["series"]["slices"] == 4
+    code, err = _run(
+        capsys, folder, "-o", tmp_path / "s3.nii.gz", "-m", tiny_package, "--series", "9.9"
+    )
+    assert code == 1 and "no DICOM series 9.9" in err and "1.2.3.1 (8 files)" in err
+    (tmp_path / "a" / "slice003.dcm").unlink()  # a missing slice
+    code, err = _run(capsys, tmp_path / "a", "-o", tmp_path / "s4.nii.gz", "-m", tiny_package)
+    assert code == 0 and "non-uniform slice spacing" in err

@@ -36,13 +36,15 @@ def test_files_round_trip_with_oblique_geometry(tmp_path, ct_image, suffix):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def write_dicom_series(image: sitk.Image, folder) -> None:
+def write_dicom_series(
+    image: sitk.Image, folder, uid: str = "1.2.826.0.1.3680043.2.1125.1"
+) -> None:
     """A CT DICOM series, one file per slice, the way scanners store it."""
     folder.mkdir()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     direction = image.GetDirection()
-    series_uid = "1.2.826.0.1.3680043.2.1125.1"
+    series_uid = uid
     for k in range(image.GetDepth()):
         sl = image[:, :, k]
         for tag, value in {

@@ -20,6 +20,7 @@ from .io import (
     LABELMAP_SUFFIXES,
     full_suffix,
     read_image,
+    read_notes,
     write_json,
     write_labelmap,
 )
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--report", help="write a JSON report (volumes in mL, timings, model, device)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (slower)")
+    p.add_argument("--series", metavar="UID", help="DICOM folder: the series to segment")
     p.add_argument(
         "--format",
         default=DEFAULT_SUFFIX,
@@ -166,7 +168,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     for src, dst in cases:
         try:
-            report = _segment_one(segmenter, src, dst, progress_bar=show and not batch)
+            report = _segment_one(segmenter, src, dst, show and not batch, args.series)
             if not batch and args.report:
                 _write_or_undo(report, Path(args.report), dst)
             reports.append(report)
@@ -230,7 +232,9 @@ def _write_or_undo(report: dict, path: Path, output: Path) -> None:
         raise InputError(f"{path}: cannot write report ({exc.strerror})") from None
 
 
-def _segment_one(segmenter, src: Path, dst: Path, progress_bar: bool) -> dict:
+def _segment_one(
+    segmenter, src: Path, dst: Path, progress_bar: bool, series: str | None = None
+) -> dict:
     """Read, segment and write one case; return its report."""
     from tqdm import tqdm
 
@@ -249,7 +253,8 @@ def _segment_one(segmenter, src: Path, dst: Path, progress_bar: bool) -> dict:
 
     try:
         t = time.perf_counter()
-        image = read_image(src)
+        image = read_image(src, series)
+        series_info, read_warnings = read_notes(image)
         read_s = time.perf_counter() - t
         result = segmenter(image, where=str(src), progress=progress)
         del image
@@ -259,13 +264,17 @@ def _segment_one(segmenter, src: Path, dst: Path, progress_bar: bool) -> dict:
     finally:
         bar.close()
     result.timings["total"] = time.perf_counter() - t0
+    result.warnings[:0] = read_warnings
     for warning in result.warnings:
         print(f"hlfd-segment: warning: {warning}", file=sys.stderr)
     if progress_bar:
         vols = ", ".join(f"{v['name']} {v['volume_ml']:.1f} mL" for v in result.volumes)
         took = f"{result.timings['total']:.1f} s on {result.device}, {result.precision}"
         print(f"{dst}: {vols} ({took})")
-    return {**result.report(segmenter.package, str(src)), "output": str(dst)}
+    report = {**result.report(segmenter.package, str(src)), "output": str(dst)}
+    if series_info:
+        report["series"] = series_info
+    return report
 
 
 if __name__ == "__main__":

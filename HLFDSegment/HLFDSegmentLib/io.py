@@ -34,15 +34,19 @@ def full_suffix(path: str | os.PathLike[str], known: Sequence[str]) -> str:
     return max((s for s in known if name.endswith(s)), key=len, default="")
 
 
-def read_image(path: str | os.PathLike[str]) -> sitk.Image:
-    """Read an image file or DICOM series folder (content is checked by :func:`check_image`)."""
+def read_image(path: str | os.PathLike[str], series: str | None = None) -> sitk.Image:
+    """Read an image file or DICOM series folder (content is checked by :func:`check_image`).
+
+    A DICOM folder gives the series ``series`` (a SeriesInstanceUID), else its largest; the
+    image then carries ``hlfd.series_*`` metadata (UID, description, slice count) and
+    ``hlfd.warnings`` (several series, non-uniform slice spacing), see :func:`read_notes`."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_file():
         check_nifti_complete(path)
     try:
-        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+        image = _read_dicom_series(path, series) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"{path}: cannot read image ({_itk_reason(exc)})") from None
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
@@ -121,14 +125,66 @@ def _gzip_length(path: Path) -> int | None:
     return total
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
+def _read_dicom_series(folder: Path, uid: str | None = None) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
+    ids = reader.GetGDCMSeriesIDs(str(folder))
+    if not ids:
         raise InputError(f"{folder}: folder holds no DICOM series")
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
-    reader.SetFileNames(files)
-    return reader.Execute()
+    files = {s: reader.GetGDCMSeriesFileNames(str(folder), s) for s in ids}
+    listed = ", ".join(f"{s} ({len(f)} files)" for s, f in files.items())
+    if uid is not None and uid not in files:
+        raise InputError(f"{folder}: no DICOM series {uid}; series here: {listed}")
+    chosen = uid or max(ids, key=lambda s: len(files[s]))
+    reader.SetFileNames(files[chosen])
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    n = len(files[chosen])
+
+    def tag(i: int, key: str) -> str:
+        return reader.GetMetaData(i, key).strip() if reader.HasMetaDataKey(i, key) else ""
+
+    description = tag(0, "0008|103e")
+    notes = []
+    if len(ids) > 1 and uid is None:
+        notes.append(
+            f"{folder}: {len(ids)} DICOM series ({listed}); using the largest, {chosen} "
+            f"'{description}' ({n} slices); choose another with --series UID"
+        )
+    normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
+    try:
+        where = sorted(
+            float(np.dot(normal, [float(v) for v in tag(i, "0020|0032").split("\\")]))
+            for i in range(n)
+        )
+    except ValueError:
+        where = []
+    gaps = np.diff(where)
+    if gaps.size and gaps.max() - gaps.min() > 0.1 * max(float(np.median(gaps)), 1e-6):
+        notes.append(
+            f"{folder}: non-uniform slice spacing ({gaps.min():.2f}-{gaps.max():.2f} mm): "
+            "missing slices? the geometry and the volumes in mL may be wrong"
+        )
+    for key, value in (
+        ("hlfd.series_uid", chosen),
+        ("hlfd.series_description", description),
+        ("hlfd.series_slices", str(n)),
+        ("hlfd.warnings", "\n".join(notes)),
+    ):
+        image.SetMetaData(key, value)
+    return image
+
+
+def read_notes(image: sitk.Image) -> tuple[dict[str, Any], list[str]]:
+    """(series record for a report, warnings) that :func:`read_image` attached to ``image``."""
+    if not image.HasMetaDataKey("hlfd.series_uid"):
+        return {}, []
+    series = {
+        "uid": image.GetMetaData("hlfd.series_uid"),
+        "description": image.GetMetaData("hlfd.series_description"),
+        "slices": int(image.GetMetaData("hlfd.series_slices")),
+    }
+    notes = image.GetMetaData("hlfd.warnings")
+    return series, [line for line in notes.split("\n") if line]
 
 
 def _itk_reason(exc: RuntimeError) -> str:
