@@ -405,3 +405,36 @@ def test_dicom_series_choice_is_named_and_selectable_and_gaps_are_warned(
     (tmp_path / "a" / "slice003.dcm").unlink()  # a missing slice
     code, err = _run(capsys, tmp_path / "a", "-o", tmp_path / "s4.nii.gz", "-m", tiny_package)
     assert code == 0 and "non-uniform slice spacing" in err
+
+
+def test_worker_malformed_events_and_closed_stdout_never_block_poll(tmp_path, monkeypatch):
+    """A worker printing malformed progress events, then closing stdout while it keeps
+    running: poll() never raises and never blocks; the job fails after the grace time."""
+    import sys
+    import time
+
+    from HLFDSegmentLib import slicerjob
+    from HLFDSegmentLib.slicerjob import JobState, SegmentationJob
+
+    monkeypatch.setattr(slicerjob, "EOF_GRACE_S", 1.0)
+    code = (
+        "import os, sys, time; "
+        'print(\'{"event": "progress", "fraction": "half"}\'); '
+        'print(\'{"event": "progress", "fraction": null, "stage": 3}\'); '
+        "print('[1, 2]'); sys.stdout.flush(); os.close(1); time.sleep(60)"
+    )
+    job = SegmentationJob(
+        "m", python=sys.executable, command=lambda argv: [sys.executable, "-c", code]
+    )
+    job.input_path.write_bytes(b"")
+    job.start()
+    slowest = 0.0
+    t0 = time.monotonic()
+    while not job.finished and time.monotonic() - t0 < 20:
+        t = time.monotonic()
+        job.poll()
+        slowest = max(slowest, time.monotonic() - t)
+        time.sleep(0.05)
+    assert job.state is JobState.FAILED and slowest < 0.5, slowest
+    assert time.monotonic() - t0 < 10
+    job.cleanup()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import math
 import os
 import queue
 import shutil
@@ -51,6 +52,9 @@ class JobState(enum.Enum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+EOF_GRACE_S = 5.0  # a worker that closed stdout gets this long to exit before it is killed
 
 
 def worker_command(
@@ -213,6 +217,7 @@ class SegmentationJob:
         self._reader: threading.Thread | None = None
         self._started = 0.0
         self._ended: float | None = None
+        self._eof_at: float | None = None
 
     # -- life cycle ------------------------------------------------------------------------------
     @property
@@ -291,14 +296,18 @@ class SegmentationJob:
                 break
             self._handle(event)
             new.append(event)
-        if eof:
+        if eof and self._eof_at is None:
+            self._eof_at = time.monotonic()
+        if self._eof_at is not None:  # stdout closed: never block, give the process a grace time
             assert self._process is not None
-            try:
-                self.returncode = self._process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+            self.returncode = self._process.poll()
+            if self.returncode is None and time.monotonic() - self._eof_at > EOF_GRACE_S:
                 kill_tree(self._process)
                 self.returncode = self._process.poll()
-            self._conclude()
+                if self.returncode is None:
+                    self.returncode = -9
+            if self.returncode is not None:
+                self._conclude()
         return new
 
     def _handle(self, event: dict[str, Any]) -> None:
@@ -306,7 +315,12 @@ class SegmentationJob:
         kind = event.get("event")
         if kind == "progress":
             self.stage = str(event.get("stage", ""))
-            self.fraction = float(event.get("fraction", self.fraction))
+            try:  # a malformed event must not break the caller's timer
+                fraction = float(event.get("fraction", self.fraction))
+            except (TypeError, ValueError):
+                fraction = self.fraction
+            if math.isfinite(fraction):
+                self.fraction = min(1.0, max(0.0, fraction))
         elif kind == "device":
             self.device_info = event
         elif kind == "warning":
