@@ -438,3 +438,23 @@ def test_worker_malformed_events_and_closed_stdout_never_block_poll(tmp_path, mo
     assert job.state is JobState.FAILED and slowest < 0.5, slowest
     assert time.monotonic() - t0 < 10
     job.cleanup()
+
+
+def test_itk_allocation_failure_reads_as_out_of_memory():
+    """ITK's allocation error (not a MemoryError) gets the worker's out-of-memory exit code."""
+    import io
+    import json
+
+    from HLFDSegmentLib import worker
+
+    def itk_fails(args, emit):
+        raise RuntimeError(
+            "Exception thrown in SimpleITK Resample: itkImportImageContainer.hxx:182:\n"
+            "ITK ERROR: Failed to allocate memory for image. (itk::MemoryAllocationError)"
+        )
+
+    out = io.StringIO()
+    argv = ["--input", "i.nrrd", "--output", "o.nrrd", "--model", "m"]
+    assert worker.main(argv, out, runner=itk_fails) == worker.EXIT_MEMORY
+    last = json.loads(out.getvalue().splitlines()[-1])
+    assert last["kind"] == "memory" and "\n" not in last["message"]

@@ -82,9 +82,21 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+    return isinstance(exc, RuntimeError) and any(
+        s in text
+        for s in OOM_PHRASES  # torch, the C library, ITK (MemoryAllocationError)
     )
+
+
+OOM_PHRASES = (
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "not enough memory",
+    "failed to allocate",
+    "memoryallocationerror",
+    "bad_alloc",
+)
 
 
 def run(args: argparse.Namespace, emit: Emitter) -> dict[str, Any]:
@@ -163,7 +175,8 @@ def main(
         done = runner(args, emit)
     except Exception as exc:
         if _is_out_of_memory(exc):
-            emit("error", kind="memory", message=f"out of memory ({exc}); {OOM_HINT}")
+            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+            emit("error", kind="memory", message=f"out of memory ({first}); {OOM_HINT}")
             return EXIT_MEMORY
         if isinstance(exc, HLFDError):
             kind = "input" if isinstance(exc, InputError) else "model"
