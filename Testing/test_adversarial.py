@@ -458,3 +458,34 @@ def test_itk_allocation_failure_reads_as_out_of_memory():
     assert worker.main(argv, out, runner=itk_fails) == worker.EXIT_MEMORY
     last = json.loads(out.getvalue().splitlines()[-1])
     assert last["kind"] == "memory" and "\n" not in last["message"]
+
+
+def test_wrong_checkpoint_and_corrupt_zip_member_are_one_line(tmp_path):
+    """A state.pt of another structure (resume) and a zip member with a bad CRC (model load)
+    end in the project's one-line errors, not a KeyError or BadZipFile traceback."""
+    import zipfile
+
+    import pytest
+    import torch
+
+    from hlfd_train.config import ConfigError
+    from hlfd_train.engine import load_state
+    from HLFDSegmentLib.errors import ModelError
+    from HLFDSegmentLib.modelpackage import load_package
+
+    from conftest import build_package
+
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "state.pt")
+    with pytest.raises(ConfigError, match="not a training checkpoint"):
+        load_state(tmp_path / "state.pt")
+    good = build_package(tmp_path / "good")
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w", zipfile.ZIP_STORED) as zf:
+        for f in sorted(good.iterdir()):
+            zf.write(f, f.name)
+    data = bytearray(bad.read_bytes())
+    at = data.find(b"model.safetensors") + len("model.safetensors") + 200  # inside its data
+    data[at] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"corrupt|mismatch"):
+        load_package(bad)

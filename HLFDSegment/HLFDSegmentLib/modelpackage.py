@@ -17,6 +17,7 @@ import os
 import struct
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -204,8 +205,11 @@ class _Source:
             if key not in self._zip:
                 raise ModelError(f"{self.path}: missing file {name!r} (field '{field_name}')")
             _check_size(self.path / name, self._zip[key].file_size, size, field_name)
-            with zipfile.ZipFile(self.path) as zf:
-                return zf.read(self._zip[key])
+            try:
+                with zipfile.ZipFile(self.path) as zf:
+                    return zf.read(self._zip[key])
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+                raise ModelError(f"{self.path}: member {name!r} is corrupt ({exc})") from None
         root = self.path.resolve()
         target = (root / pure).resolve()
         if root not in target.parents:

@@ -385,9 +385,19 @@ def atomic_save(obj: Any, path: Path) -> None:
 def load_state(path: Path) -> dict[str, Any]:
     """A resume checkpoint, read without unpickling code (``weights_only=True``)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ConfigError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+    missing = sorted(STATE_KEYS - set(state)) if isinstance(state, dict) else sorted(STATE_KEYS)
+    if missing:
+        raise ConfigError(
+            f"{path}: not a training checkpoint of this engine (missing {', '.join(missing)}); "
+            "delete it to start the run over"
+        )
+    return state
+
+
+STATE_KEYS = {"model", "optimizer", "scaler", "step", "best", "elapsed", "rng", "config"}
 
 
 def comparable(cfg: Mapping[str, Any]) -> dict[str, Any]:
