@@ -489,3 +489,16 @@ def test_wrong_checkpoint_and_corrupt_zip_member_are_one_line(tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(ModelError, match=r"corrupt|mismatch"):
         load_package(bad)
+
+
+def test_saved_package_folder_gets_a_plain_mkdir_mode(tmp_path):
+    import stat
+
+    from conftest import build_package
+
+    old = os.umask(0o022)
+    try:
+        folder = build_package(tmp_path / "pkg")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755

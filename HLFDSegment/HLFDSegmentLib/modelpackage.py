@@ -459,6 +459,9 @@ def save_package(
     for name, data in blobs.items():
         (tmp / name).write_bytes(data)
     (tmp / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    from .io import UMASK
+
+    tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes 0700: give the folder a plain mkdir's mode
     if out.exists():
         import shutil
 
