@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="output type in batch mode (default %(default)s)",
     )
     p.add_argument(
-        "--threads", type=_positive_int, help="CPU threads for torch (default: all cores)"
+        "--threads", type=positive_int, help="CPU threads for torch (default: all cores)"
     )
     p.add_argument("--offline", action="store_true", help="never download; use the cache only")
     p.add_argument("--list-models", action="store_true", help="list registry and cached models")
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (thread, case and worker counts)."""
     try:
         value = int(text)
     except ValueError:

@@ -282,20 +282,9 @@ class ModelPackage:
         """The network with the package weights loaded (strict), in eval mode, on the CPU."""
         from safetensors.torch import load as load_safetensors
 
-        from .nets import build_network
-
         net_cfg = self.card["network"]
         self._check_shapes()
-        try:
-            net = build_network(
-                net_cfg["architecture"],
-                net_cfg["spatial_dims"],
-                net_cfg["in_channels"],
-                net_cfg["out_channels"],
-                **net_cfg.get("kwargs", {}),
-            )
-        except (ValueError, TypeError) as exc:
-            raise ModelError(f"{self.path / CARD_NAME}: field 'network': {exc}") from None
+        net = self._card_network()
         try:
             state = load_safetensors(self.weights)
         except Exception as exc:
@@ -313,13 +302,27 @@ class ModelPackage:
             ) from None
         return net.eval()
 
+    def _card_network(self):
+        """The network the card describes, randomly initialised (on torch's current device)."""
+        from .nets import build_network
+
+        net_cfg = self.card["network"]
+        try:
+            return build_network(
+                net_cfg["architecture"],
+                net_cfg["spatial_dims"],
+                net_cfg["in_channels"],
+                net_cfg["out_channels"],
+                **net_cfg.get("kwargs", {}),
+            )
+        except (ValueError, TypeError) as exc:
+            raise ModelError(f"{self.path / CARD_NAME}: field 'network': {exc}") from None
+
     def _check_shapes(self) -> None:
         """Compare the weights' tensor shapes (from the safetensors header) with the network the
         card describes, built on torch's meta device: a card asking for a huge network fails
         here, before any memory is allocated for it."""
         import torch
-
-        from .nets import build_network
 
         net_cfg = self.card["network"]
         where = self.path / self.card["weights"]
@@ -329,17 +332,8 @@ class ModelPackage:
             shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
         except (struct.error, ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ModelError(f"{where}: unreadable safetensors header ({exc})") from None
-        try:
-            with torch.device("meta"):
-                meta = build_network(
-                    net_cfg["architecture"],
-                    net_cfg["spatial_dims"],
-                    net_cfg["in_channels"],
-                    net_cfg["out_channels"],
-                    **net_cfg.get("kwargs", {}),
-                )
-        except (ValueError, TypeError) as exc:
-            raise ModelError(f"{self.path / CARD_NAME}: field 'network': {exc}") from None
+        with torch.device("meta"):
+            meta = self._card_network()
         for key, tensor in meta.state_dict().items():
             if key in shapes and shapes[key] != tuple(tensor.shape):
                 raise ModelError(

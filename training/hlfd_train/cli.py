@@ -24,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+from HLFDSegmentLib.cli import positive_int
 from HLFDSegmentLib.errors import HLFDError
 
 from .config import ConfigError, load_config
@@ -162,16 +163,6 @@ def cmd_explain(args: argparse.Namespace) -> None:
     print(f"attention maps of case {case}, slices {list(slices)}: {out}")
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
-    return value
-
-
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench
 
@@ -224,20 +215,20 @@ def parser() -> argparse.ArgumentParser:
         q = synth.add_parser(name, help=text)
         q.add_argument("out", type=Path)
         q.add_argument("--task", choices=["kidney", "liver"], default="liver")
-        q.add_argument("--cases", type=_at_least_one, default=60 if name == "write" else 24)
+        q.add_argument("--cases", type=positive_int, default=60 if name == "write" else 24)
         q.add_argument("--seed", type=int, default=0)
         q.add_argument(
             "--set", "-s", action="extend", nargs="+", metavar="KEY=VALUE", help="generator keys"
         )
         if name == "write":
             q.add_argument("--layout", choices=["kits19", "lits", "msd", "nnunet"])
-            q.add_argument("--jobs", type=_at_least_one, default=1, help="processes")
+            q.add_argument("--jobs", type=positive_int, default=1, help="processes")
         q.set_defaults(func=func)
     q = synth.add_parser("robustness", help="models on held-out synthetic conditions")
     q.add_argument("out", type=Path)
     q.add_argument("--task", choices=["kidney", "liver"], default="liver")
     q.add_argument("--models", nargs="+", type=Path, required=True, help="model packages")
-    q.add_argument("--cases", type=_at_least_one, default=3, help="cases per condition")
+    q.add_argument("--cases", type=positive_int, default=3, help="cases per condition")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_synth_robustness)
 
@@ -298,7 +289,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, help="markdown report (default OUT/kd-benchmark.md)")
     p.add_argument(
         "--workers",
-        type=_at_least_one,
+        type=positive_int,
         metavar="N",
         help="runs trained side by side (default: cores / 2, at least 2)",
     )

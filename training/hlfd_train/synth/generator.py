@@ -15,12 +15,15 @@ from typing import Any
 
 import numpy as np
 
+from HLFDSegmentLib.phantom import Phantom
+
 from .anatomy import Patient, build
 from .geometry import Grid
 from .lesions import add_lesions
 from .render import average_slices, ct_noise, metal_streaks, render
 from .tissues import PHASE_WEIGHTS, PHASES, T
 
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 MAX_INPLANE = 288  # voxels per in-plane axis
 TASK_LABELS = {"liver": ("Liver", "Liver tumor"), "kidney": ("Kidney", "Kidney tumor")}
 
@@ -95,26 +98,11 @@ def _is_number(x: Any) -> bool:
 
 
 @dataclass
-class SynthCase:
-    """int16 HU image and uint8 labels (z, y, x); spacing (x, y, z) mm; origin (LPS mm)."""
+class SynthCase(Phantom):
+    """int16 HU image and uint8 labels (z, y, x) with their geometry (``to_sitk``), plus the
+    tissue map the labels come from."""
 
-    image: np.ndarray
-    labels: np.ndarray
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    meta: dict
     tissue: np.ndarray | None = None  # uint8 tissue ids (tissues.T) on the image grid
-
-    def to_sitk(self):
-        import SimpleITK as sitk
-
-        out = []
-        for arr in (self.image, self.labels):
-            img = sitk.GetImageFromArray(arr)
-            img.SetSpacing(self.spacing)
-            img.SetOrigin(self.origin)
-            out.append(img)
-        return tuple(out)
 
 
 def _z_range(task: str, p: Patient, rng) -> tuple[float, float]:
@@ -198,4 +186,4 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
     }
     origin = (float(xs[0]), float(ys[0]), float(zs[k // 2]))
     tissue = anatomy.tissue[k // 2 :: k][: image.shape[0]]
-    return SynthCase(image, labels, (sx, sx, sz), origin, meta, tissue)
+    return SynthCase(image, labels, (sx, sx, sz), origin, IDENTITY, meta, tissue)
