@@ -21,6 +21,19 @@ UI = MODULE / "Resources" / "UI" / "HLFDSegment.ui"
 LIB = MODULE / "HLFDSegmentLib"
 
 
+# stand-ins for the Slicer scripted-module template (i18n, parameter node, base classes)
+TEMPLATE_STUBS = r"""
+sys.modules["slicer.i18n"].tr = lambda text: text
+sys.modules["slicer.i18n"].translate = lambda context, text: text
+sys.modules["slicer.parameterNodeWrapper"].parameterNodeWrapper = lambda cls: cls
+slm = sys.modules["slicer.ScriptedLoadableModule"]
+for base in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic",
+             "ScriptedLoadableModuleTest", "ScriptedLoadableModuleWidget"):
+    init = lambda self, parent=None, *a: setattr(self, "parent", parent)
+    setattr(slm, base, type(base, (), {"__init__": init, "setup": lambda self: None}))
+"""
+
+
 @pytest.fixture(scope="module")
 def tree() -> ast.Module:
     return ast.parse(SCRIPT.read_text(encoding="utf-8"), str(SCRIPT))
@@ -198,7 +211,8 @@ def test_readme_documents_the_slicer_module():
 def test_module_script_executes_with_stubbed_slicer_app():
     """Import HLFDSegment.py against stand-ins for qt and the Slicer application: catches
     NameErrors, annotations evaluated at definition time and eager heavy imports."""
-    code = r"""
+    code = (
+        r"""
 import sys, types
 from unittest import mock
 for name in ("torch", "monai", "safetensors", "jsonschema"):
@@ -207,14 +221,9 @@ import slicer  # slicer-core: MRML classes, slicer.util
 sys.modules["qt"] = mock.MagicMock()
 for name in ("slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule"):
     sys.modules[name] = types.ModuleType(name)
-sys.modules["slicer.i18n"].tr = lambda text: text
-sys.modules["slicer.i18n"].translate = lambda context, text: text
-sys.modules["slicer.parameterNodeWrapper"].parameterNodeWrapper = lambda cls: cls
-slm = sys.modules["slicer.ScriptedLoadableModule"]
-for base in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic",
-             "ScriptedLoadableModuleTest", "ScriptedLoadableModuleWidget"):
-    init = lambda self, parent=None, *a: setattr(self, "parent", parent)
-    setattr(slm, base, type(base, (), {"__init__": init}))
+"""
+        + TEMPLATE_STUBS
+        + r"""
 slicer.util.VTKObservationMixin = type("VTKObservationMixin", (), {"__init__": lambda s: None})
 slicer.app = mock.MagicMock()
 import HLFDSegment as module
@@ -227,6 +236,7 @@ slicer.app.connect.assert_called_once()
 logic = module.HLFDSegmentLogic()
 assert isinstance(logic.modelChoices(["/x/model.zip"]), list)
 """
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=MODULE, capture_output=True, text=True, timeout=60
     )
@@ -287,20 +297,16 @@ def test_module_on_python39_loads_and_says_it_needs_slicer_510():
     exe = _python39()
     if exe is None:
         pytest.skip("no Python 3.9 interpreter on this machine")
-    code = r"""
+    code = (
+        r"""
 import sys, types
 from unittest import mock
 for name in ("qt", "vtk", "slicer", "slicer.util", "slicer.i18n", "slicer.parameterNodeWrapper",
              "slicer.ScriptedLoadableModule"):
     sys.modules[name] = mock.MagicMock()
-sys.modules["slicer.i18n"].tr = lambda text: text
-sys.modules["slicer.i18n"].translate = lambda context, text: text
-sys.modules["slicer.parameterNodeWrapper"].parameterNodeWrapper = lambda cls: cls
-slm = sys.modules["slicer.ScriptedLoadableModule"]
-for base in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic",
-             "ScriptedLoadableModuleTest", "ScriptedLoadableModuleWidget"):
-    init = lambda self, parent=None, *a: setattr(self, "parent", parent)
-    setattr(slm, base, type(base, (), {"__init__": init, "setup": lambda self: None}))
+"""
+        + TEMPLATE_STUBS
+        + r"""
 sys.modules["slicer.util"].VTKObservationMixin = type("M", (), {"__init__": lambda s: None})
 import HLFDSegment as module
 assert module.SUPPORTED is False
@@ -315,6 +321,7 @@ shown = sys.modules["qt"].QLabel.call_args[0][0]
 assert "needs 3D Slicer 5.10" in shown and "Python 3.9" in shown, shown
 assert not any(m.startswith("HLFDSegmentLib") for m in sys.modules)
 """
+    )
     result = subprocess.run(
         [exe, "-c", code], cwd=MODULE, capture_output=True, text=True, timeout=60
     )
