@@ -326,3 +326,10 @@ assert not any(m.startswith("HLFDSegmentLib") for m in sys.modules)
         [exe, "-c", code], cwd=MODULE, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_license_file_matches_the_declared_licence():
+    """The Extensions Index checks for a LICENSE file; pyproject and cards say Apache-2.0."""
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
