@@ -162,6 +162,7 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._run: SegmentationRun | None = None
         self._extraModels: list[str] = []
+        self._lastInput = None
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self.onTimer)
@@ -252,6 +253,7 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         """Enable Segment when a CT and a model are chosen (always enabled as Cancel)."""
+        self._resetOutputOnNewInput()
         self._syncComboBoxes()
         if self._run is not None:
             self.ui.applyButton.text = _("Cancel")
@@ -265,6 +267,17 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.toolTip = (
             _("Segment the selected CT volume") if ready else _("Select a CT volume and a model")
         )
+
+    def _resetOutputOnNewInput(self) -> None:
+        """Another CT was picked: its result goes to a new segmentation, never into the previous
+        patient's (possibly hand-corrected) one."""
+        p = self._parameterNode
+        if not p or p.inputVolume is self._lastInput:
+            return
+        changed = self._lastInput is not None
+        self._lastInput = p.inputVolume
+        if changed and p.outputSegmentation is not None:
+            p.outputSegmentation = None
 
     def _syncComboBoxes(self) -> None:
         if not self._parameterNode:
@@ -330,7 +343,9 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 existing
                 and existing.GetSegmentation().GetNumberOfSegments()
                 and not slicer.util.confirmOkCancelDisplay(
-                    _("Replace all segments of {name}?").format(name=existing.GetName())
+                    _(
+                        "Replace this model's segments in {name}? Segments you drew are kept."
+                    ).format(name=existing.GetName())
                 )
             ):
                 return

@@ -227,8 +227,9 @@ def test_whole_flow_into_study_with_table_and_3d(scene, ct, tiny_package, runtim
     assert run.wait(120, on_events=lambda job, events: seen.extend(events)) is JobState.DONE
     assert any(e["event"] == "progress" for e in seen)
     node = run.apply(show_3d=True)
-    assert node is existing  # the chosen node, replaced
-    assert [s.GetName() for s in _segments(node)] == ["Kidney", "Kidney tumor"]
+    assert node is existing  # the chosen node: the model's segments added, the user's kept
+    assert [s.GetName() for s in _segments(node)] == ["Old", "Kidney", "Kidney tumor"]
+    node.GetSegmentation().RemoveSegment("old")
     assert np.array_equal(mrml.export_labels(node, volume), sitk.GetArrayFromImage(runtime_labels))
     assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
     assert node.GetSegmentation().ContainsRepresentation("Closed surface")
@@ -248,3 +249,18 @@ def test_whole_flow_into_study_with_table_and_3d(scene, ct, tiny_package, runtim
     burden = 100 * tumour_ml / (kidney_ml + tumour_ml)
     assert float(table.GetCellText(1, 3)) == pytest.approx(burden, abs=0.01)
     assert table.GetCellText(0, 3) == "nan"  # no burden for an organ
+
+
+def test_rerun_replaces_only_the_model_segments(scene, ct, runtime_labels):
+    """Segmenting into an existing segmentation replaces the model's segments (by name) and
+    keeps the segments the user drew; a second run adds no duplicates."""
+    _, volume = ct
+    entries = standard_labels("kidney")
+    node = mrml.labels_to_segmentation(runtime_labels, entries, volume)
+    user_id = node.GetSegmentation().AddEmptySegment("mine", "My notes")
+    for _ in range(2):
+        node = mrml.labels_to_segmentation(runtime_labels, entries, volume, segmentation=node)
+        assert [s.GetName() for s in _segments(node)] == ["My notes", "Kidney", "Kidney tumor"]
+    assert node.GetSegmentation().GetSegment(user_id) is not None
+    node.GetSegmentation().RemoveSegment(user_id)
+    assert np.array_equal(mrml.export_labels(node, volume), sitk.GetArrayFromImage(runtime_labels))

@@ -147,8 +147,9 @@ def labels_to_segmentation(
 
     One segment per label entry (card order; empty ones kept) with the card's name, colour and
     terminology (neither flagged as auto-generated); the reference geometry is the input's.
-    ``segmentation`` (an existing node) is replaced only once everything else has succeeded:
-    an error leaves it as it was. Returns the segmentation node."""
+    ``segmentation`` (an existing node) is changed only once everything else has succeeded (an
+    error leaves it as it was), and only in the segments this model makes (same names): the
+    segments a user drew stay. Returns the segmentation node."""
     scene = _scene_of(reference)
     if labels.GetDimension() != 3 or labels.GetPixelID() != sitk.sitkUInt8:
         raise InputError("labels must be a 3D uint8 image")
@@ -194,7 +195,10 @@ def labels_to_segmentation(
             elif name:
                 segmentation.SetName(name)
             target = segmentation.GetSegmentation()
-            target.DeepCopy(seg)
+            if target.GetNumberOfSegments() == 0:
+                target.DeepCopy(seg)
+            else:  # replace only this model's segments (by name); the user's others stay
+                ordered = _replace_segments(target, seg, ordered, entries)
             for segment_id, entry, tag in zip(ordered, entries, tags):
                 segment = target.GetSegment(segment_id)
                 segment.SetName(entry["name"])
@@ -209,6 +213,24 @@ def labels_to_segmentation(
     if segmentation.GetDisplayNode() is None:
         segmentation.CreateDefaultDisplayNodes()
     return segmentation
+
+
+def _replace_segments(target: Any, source: Any, ids: list[str], entries) -> list[str]:
+    """Remove ``target``'s segments named like the model's labels, then add copies of
+    ``source``'s segments ``ids`` under fresh unique ids; returns those ids (card order)."""
+    names = {str(e["name"]) for e in entries}
+    for i in reversed(range(target.GetNumberOfSegments())):
+        if target.GetNthSegment(i).GetName() in names:
+            target.RemoveSegment(target.GetNthSegmentID(i))
+    added = []
+    for segment_id, entry in zip(ids, entries):
+        copy = slicer.vtkSegment()
+        copy.DeepCopy(source.GetSegment(segment_id))
+        new_id = target.GenerateUniqueSegmentID(str(entry["name"]).replace(" ", "_"))
+        if not target.AddSegment(copy, new_id):
+            raise RuntimeError(f"cannot add segment {entry['name']!r}")
+        added.append(new_id)
+    return added
 
 
 def _add_empty_segment(seg: Any, segment_id: str, name: str) -> str:
