@@ -1,10 +1,11 @@
 """Export a synthetic-CT recipe's distilled student as a built-in model of the extension.
 
-    python -m hlfd_train.ship liver|kidney [--runs runs] [--dest HLFDSegment/Resources/Models]
+    python -m hlfd_train.ship liver|kidney [--recipe NAME] [--runs runs] [--dest DIR]
 
-Reads ``training/configs/synth-<task>.yaml``, takes its student run (``<method>-seed<seed>``)
-and its teacher's validation figures, and writes ``<dest>/<task>/`` as a float16 package whose
-card says what the model is: trained on synthetic CT only, not for diagnosis.
+Reads ``training/configs/synth-<task>.yaml`` (or ``--recipe``), takes its student run
+(``<method>-seed<seed>``) and its teacher's validation figures, and writes ``<dest>/<task>/``
+as a float16 package whose card says what the model is: trained on synthetic CT only, not for
+diagnosis.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ def _validation(run: Path) -> str:
     return ", ".join(figures) or "not recorded"
 
 
-def ship(task: str, runs: Path | None = None, dest: Path = BUILTIN_DIR) -> Path:
-    cfg = load_config(ROOT / "training" / "configs" / f"synth-{task}.yaml")
+def ship(
+    task: str, runs: Path | None = None, dest: Path = BUILTIN_DIR, recipe: str | None = None
+) -> Path:
+    cfg = load_config(ROOT / "training" / "configs" / f"{recipe or f'synth-{task}'}.yaml")
     base = Path(runs or cfg["output"]) / cfg["name"]
     method = cfg["distill"]["method"]
     student = base / f"{method}-seed{cfg['seed']}"
@@ -66,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("task", choices=sorted(TITLES))
     ap.add_argument("--runs", type=Path, help="runs folder (default: the recipe's output)")
     ap.add_argument("--dest", type=Path, default=BUILTIN_DIR)
+    ap.add_argument("--recipe", help="config name in training/configs (default synth-TASK)")
     args = ap.parse_args(argv)
-    print(f"built-in model: {ship(args.task, args.runs, args.dest)}")
+    print(f"built-in model: {ship(args.task, args.runs, args.dest, args.recipe)}")
     return 0
 
 

@@ -24,7 +24,10 @@ from .render import average_slices, ct_noise, metal_streaks, render
 from .tissues import PHASE_WEIGHTS, PHASES, T
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-MAX_INPLANE = 288  # voxels per in-plane axis
+MAX_INPLANE = 288
+# tumour-free share: the kidney model must call no tumour in the (mostly tumour-free) kidneys
+# of a liver CT, so it sees more healthy kidneys than KiTS (every case has a tumour) would give
+TUMOUR_FREE = {"liver": 0.2, "kidney": 0.35}  # voxels per in-plane axis
 TASK_LABELS = {"liver": ("Liver", "Liver tumor"), "kidney": ("Kidney", "Kidney tumor")}
 
 
@@ -44,7 +47,7 @@ class SynthConfig:
     fov_cut: float = 0.35  # chance that the field of view cuts through the body
     circle_mask: float = 0.5  # chance of the scanner's circular reconstruction mask
     phases: dict[str, float] = field(default_factory=dict)  # {} = the task's PHASE_WEIGHTS
-    tumour_free: float = 0.2  # chance of a case without tumour (cysts may remain)
+    tumour_free: float | None = None  # chance of a tumour-free case; None: TUMOUR_FREE[task]
     noise_hu: tuple[float, float] = (6.0, 28.0)
     noise_peak: tuple[float, float] = (0.09, 0.3)  # cycles/mm
     metal: float = 0.06
@@ -61,7 +64,7 @@ class SynthConfig:
         if len(self.slice_mm) != len(self.slice_weights) or min(self.slice_mm) <= 0:
             raise SynthError("synth slice_mm / slice_weights: same length, positive values")
         for name in ("fov_cut", "circle_mask", "tumour_free", "metal"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
                 raise SynthError(
                     f"synth {name}: a probability in [0, 1], got {getattr(self, name)}"
                 )
@@ -146,7 +149,8 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
     zs = z_lo + fine_dz * (np.arange(n_slices * k) + 0.5)
     grid = Grid(xs, ys, zs, rng, cfg.deform_mm)
     anatomy = build(grid, p, rng)
-    tumour_free = bool(rng.random() < cfg.tumour_free)
+    share = TUMOUR_FREE[cfg.task] if cfg.tumour_free is None else cfg.tumour_free
+    tumour_free = bool(rng.random() < share)
     lesions = add_lesions(grid, anatomy, cfg.task, rng, tumour_free)
     weights = cfg.phases or PHASE_WEIGHTS[cfg.task]
     names = sorted(weights)
