@@ -2,7 +2,7 @@
 
 ``hlfd-train synth robustness --task liver --models TEACHER STUDENT --out DIR`` segments a few
 cases per condition through the runtime pipeline (exactly what ``hlfd-segment`` runs) and writes
-``DIR/robustness.json`` and a markdown table: organ and tumour Dice (tumour Dice over
+``DIR/robustness-TASK.json`` and ``robustness-TASK.md``: organ and tumour Dice (tumour Dice over
 tumour-bearing cases only), tumour volume called in tumour-free cases, and tumour called within
 10 mm of a cut field-of-view border (where the real-CT failure was seen).
 """
@@ -100,7 +100,7 @@ def write_robustness(
     results = evaluate_conditions(task, models, cases, seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "robustness.json").write_text(
+    (out / f"robustness-{task}.json").write_text(
         json.dumps({"task": task, "cases": cases, "results": results}, indent=2)
     )
     fmt = lambda v: "n/a" if not np.isfinite(v) else f"{v:.3f}"  # noqa: E731
