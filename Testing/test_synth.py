@@ -110,3 +110,18 @@ def test_realism_report_has_its_figures(tmp_path):
     assert "no patient data" in text and "Organ volumes" in text
     for png in ("synth-montage.png", "synth-hu.png", "synth-nps.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_robustness_metrics_count_border_and_tumour_free_false_positives():
+    from hlfd_train.synth.robustness import case_metrics, summarise
+
+    truth = np.zeros((4, 40, 40), np.uint8)
+    truth[1:3, 10:20, 10:20] = 1
+    pred = truth.copy()
+    pred[1:3, 0:3, 15:18] = 2  # tumour called at the image border, none in the truth
+    m = case_metrics(pred, truth, (1.0, 1.0, 2.0))
+    assert m["organ_dice"] < 1 and np.isnan(m["tumour_dice"])
+    assert m["tumour_free_fp_ml"] == pytest.approx(2 * 3 * 3 * 2 / 1000)
+    assert m["border_fp_ml"] == pytest.approx(m["tumour_free_fp_ml"])
+    both = summarise([m, {**m, "tumour_dice": 0.5}])
+    assert both["tumour_dice"] == 0.5  # NaN (no tumour) cases left out of the tumour Dice
