@@ -433,7 +433,7 @@ def test_unknown_id_lists_known_ids(reg, cache, tmp_path):
     assert "'kidny-test'" in msg and "known ids: kidney-test, liver-test" in msg
     empty = write_registry(tmp_path / "empty.json", [])
     with pytest.raises(ModelNotFoundError, match="registry lists no models yet"):
-        resolve_model("kidney", registry=empty)
+        resolve_model("spleen", registry=empty)  # "kidney" is built in
 
 
 def test_local_folder_and_zip_pass_through(tiny_package, tmp_path, monkeypatch):
