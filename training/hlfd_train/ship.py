@@ -50,6 +50,9 @@ def ship(
         f"validation cases: student {_validation(student)}; teacher "
         f"{_validation(base / 'teacher')}."
     )
+    init = cfg["model"]["student"].get("init")
+    if init:  # a second stage: say what it started from
+        description += f" Fine-tuned ({cfg['name']}) from the weights of {init}."
     return export(
         student,
         Path(dest) / task,
