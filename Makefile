@@ -37,6 +37,8 @@ bench-kd: setup      # distillation benchmark (~90 min here; PRESET=quick for a 
 
 # The built-in students, from nothing: synthetic CT -> teacher -> distilled student -> package
 # (about 60 min per task on 2 cores; TASKS="liver" for one). Overwrites Resources/Models/<task>.
+# The shipped kidney student also had a second stage (synth-kidney-ft.yaml) on data of the
+# corrected generator; from nothing, the first stage already uses that generator.
 TASKS ?= liver kidney
 models: setup
 	for t in $(TASKS); do \
