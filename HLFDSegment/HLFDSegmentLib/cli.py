@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=positive_int, help="CPU threads for torch (default: all cores)"
     )
     p.add_argument("--offline", action="store_true", help="never download; use the cache only")
-    p.add_argument("--list-models", action="store_true", help="list built-in, registry and cached models")
+    p.add_argument(
+        "--list-models", action="store_true", help="list built-in, registry and cached models"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
     return p
