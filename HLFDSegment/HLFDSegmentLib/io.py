@@ -102,10 +102,16 @@ def check_nifti_complete(path: Path) -> None:
     if datatype in NIFTI_FLOATS:  # ITK reads NaN/Inf as 0 HU: look at the raw values first
         dtype = np.dtype(NIFTI_FLOATS[datatype]).newbyteorder(endian)
         start = max(352, int(offset))
+        bad, left = 0, expected - start
+        step = (1 << 26) // dtype.itemsize * dtype.itemsize  # 64 MiB at a time: bounded memory
         with (gzip.open if gz else open)(path, "rb") as f:
             f.seek(start)
-            values = np.frombuffer(f.read(expected - start), dtype=dtype)
-        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+            while left > 0 and (chunk := f.read(min(step, left))):
+                left -= len(chunk)
+                values = np.frombuffer(
+                    chunk[: len(chunk) // dtype.itemsize * dtype.itemsize], dtype
+                )
+                bad += int(values.size - np.count_nonzero(np.isfinite(values)))
         if bad:
             raise InputError(f"{path}: {bad} voxels are NaN or infinite")
 
