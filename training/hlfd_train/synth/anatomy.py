@@ -80,7 +80,6 @@ class Anatomy:
     liver: np.ndarray  # bool: liver label region (parenchyma + intrahepatic vessels + cysts)
     kidney: np.ndarray  # bool: kidneys (parenchyma, sinus, pelvis, cysts)
     body_rho: np.ndarray  # normalised body radius (1 at the skin)
-    lesions: list[dict]
     metal: list[tuple[float, float, float]]
 
 
@@ -152,7 +151,7 @@ def build(grid: Grid, p: Patient, rng: np.random.Generator) -> Anatomy:
             T["cyst"],
         ],
     )
-    return Anatomy(tissue, liver, kidney, rho.astype(np.float32), [], metal)
+    return Anatomy(tissue, liver, kidney, rho.astype(np.float32), metal)
 
 
 def _paint(tissue, sl, mask, name, where=None):

@@ -37,7 +37,6 @@ class Grid:
     def __init__(self, xs, ys, zs, rng: np.random.Generator, deform_mm: float = 8.0):
         self.xs, self.ys, self.zs = (np.asarray(v, dtype=np.float32) for v in (xs, ys, zs))
         self.shape = (len(self.zs), len(self.ys), len(self.xs))
-        self.step = np.array([self.xs[1] - self.xs[0], self.ys[1] - self.ys[0], self._dz()])
         extent = np.array([np.ptp(self.zs), np.ptp(self.ys), np.ptp(self.xs)])
         cells = tuple(
             int(max(2, min(n, math.ceil(e / 70.0) + 2))) for n, e in zip(self.shape, extent)
@@ -51,9 +50,6 @@ class Grid:
         )
         self.coarse_noise = smooth_field(self.shape, cells, rng)  # organ lobulation, textures
         self.fine_noise = smooth_field(self.shape, fine, rng)
-
-    def _dz(self) -> float:
-        return float(self.zs[1] - self.zs[0]) if len(self.zs) > 1 else 1.0
 
     def box(self, lo, hi) -> tuple[slice, slice, slice] | None:
         """Index slices (z, y, x) of the physical box [lo, hi] (x, y, z) plus the deformation

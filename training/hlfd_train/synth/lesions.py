@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .geometry import Grid
-from .tissues import T
+from .tissues import PHASES, T
 
 # tissues a growing tumour does not replace
 FIRM = [
@@ -153,62 +153,39 @@ def add_lesions(
     return out
 
 
+# Lesion minus organ HU per phase (non-contrast, arterial, portal venous, delayed).
+LIVER_DELTAS = {
+    "hypo": ((-25, -5), (-50, -15), (-90, -30), (-70, -20)),
+    "rim": ((-25, -5), (-45, -10), (-90, -35), (-70, -25)),
+    # hyperenhancing, then washout: at least ~10 HU from the liver
+    "hcc": ((-20, -5), (20, 50), (-35, -12), (-45, -15)),
+    "necrotic": ((-20, -5), (-40, -10), (-70, -30), (-60, -20)),
+    "faint": ((-15, -6), (-25, -10), (-35, -15), (-30, -12)),
+}
+KIDNEY_DELTAS = {  # against the cortex
+    # papillary: hypoenhancing, below the cortex in every contrast phase
+    "papillary": ((-15, 10), (-170, -90), (-120, -60), (-100, -40)),
+    # ccRCC (173 +- 45 corticomedullary, 149 +- 34 nephrographic): heterogeneous, at least
+    # ~20 HU below the cortex after the arterial peak, never parenchyma-like (also necrotic)
+    "ccrcc": ((-10, 5), (-80, -15), (-90, -35), (-90, -40)),
+}
+
+
 def _appearance(rng, organ: str, kind: str, r: float) -> dict:
     """How a lesion enhances, relative to its organ (ΔHU per phase) or absolutely."""
     u = rng.uniform
     if kind == "cyst":
         return {"type": "cyst", "hu": u(-5, 20), "edge": u(0.02, 0.08)}
     if organ == "liver":
-        t = rng.choice(["hypo", "rim", "hcc", "necrotic", "faint"], p=[0.4, 0.2, 0.15, 0.15, 0.1])
-        d = {
-            "hypo": {
-                "non_contrast": u(-25, -5),
-                "arterial": u(-50, -15),
-                "portal_venous": u(-90, -30),
-                "delayed": u(-70, -20),
-            },
-            "rim": {
-                "non_contrast": u(-25, -5),
-                "arterial": u(-45, -10),
-                "portal_venous": u(-90, -35),
-                "delayed": u(-70, -25),
-            },
-            "hcc": {  # hyperenhancing, then washout: at least ~10 HU from the liver
-                "non_contrast": u(-20, -5),
-                "arterial": u(20, 50),
-                "portal_venous": u(-35, -12),
-                "delayed": u(-45, -15),
-            },
-            "necrotic": {
-                "non_contrast": u(-20, -5),
-                "arterial": u(-40, -10),
-                "portal_venous": u(-70, -30),
-                "delayed": u(-60, -20),
-            },
-            "faint": {
-                "non_contrast": u(-15, -6),
-                "arterial": u(-25, -10),
-                "portal_venous": u(-35, -15),
-                "delayed": u(-30, -12),
-            },
-        }[str(t)]
+        t = rng.choice(list(LIVER_DELTAS), p=[0.4, 0.2, 0.15, 0.15, 0.1])
+        # every type's deltas are drawn (in table order) so the random stream does not depend
+        # on which type was chosen; the chosen type's are kept
+        drawn = {k: [u(*r) for r in ranges] for k, ranges in LIVER_DELTAS.items()}
+        d = dict(zip(PHASES, drawn[str(t)]))
     else:
         t = rng.choice(["ccrcc", "papillary", "necrotic"], p=[0.55, 0.25, 0.2])
-        if t == "papillary":  # hypoenhancing: below the cortex in every contrast phase
-            d = {
-                "non_contrast": u(-15, 10),
-                "arterial": u(-170, -90),
-                "portal_venous": u(-120, -60),
-                "delayed": u(-100, -40),
-            }
-        else:  # ccRCC (173 +- 45 corticomedullary, 149 +- 34 nephrographic): heterogeneous,
-            # at least ~20 HU below the cortex after the arterial peak, never parenchyma-like
-            d = {
-                "non_contrast": u(-10, 5),
-                "arterial": u(-80, -15),
-                "portal_venous": u(-90, -35),
-                "delayed": u(-90, -40),
-            }
+        ranges = KIDNEY_DELTAS["papillary" if t == "papillary" else "ccrcc"]
+        d = {phase: u(*r) for phase, r in zip(PHASES, ranges)}
     texture = u(8, 30) if organ == "liver" else u(15, 35)  # RCC: markedly heterogeneous
     rec = {"type": str(t), "delta": d, "edge": u(0.1, 0.35), "texture_hu": texture}
     if t == "rim" or (t == "hcc" and rng.random() < 0.5):

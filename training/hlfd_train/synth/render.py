@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from .lesions import texture
 from .tissues import HU, PHASES, TEXTURE, TISSUES, T
 
 
@@ -60,7 +61,7 @@ def _lesion(img, rec, organ_hu: float, phase: str, rng) -> None:
         value = np.full(q.shape, rec["hu"], dtype=np.float32)
     else:
         base = organ_hu + rec["delta"][phase]
-        tex = _texture_like(q.shape, rng)
+        tex = texture(q.shape, rng)
         value = base + rec["texture_hu"] * (tex - 0.5) * 2
         if "rim_hu" in rec:
             value += rec["rim_hu"] * np.clip((q - 0.6) / 0.4, 0, 1)
@@ -72,12 +73,6 @@ def _lesion(img, rec, organ_hu: float, phase: str, rng) -> None:
             value = np.where(tex > 0.97, rec["calcification_hu"], value)
     w = np.clip((1.0 - q) / rec["edge"], 0, 1) * region
     sub[...] = sub * (1 - w) + value * w
-
-
-def _texture_like(shape, rng) -> np.ndarray:
-    from .lesions import texture
-
-    return texture(shape, rng)
 
 
 def average_slices(img: np.ndarray, k: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 
 from .generator import SynthConfig, synth_case
 
@@ -42,16 +43,10 @@ def evaluate_conditions(
             case = synth_case(cfg, SEED_BASE + 1000 * seed + 100 * k + i)
             image, _ = case.to_sitk()
             for m, segmenter in models.items():
-                pred = _labels(segmenter(image).labels)
+                pred = sitk.GetArrayFromImage(segmenter(image).labels)
                 per_model[m].append(case_metrics(pred, case.labels, case.spacing))
         out[name] = {m: summarise(rows) for m, rows in per_model.items()}
     return out
-
-
-def _labels(image) -> np.ndarray:
-    import SimpleITK as sitk
-
-    return sitk.GetArrayFromImage(image)
 
 
 def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing) -> dict[str, float]:
