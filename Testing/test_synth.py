@@ -125,3 +125,91 @@ def test_robustness_metrics_count_border_and_tumour_free_false_positives():
     assert m["border_fp_ml"] == pytest.approx(m["tumour_free_fp_ml"])
     both = summarise([m, {**m, "tumour_dice": 0.5}])
     assert both["tumour_dice"] == 0.5  # NaN (no tumour) cases left out of the tumour Dice
+
+
+def test_exophytic_kidney_tumours_push_neighbours_aside():
+    """Kidney tumours grow into fat and kidney, never over the spleen, liver or bowel: a tumour
+    painted over the spleen keeps the spleen's shape, which taught the kidney model to call a
+    healthy spleen next to the kidney "tumour"."""
+    from hlfd_train.synth.anatomy import Patient, build
+    from hlfd_train.synth.geometry import Grid
+    from hlfd_train.synth.lesions import NEIGHBOURS, add_lesions
+    from hlfd_train.synth.tissues import T
+
+    replaced = grown = 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        p = Patient.draw(rng)
+        xs = ys = np.arange(-200.0, 200.0, 3.0)
+        grid = Grid(xs, ys, np.arange(p.kidney_z[0] - 90, p.kidney_z[0] + 90, 3.0), rng, 8.0)
+        anatomy = build(grid, p, rng)
+        before = anatomy.tissue.copy()
+        add_lesions(grid, anatomy, "kidney", rng, tumour_free=False)
+        tumour = anatomy.tissue == T["kidney_tumour"]
+        grown += int(tumour.sum())
+        replaced += int(np.isin(before[tumour], NEIGHBOURS).sum())
+    assert grown > 0 and replaced == 0
+
+
+def stream(workers=0, **kw):
+    from hlfd_train.synth.stream import SynthSliceStream, stream_settings
+
+    s = stream_settings({"synth": {"max_slices": 24, "inplane_mm": [2.5, 3.0]}}, "kidney")
+    pre = {"orientation": "LPS", "spacing": [3.0, 3.0, None], "window": [-200.0, 300.0]}
+    args = dict(crop=(64, 64), samples=10**6, crops_per_case=8, batch=4, seed=3)
+    return SynthSliceStream(
+        s["config"], {**pre, "normalize": {"mode": "minmax"}}, **{**args, **kw}, workers=workers
+    )
+
+
+def test_stream_lays_cases_out_per_worker():
+    """With W workers, batch b goes to worker b mod W: each case is made by one worker and
+    serves crops_per_case crops (two batches of 4 here), then the worker makes a new one."""
+    one, two = stream(0), stream(2)
+    seeds1 = [one.case_seed(4 * b) for b in range(6)]
+    assert seeds1[0] == seeds1[1] != seeds1[2] == seeds1[3] != seeds1[4]
+    seeds2 = [two.case_seed(4 * b) for b in range(8)]
+    assert seeds2[0] == seeds2[2] and seeds2[1] == seeds2[3] and seeds2[0] != seeds2[1]
+    assert len({seeds2[0], seeds2[1], seeds2[4], seeds2[5]}) == 4
+    assert all(two.case_seed(4 * b + i) == seeds2[b] for b in range(4) for i in range(4))
+
+
+def test_stream_items_are_reproducible_and_workers_do_not_change_them():
+    import torch
+    from torch.utils.data import DataLoader
+
+    from hlfd_train.engine import StepSampler
+
+    def batches(ds, workers, start=0):
+        loader = DataLoader(
+            ds,
+            batch_size=4,
+            sampler=StepSampler(len(ds), 4, start),
+            num_workers=workers,
+            drop_last=True,
+        )
+        it = iter(loader)
+        return [next(it) for _ in range(4)]
+
+    a, b = batches(stream(2), 2), batches(stream(2), 0)
+    for x, y in zip(a, b):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+        assert x["image"].shape == (4, 1, 64, 64) and x["image"].dtype == torch.float32
+    resumed = batches(stream(2), 0, start=2)  # a resumed run sees the same batches
+    assert torch.equal(resumed[0]["image"], a[2]["image"])
+    labels = torch.cat([x["label"] for x in a])
+    assert set(labels.unique().tolist()) <= {0, 1, 2} and (labels > 0).any()
+
+
+def test_stream_settings_are_checked():
+    from hlfd_train.config import ConfigError
+    from hlfd_train.synth.stream import stream_settings
+
+    for bad, word in [
+        ({"crop_per_case": 3}, "data.stream.crop_per_case"),
+        ({"crops_per_case": 0}, "crops_per_case"),
+        ({"seed": "x"}, "seed"),
+        ({"synth": {"noise_hu": [5, 1]}}, "noise_hu"),
+    ]:
+        with pytest.raises(ConfigError, match=word):
+            stream_settings(bad, "kidney")

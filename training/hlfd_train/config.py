@@ -46,6 +46,9 @@ DEFAULTS: dict[str, Any] = {
         },
         "workers": 0,
         "val_cases": 0,  # 0 = every validation case
+        # train on synthetic cases made on the fly instead of the root's train split (the root
+        # then holds the validation/test cases): {crops_per_case, seed, synth: {generator keys}}
+        "stream": None,
     },
     "model": {
         "spatial_dims": 2,

@@ -177,6 +177,8 @@ def training_set(cfg: Mapping[str, Any], prepared: Any, samples: int):
     from .data import SliceDataset, VolumeDataset
 
     d = cfg["data"]
+    if d["stream"] is not None:
+        return synth_stream(cfg, prepared, samples)
     if cfg["model"]["spatial_dims"] == 2:
         return SliceDataset(
             prepared,
@@ -201,6 +203,30 @@ def training_set(cfg: Mapping[str, Any], prepared: Any, samples: int):
 
 
 # -- networks ----------------------------------------------------------------------------------
+def synth_stream(cfg: Mapping[str, Any], prepared: Any, samples: int):
+    """``data.stream``: crops of synthetic cases made on the fly in the DataLoader workers."""
+    from .synth.stream import SynthSliceStream, stream_settings
+
+    d = cfg["data"]
+    if cfg["model"]["spatial_dims"] != 2:
+        raise ConfigError("data.stream makes 2D crops: set model.spatial_dims to 2")
+    settings = stream_settings(d["stream"], d["task"])
+    return SynthSliceStream(
+        settings["config"],
+        prepared.preprocessing,
+        crop=tuple(d["crop"]),
+        augment=d["augment"],
+        foreground_fraction=d["foreground_fraction"],
+        tumour_fraction=d["tumour_fraction"],
+        samples=samples,
+        crops_per_case=settings["crops_per_case"],
+        batch=int(cfg["train"]["batch_size"]),
+        workers=int(d["workers"]),
+        world=distributed()[1],
+        seed=settings["seed"],
+    )
+
+
 def make_network(spec: Mapping[str, Any], dims: int, classes: int) -> nn.Module:
     return build_network(spec["architecture"], dims, 1, classes, **spec["kwargs"])
 

@@ -102,7 +102,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: unreadable ({exc})") from None
 
 
-def _window(arr: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float) -> np.ndarray:
+def window(arr: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float) -> np.ndarray:
     """``arr[start:start+size]`` per axis, padded with ``fill`` where it leaves the array."""
     src, dst = [], []
     for s, n, total in zip(start, size, arr.shape):
@@ -114,12 +114,25 @@ def _window(arr: np.ndarray, start: Sequence[int], size: Sequence[int], fill: fl
     return out
 
 
-def _start(centre: int, size: int, total: int, jitter: int) -> int:
+def window_start(centre: int, size: int, total: int, jitter: int) -> int:
     """Window start holding ``centre`` (shifted by ``jitter``); inside the array when it fits,
     else centred on the array (padded evenly)."""
     if total <= size:
         return -((size - total) // 2)
     return int(np.clip(centre - size // 2 + jitter, 0, total - size))
+
+
+def finish_sample(augment, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> dict:
+    """A (H, W) or (D, H, W) crop as channel-first tensors, through ``augment`` (MONAI Compose
+    seeded from ``rng``): {"image": float32, "label": int64}."""
+    data = {"image": torch.from_numpy(image[None]), "label": torch.from_numpy(label[None])}
+    if augment.transforms:
+        augment.set_random_state(seed=int(rng.integers(2**31)))
+        data = augment(data)
+    img, lab = data["image"], data["label"]
+    img = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(img)
+    lab = lab.as_tensor() if hasattr(lab, "as_tensor") else torch.as_tensor(lab)
+    return {"image": img.float().contiguous(), "label": lab.round().long().contiguous()}
 
 
 class _Sampled(Dataset):
@@ -179,15 +192,7 @@ class _Sampled(Dataset):
         return self.case_ids[rng.integers(len(self.case_ids))], None
 
     def _finish(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> dict:
-        data = {"image": torch.from_numpy(image[None]), "label": torch.from_numpy(label[None])}
-        if self.augment.transforms:
-            self.augment.set_random_state(seed=int(rng.integers(2**31)))
-            data = self.augment(data)
-        img = data["image"]
-        lab = data["label"]
-        img = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(img)
-        lab = lab.as_tensor() if hasattr(lab, "as_tensor") else torch.as_tensor(lab)
-        return {"image": img.float().contiguous(), "label": lab.round().long().contiguous()}
+        return finish_sample(self.augment, image, label, rng)
 
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, int(index)])
@@ -248,10 +253,10 @@ class SliceDataset(_Sampled):
             sl = np.asarray(label[z])
             ys, xs = np.nonzero(sl == value if value else sl > 0)
             k = int(rng.integers(len(ys)))
-            top = _start(int(ys[k]), ch, h, int(rng.integers(-(ch // 4), ch // 4 + 1)))
-            left = _start(int(xs[k]), cw, w, int(rng.integers(-(cw // 4), cw // 4 + 1)))
-        img = _window(image[z], (top, left), self.size, self.prepared.background)
-        lab = _window(label[z], (top, left), self.size, 0).astype(np.uint8)
+            top = window_start(int(ys[k]), ch, h, int(rng.integers(-(ch // 4), ch // 4 + 1)))
+            left = window_start(int(xs[k]), cw, w, int(rng.integers(-(cw // 4), cw // 4 + 1)))
+        img = window(image[z], (top, left), self.size, self.prepared.background)
+        lab = window(label[z], (top, left), self.size, 0).astype(np.uint8)
         out = self._finish(img, lab, rng)
         return {**out, "case": case, "slice": z}
 
@@ -301,11 +306,11 @@ class VolumeDataset(_Sampled):
             points = [p for k in keys for p in meta["points"][k]]
             centre = points[rng.integers(len(points))]
             start = [
-                _start(c, p, n, int(rng.integers(-(p // 4), p // 4 + 1)))
+                window_start(c, p, n, int(rng.integers(-(p // 4), p // 4 + 1)))
                 for c, p, n in zip(centre, self.size, image.shape)
             ]
-        img = _window(image, start, self.size, self.prepared.background)
-        lab = _window(label, start, self.size, 0).astype(np.uint8)
+        img = window(image, start, self.size, self.prepared.background)
+        lab = window(label, start, self.size, 0).astype(np.uint8)
         out = self._finish(img, lab, rng)
         return {**out, "case": case, "start": torch.tensor(start, dtype=torch.int64)}
 
@@ -343,8 +348,8 @@ class EvalSliceDataset(Dataset):
         img, lab = np.asarray(image[z], dtype=np.float32), np.asarray(label[z])
         if self.size:
             start = [-((s - n) // 2) for s, n in zip(self.size, img.shape)]
-            img = _window(img, start, self.size, self.prepared.background)
-            lab = _window(lab, start, self.size, 0)
+            img = window(img, start, self.size, self.prepared.background)
+            lab = window(lab, start, self.size, 0)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(img))[None],
             "label": torch.from_numpy(lab.astype(np.int64))[None],

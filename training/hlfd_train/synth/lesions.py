@@ -38,6 +38,25 @@ FIRM = [
         "metal",
     )
 ]
+# neighbours an exophytic kidney tumour pushes aside rather than replaces: a tumour painted over
+# the spleen or liver keeps that organ's place and shape, which taught the stage-1/2 kidney
+# students to call the spleen and liver next to a healthy upper pole "tumour"
+NEIGHBOURS = [
+    T[n]
+    for n in (
+        "liver",
+        "portal_vein",
+        "hepatic_vein",
+        "gallbladder",
+        "spleen",
+        "pancreas",
+        "bowel_wall",
+        "bowel_fluid",
+        "oral_contrast",
+        "feces",
+        "adrenal",
+    )
+]
 
 
 # liver lesion radius (mm) per size class and how many of that class a case gets: Hu et al.'s
@@ -128,8 +147,8 @@ def add_lesions(
         if kind == "tumour" and organ == "liver":
             region &= mask[sl] | (q <= 0.6) & np.isin(tissue[sl], [T["visceral_fat"]])  # may bulge
             region &= anatomy.body_rho[sl] < 0.97
-        elif kind == "tumour":  # kidney: exophytic, pushing organs aside; never bone or vessels
-            region &= ~np.isin(tissue[sl], FIRM) & (anatomy.body_rho[sl] < 0.9)
+        elif kind == "tumour":  # kidney: exophytic into fat, pushing neighbours aside
+            region &= ~np.isin(tissue[sl], FIRM + NEIGHBOURS) & (anatomy.body_rho[sl] < 0.9)
         else:
             region &= mask[sl]
         if not region.any():

@@ -1,0 +1,152 @@
+"""The synthetic training stream: 2D crops of cases made on the fly, in DataLoader workers.
+
+No dataset on disk: sample ``i`` is a pure function of (seed, i), like the prepared datasets, so
+a resumed run sees the batches an uninterrupted run would have seen. Making a case costs seconds
+(``synth_case``), so each case serves ``crops_per_case`` crops, and the cases are laid out so that
+every DataLoader worker makes its own: with ``W`` workers, batch ``b`` goes to worker ``b mod W``
+(PyTorch's round robin), and the case of batch ``b`` depends only on ``b mod W`` and
+``b // (W * batches_per_case)``. A worker therefore keeps one case in memory and makes the next
+when its batches move on; no case is made twice.
+
+The case is preprocessed exactly as the prepared cache and the runtime do (``model_grid``,
+``normalise``), and crops are drawn as :class:`~hlfd_train.data.SliceDataset` draws them
+(foreground-biased, tumour-biased, then augmented).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from torch.utils.data import Dataset
+
+from HLFDSegmentLib.pipeline import background_value, model_grid, normalise
+
+from ..config import ConfigError
+from ..data.augment import make_augment
+from ..data.datasets import finish_sample, window, window_start
+from .generator import SynthConfig, SynthError, synth_case
+
+STREAM_KEYS = {"crops_per_case": 32, "seed": 1, "synth": {}}
+
+
+@dataclass(frozen=True)
+class StreamCase:
+    """One preprocessed case: normalised image and target labels on the model grid."""
+
+    image: np.ndarray  # float32 (z, y, x)
+    label: np.ndarray  # uint8, 0 background, 1 organ, 2 tumour
+    foreground: np.ndarray  # int (n, 3) voxel indices of label > 0
+    tumour: np.ndarray  # int (n, 3) voxel indices of label == 2
+
+
+def stream_settings(values: Mapping[str, Any] | None, task: str) -> dict[str, Any]:
+    """``data.stream`` checked: crops_per_case (int > 0), seed (int), synth (generator keys)."""
+    values = dict(values or {})
+    unknown = sorted(set(values) - set(STREAM_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key 'data.stream.{unknown[0]}' (known here: "
+            f"{', '.join(sorted(STREAM_KEYS))})"
+        )
+    out = {**STREAM_KEYS, **values}
+    for key in ("crops_per_case", "seed"):
+        v = out[key]
+        if not isinstance(v, int) or isinstance(v, bool) or (key == "crops_per_case" and v < 1):
+            raise ConfigError(f"config key 'data.stream.{key}': a positive int, got {v!r}")
+    if not isinstance(out["synth"], Mapping):
+        raise ConfigError(f"config key 'data.stream.synth': a mapping, got {out['synth']!r}")
+    try:
+        out["config"] = SynthConfig.from_dict(task, out["synth"])
+    except SynthError as exc:
+        raise ConfigError(f"data.stream.{exc}") from None
+    return out
+
+
+def stream_case(config: SynthConfig, seed: int, pre: Mapping[str, Any]) -> StreamCase:
+    """Make case ``seed`` and bring it onto the model grid of ``pre`` (the card's preprocessing)."""
+    image, label = synth_case(config, seed).to_sitk()
+    grid = model_grid(image, dict(pre))
+    arr = normalise(image, grid, dict(pre)).astype(np.float32, copy=False)
+    lab = sitk.GetArrayFromImage(grid.resample(label, sitk.sitkNearestNeighbor, sitk.sitkUInt8))
+    return StreamCase(arr, lab, np.argwhere(lab > 0), np.argwhere(lab == 2))
+
+
+class SynthSliceStream(Dataset):
+    """Random 2D crops (1, H, W) of synthetic cases made on the fly (see the module doc).
+
+    ``batch`` and ``workers`` must be the DataLoader's (they lay the cases out per worker);
+    ``world``: data-parallel ranks, each with its own cases. Items: {"image": float32 (1, H, W),
+    "label": int64 (1, H, W), "case": "synth-<seed>", "slice": z}."""
+
+    def __init__(
+        self,
+        config: SynthConfig,
+        preprocessing: Mapping[str, Any],
+        *,
+        crop: Sequence[int] = (160, 160),
+        augment: Mapping[str, Any] | None = None,
+        foreground_fraction: float = 0.67,
+        tumour_fraction: float = 0.5,
+        samples: int = 2**31,
+        crops_per_case: int = 32,
+        batch: int = 8,
+        workers: int = 0,
+        world: int = 1,
+        seed: int = 1,
+    ):
+        if len(crop) != 2:
+            raise ConfigError(f"data.crop: 2 values for 2D crops, got {list(crop)}")
+        self.config, self.pre = config, dict(preprocessing)
+        self.size = tuple(int(s) for s in crop)
+        self.augment = make_augment(augment, 2)
+        self.foreground_fraction, self.tumour_fraction = foreground_fraction, tumour_fraction
+        self.samples, self.batch = int(samples), max(1, int(batch))
+        self.workers, self.world, self.seed = max(1, int(workers)), max(1, int(world)), int(seed)
+        self.batches_per_case = max(1, round(crops_per_case / self.batch))
+        self.background = background_value(self.pre)
+        self._cached: tuple[int, StreamCase] | None = None
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def case_seed(self, index: int) -> int:
+        """The generator seed of sample ``index``'s case (distinct from ``write``'s seeds)."""
+        b = int(index) // self.batch
+        step, rank = divmod(b, self.world)
+        lane, cycle = step % self.workers, step // (self.workers * self.batches_per_case)
+        words = [self.seed, 0x5EED, rank, lane, cycle]
+        return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+    def case(self, seed: int) -> StreamCase:
+        """The preprocessed case of ``seed`` (the last one is kept)."""
+        if self._cached is None or self._cached[0] != seed:
+            self._cached = None  # free the old case before making the next
+            self._cached = (seed, stream_case(self.config, seed, self.pre))
+        return self._cached[1]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        seed = self.case_seed(index)
+        case = self.case(seed)
+        rng = np.random.default_rng([self.seed, 0xC0, int(index)])
+        depth, h, w = case.image.shape
+        ch, cw = self.size
+        points = None
+        if len(case.foreground) and rng.random() < self.foreground_fraction:
+            tumour = len(case.tumour) and rng.random() < self.tumour_fraction
+            points = case.tumour if tumour else case.foreground
+        if points is None:
+            z = int(rng.integers(depth))
+            top = int(rng.integers(h - ch + 1)) if h > ch else -((ch - h) // 2)
+            left = int(rng.integers(w - cw + 1)) if w > cw else -((cw - w) // 2)
+        else:
+            z, y, x = (int(v) for v in points[rng.integers(len(points))])
+            top = window_start(y, ch, h, int(rng.integers(-(ch // 4), ch // 4 + 1)))
+            left = window_start(x, cw, w, int(rng.integers(-(cw // 4), cw // 4 + 1)))
+        img = window(case.image[z], (top, left), self.size, self.background)
+        lab = window(case.label[z], (top, left), self.size, 0).astype(np.uint8)
+        out = finish_sample(self.augment, img, lab, rng)
+        return {**out, "case": f"synth-{seed}", "slice": z}
