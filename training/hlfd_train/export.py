@@ -119,6 +119,15 @@ def data_description(cfg: dict, info: dict) -> str:
     cases = len(info.get("cases", [])) or "?"
     labelset = cfg["data"]["labelset"]
     synth = root / "synth.json"
+    if cfg["data"].get("stream") is not None:
+        from .synth.stream import STREAM_KEYS
+
+        stream = {**STREAM_KEYS, **cfg["data"]["stream"]}
+        return (
+            f"synthetic CT only (hlfd_train.synth cases made on the fly, stream seed "
+            f"{stream['seed']}, a new case every {stream['crops_per_case']} crops; no patient "
+            f"data), labelset {labelset}"
+        )
     if synth.is_file():
         meta = json.loads(synth.read_text(encoding="utf-8"))
         return (

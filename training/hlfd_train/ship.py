@@ -36,19 +36,25 @@ def _validation(run: Path) -> str:
 
 
 def ship(
-    task: str, runs: Path | None = None, dest: Path = BUILTIN_DIR, recipe: str | None = None
+    task: str,
+    runs: Path | None = None,
+    dest: Path = BUILTIN_DIR,
+    recipe: str | None = None,
+    version: str = "0.2.0",
 ) -> Path:
     cfg = load_config(ROOT / "training" / "configs" / f"{recipe or f'synth-{task}'}.yaml")
     base = Path(runs or cfg["output"]) / cfg["name"]
     method = cfg["distill"]["method"]
     student = base / f"{method}-seed{cfg['seed']}"
+    teacher = Path(cfg["distill"]["teacher"] or base / "teacher")  # a run folder or its weights
+    teacher = teacher.parent if teacher.suffix == ".safetensors" else teacher
     description = (
         f"{TITLES[task]} on CT. A {cfg['model']['student']['architecture']} student distilled "
         f"({method}) from a {cfg['model']['teacher']['architecture']} teacher. Trained on "
         "synthetic CT only (hlfd_train.synth, no patient data): its accuracy on real scans is "
         "not validated. Research use only; not for diagnosis. Dice on held-out synthetic "
         f"validation cases: student {_validation(student)}; teacher "
-        f"{_validation(base / 'teacher')}."
+        f"{_validation(teacher)}."
     )
     init = cfg["model"]["student"].get("init")
     if init:  # a second stage: say what it started from
@@ -59,7 +65,7 @@ def ship(
         half=True,
         card_fields={
             "name": f"synth-{task}-student",
-            "version": "0.2.0",
+            "version": version,
             "title": f"{TITLES[task]} (student, synthetic CT)",
             "description": description,
             "postprocessing": {"min_island_ml": MIN_ISLAND_ML[task]},
@@ -73,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=Path, help="runs folder (default: the recipe's output)")
     ap.add_argument("--dest", type=Path, default=BUILTIN_DIR)
     ap.add_argument("--recipe", help="config name in training/configs (default synth-TASK)")
+    ap.add_argument("--version", default="0.2.0", help="the package's version (default 0.2.0)")
     args = ap.parse_args(argv)
-    print(f"built-in model: {ship(args.task, args.runs, args.dest, args.recipe)}")
+    out = ship(args.task, args.runs, args.dest, args.recipe, args.version)
+    print(f"built-in model: {out}")
     return 0
 
 
