@@ -85,11 +85,14 @@ class Anatomy:
 
 def _body_rho(grid: Grid, p: Patient) -> np.ndarray:
     """Superellipse radius (1 at the skin) of every voxel, tapering a little with z."""
-    taper = 1.0 + 0.03 * np.sin(grid.Z / 90.0)
-    yb = np.where(grid.Y < 0, p.b_ant, p.b_post)
-    return (
-        np.abs(grid.X / (p.a * taper)) ** p.power + np.abs(grid.Y / (yb * taper)) ** p.power
-    ) ** (1.0 / p.power)
+    power = float(p.power)
+    taper = 1.0 + 0.03 * np.sin(grid.Z[:, :1, :1] / 90.0)  # z only: deformation there is small
+    x = np.abs(grid.X / (float(p.a) * taper))
+    y = np.abs(grid.Y / (np.where(grid.Y < 0, float(p.b_ant), float(p.b_post)) * taper))
+    np.power(x, power, out=x)
+    np.power(y, power, out=y)
+    x += y
+    return np.power(x, 1.0 / power, out=x)
 
 
 def build(grid: Grid, p: Patient, rng: np.random.Generator) -> Anatomy:

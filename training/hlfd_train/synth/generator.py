@@ -165,8 +165,9 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
     labels = labels[k // 2 :: k][: img.shape[0]]
     body = anatomy.body_rho[k // 2 :: k][: img.shape[0]]
     sd = u(*cfg.noise_hu) * min(1.6, max(0.8, (p.a / 155) ** 1.5)) * math.sqrt(2.5 / sz) ** 0.5
-    img += ct_noise(img.shape, (sx, sx, sz), sd, u(*cfg.noise_peak), rng) * (body <= 1.02)
-    img += ct_noise(img.shape, (sx, sx, sz), 4.0, 0.3, rng) * (body > 1.02)  # air is noisy too
+    noise = ct_noise(img.shape, (sx, sx, sz), 1.0, u(*cfg.noise_peak), rng)
+    img += noise * np.where(body <= 1.02, np.float32(sd), np.float32(4.0))  # air is noisy too
+    del noise
     if anatomy.metal:
         img += metal_streaks(img.shape, (xs, ys), anatomy.metal, sx, rng)[None] * (body <= 1.0)
     if rng.random() < cfg.circle_mask:

@@ -66,16 +66,17 @@ class Grid:
 
     def local(self, sl, centre, rot: np.ndarray | None = None):
         """Coordinates in a box relative to ``centre``, in the frame of ``rot`` (its columns)."""
-        u = self.X[sl] - centre[0]
-        v = self.Y[sl] - centre[1]
-        w = self.Z[sl] - centre[2]
+        # Python floats keep the arithmetic in float32 (NumPy 2 promotes with float64 scalars)
+        u = self.X[sl] - float(centre[0])
+        v = self.Y[sl] - float(centre[1])
+        w = self.Z[sl] - float(centre[2])
         if rot is None:
             return u, v, w
-        r = rot
+        r = np.asarray(rot, dtype=float).tolist()
         return (
-            r[0, 0] * u + r[1, 0] * v + r[2, 0] * w,
-            r[0, 1] * u + r[1, 1] * v + r[2, 1] * w,
-            r[0, 2] * u + r[1, 2] * v + r[2, 2] * w,
+            r[0][0] * u + r[1][0] * v + r[2][0] * w,
+            r[0][1] * u + r[1][1] * v + r[2][1] * w,
+            r[0][2] * u + r[1][2] * v + r[2][2] * w,
         )
 
     def ellipsoid(self, centre, radii, rot=None, lobulation: float = 0.0, pad: float = 1.0):
@@ -111,11 +112,16 @@ class Grid:
                 continue
             ab = b - a
             length2 = max(float(ab @ ab), 1e-9)
-            px, py, pz = X[sub] - a[0], Y[sub] - a[1], Z[sub] - a[2]
-            t = np.clip((px * ab[0] + py * ab[1] + pz * ab[2]) / length2, 0.0, 1.0)
-            d = np.sqrt((px - t * ab[0]) ** 2 + (py - t * ab[1]) ** 2 + (pz - t * ab[2]) ** 2)
-            r = r0 + (r1 - r0) * (k + t) / n
-            np.minimum(best[sub], d / r, out=best[sub])
+            (ax, ay, az), (bx, by, bz) = a.tolist(), ab.tolist()  # float32 arithmetic below
+            px, py, pz = X[sub] - ax, Y[sub] - ay, Z[sub] - az
+            t = (px * bx + py * by + pz * bz) * (1.0 / length2)
+            np.clip(t, 0.0, 1.0, out=t)
+            px -= t * bx
+            py -= t * by
+            pz -= t * bz
+            d = np.sqrt(px * px + py * py + pz * pz)
+            d /= r0 + (r1 - r0) * (k + t) / n
+            np.minimum(best[sub], d, out=best[sub])
         return sl, best
 
     def _sub(self, sl, lo, hi):
