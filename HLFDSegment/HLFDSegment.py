@@ -38,7 +38,7 @@ UNSUPPORTED_MESSAGE = (
 )
 
 if SUPPORTED:
-    from HLFDSegmentLib import deps, samples, slicerjob
+    from HLFDSegmentLib import background, deps, samples, slicerjob
     from HLFDSegmentLib.mrml import SegmentationRun
 
 
@@ -163,6 +163,7 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run: SegmentationRun | None = None
         self._extraModels: list[str] = []
         self._lastInput = None
+        self._probe = None  # the device probe process (torch is never imported in Slicer's)
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self.onTimer)
@@ -184,10 +185,8 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         for choice, text in zip(slicerjob.DEVICE_CHOICES, (_("Auto"), _("GPU"), _("CPU"))):
             self.ui.deviceComboBox.addItem(text, choice)
-        self.ui.detectedDeviceLabel.text = _("Detected: {device}").format(
-            device=self.logic.detectedDevice()
-        )
         self.ui.progressBar.visible = False
+        self.startDeviceProbe()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -201,14 +200,44 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._stopRun()
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+        self._timer.stop()
         self.removeObservers()
 
     def _stopRun(self) -> None:
-        """Stop polling and kill the worker, if one runs."""
-        self._timer.stop()
+        """Kill the worker, if one runs (never waits for it); polling goes on for the probe."""
         if self._run is not None:
             self._run.cancel()
             self._run = None
+        self._stopTimerIfIdle()
+
+    def _stopTimerIfIdle(self) -> None:
+        if self._run is None and self._probe is None:
+            self._timer.stop()
+
+    def startDeviceProbe(self) -> None:
+        """Detect the device once, in a helper process (never blocks, never imports torch here);
+        the result arrives in :meth:`onTimer`. Runs again after dependency installs."""
+        if self._probe is not None:
+            return
+        try:
+            self._probe = self.logic.startDeviceProbe()
+        except Exception as exc:  # no PythonSlicer: say so, the module still works
+            self.ui.detectedDeviceLabel.text = _("Detected: unknown ({error})").format(error=exc)
+            return
+        self.ui.detectedDeviceLabel.text = _("Detected: checking...")
+        self._timer.start()
+
+    def _pollDeviceProbe(self) -> None:
+        if self._probe is None:
+            return
+        self._probe.poll()
+        found = background.probe_result(self._probe)
+        if found is not None:
+            self._probe = None
+            self.ui.detectedDeviceLabel.text = _("Detected: {device}").format(device=found)
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -351,9 +380,6 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             if not self.logic.installDependencies(askConfirmation=True):
                 return
-            self.ui.detectedDeviceLabel.text = _("Detected: {device}").format(
-                device=self.logic.detectedDevice()
-            )
             self._run = self.logic.start(
                 p.inputVolume, p.model, p.device, p.tta, p.outputSegmentation
             )
@@ -371,9 +397,10 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._checkCanApply()
 
     def onTimer(self) -> None:
+        self._pollDeviceProbe()
         run = self._run
         if run is None:
-            self._timer.stop()
+            self._stopTimerIfIdle()
             return
         run.poll()
         job = run.job
@@ -384,6 +411,10 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         text = _("Elapsed {seconds:.0f} s").format(seconds=job.elapsed)
         if job.device_info:
+            if job.device_info.get("description"):
+                self.ui.detectedDeviceLabel.text = _("Running on: {device}").format(
+                    device=job.device_info["description"]
+                )
             estimate = slicerjob.estimate_seconds(
                 job.device_info.get("runtimes"), job.device_info.get("device", "cpu")
             )
@@ -395,8 +426,8 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.timeLabel.text = text
         if not run.finished:
             return
-        self._timer.stop()
         self._run = None
+        self._stopTimerIfIdle()
         self.ui.progressBar.visible = False
         try:  # tryWithErrorDisplay shows the error, then re-raises it
             if job.state is slicerjob.JobState.DONE:
@@ -445,12 +476,9 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
             return candidate
         raise RuntimeError(_("PythonSlicer executable not found next to Slicer."))
 
-    @staticmethod
-    def detectedDevice() -> str:
-        try:
-            return deps.detect_device()
-        except Exception as exc:  # a broken torch install must not break the module panel
-            return _("unknown ({error})").format(error=exc)
+    def startDeviceProbe(self) -> "background.BackgroundCommand":
+        """Start the helper process that names the device (torch is imported there only)."""
+        return background.device_probe(self.pythonExecutable()).start()
 
     @staticmethod
     def modelChoices(extra: Optional[list[str]] = None) -> list[tuple[str, str]]:

@@ -333,3 +333,16 @@ def test_license_file_matches_the_declared_licence():
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+
+
+def test_module_never_imports_torch_in_slicers_process(tree):
+    """The panel and each click must not import torch in Slicer (slow, and a broken install
+    would break the panel): the device is named by a helper process or the worker."""
+    source = SCRIPT.read_text(encoding="utf-8")
+    assert "detect_device" not in source and "describe_device" not in source
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert not any(a.name.split(".")[0] == "torch" for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert (node.module or "").split(".")[0] != "torch"
+    assert "device_probe" in source and "startDeviceProbe" in source

@@ -55,6 +55,8 @@ def test_progress_events_and_result_file(tmp_path, ct_file, tiny_package):
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done"
     assert "error" not in kinds and kinds.count("device") == 1
+    device = next(e for e in events if e["event"] == "device")
+    assert device["description"].startswith("CPU (")  # named in the worker, not in Slicer
     progress = [e for e in events if e["event"] == "progress"]
     fractions = [e["fraction"] for e in progress]
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0

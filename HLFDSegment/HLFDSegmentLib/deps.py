@@ -89,6 +89,18 @@ def install(
         raise RuntimeError(f"Installation finished but {names} still cannot be imported")
 
 
+def describe_device(device: str) -> str:
+    """One line for the torch device a run uses (``cuda:0`` -> its GPU name); imports torch."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = int(device.partition(":")[2] or 0)
+        return f"GPU: {torch.cuda.get_device_name(index)} (CUDA)"
+    if device.startswith("mps"):
+        return "GPU: Apple MPS"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
 def detect_device() -> str:
     """One line for the UI: the accelerator torch sees, or why there is none."""
     if torch_missing():
@@ -101,3 +113,7 @@ def detect_device() -> str:
     if mps is not None and mps.is_available():
         return "GPU: Apple MPS"
     return f"CPU only ({torch.get_num_threads()} threads)"
+
+
+if __name__ == "__main__":  # ``python -m HLFDSegmentLib.deps``: the device probe of the panel
+    print(detect_device(), flush=True)

@@ -115,7 +115,10 @@ def popen_launcher(argv: Sequence[str], env: Mapping[str, str], log_path: Path) 
 
 
 def kill_tree(process: Process) -> None:
-    """Kill ``process`` and every process it started (its session / process group)."""
+    """Kill ``process`` and every process it started (its session / process group).
+
+    Never waits in the caller's thread: a background thread reaps the process, so one stuck in
+    the kernel (e.g. inside a GPU driver call) cannot freeze Slicer's GUI."""
     if os.name == "nt":  # pragma: no cover - Windows only
         subprocess.run(
             ["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False
@@ -126,8 +129,12 @@ def kill_tree(process: Process) -> None:
     with contextlib.suppress(Exception):
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
+    threading.Thread(target=_reap, args=(process,), name="hlfd-reaper", daemon=True).start()
+
+
+def _reap(process: Process) -> None:
     with contextlib.suppress(Exception):
-        process.wait(timeout=10)
+        process.wait()
 
 
 def parse_event(line: str) -> dict[str, Any]:

@@ -8,8 +8,8 @@ Protocol: every line on stdout is one JSON object (an *event*); anything else go
 - ``{"event": "start", "pid": 123, "version": "0.1.0"}`` as soon as the process runs
 - ``{"event": "progress", "stage": S, "fraction": F}``: S in read, model, preprocess, infer,
   postprocess, resample, write; F in [0, 1] is the share of the whole run done (monotonic)
-- ``{"event": "device", "device": "cpu", "precision": "bfloat16", "model": {...},
-  "runtimes": [...the card's measured run times...]}``
+- ``{"event": "device", "device": "cpu", "description": "CPU (8 threads)", "precision":
+  "bfloat16", "model": {...}, "runtimes": [...the card's measured run times...]}``
 - ``{"event": "warning", "message": M}``
 - ``{"event": "done", "output": PATH, "labels": [...card labels...], "report": {...}}``
 - ``{"event": "error", "kind": K, "message": M}``: K in input, model, output, memory, internal
@@ -126,9 +126,12 @@ def run(args: argparse.Namespace, emit: Emitter) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     package = load_package(model_path)
     segmenter = Segmenter(package, device=args.device, tta=args.tta)
+    from .deps import describe_device
+
     emit(
         "device",
         device=str(segmenter.device),
+        description=describe_device(str(segmenter.device)),
         precision=segmenter.precision,
         model={"name": package.name, "version": package.version, "task": package.card["task"]},
         runtimes=package.card.get("runtimes", []),
