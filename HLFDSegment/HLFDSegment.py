@@ -39,6 +39,7 @@ UNSUPPORTED_MESSAGE = (
 
 if SUPPORTED:
     from HLFDSegmentLib import background, deps, samples, slicerjob
+    from HLFDSegmentLib import mrml
     from HLFDSegmentLib.mrml import SegmentationRun
 
 
@@ -284,6 +285,7 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Enable Segment when a CT and a model are chosen (always enabled as Cancel)."""
         self._resetOutputOnNewInput()
         self._syncComboBoxes()
+        self._showVolumesTable()
         if self._run is not None:
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the segmentation; the scene is left unchanged.")
@@ -307,6 +309,13 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lastInput = p.inputVolume
         if changed and p.outputSegmentation is not None:
             p.outputSegmentation = None
+
+    def _showVolumesTable(self) -> None:
+        """The table of the chosen output segmentation (its own, by node reference)."""
+        output = self._parameterNode.outputSegmentation if self._parameterNode else None
+        table = HLFDSegmentLogic.volumesTable(output)
+        if self.ui.volumesTableView.mrmlTableNode() is not table:
+            self.ui.volumesTableView.setMRMLTableNode(table)
 
     def _syncComboBoxes(self) -> None:
         if not self._parameterNode:
@@ -546,6 +555,11 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
         )
         run.start()
         return run
+
+    @staticmethod
+    def volumesTable(segmentationNode: Any) -> Any:
+        """The segment volumes table of a segmentation this module filled (None if none)."""
+        return mrml.volumes_table_of(segmentationNode)
 
     def finish(self, run: "SegmentationRun", show3D: bool = True) -> Any:
         """Put a finished run's result into the scene; returns the segmentation node."""

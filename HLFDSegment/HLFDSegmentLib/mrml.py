@@ -10,7 +10,6 @@ and headless with the ``slicer-core`` wheel (``slicer.util.loadVolume`` & co. ar
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -303,6 +302,13 @@ def show_in_3d(segmentation: Any, visible: bool = True) -> None:
 
 
 VOLUME_COLUMNS = ("Segment", "Volume [mL]", "Voxels", "Tumor burden [%]")
+VOLUMES_TABLE_ROLE = "HLFDSegmentVolumesTable"
+"""Node reference role from a segmentation to its volume table (saved with the scene)."""
+
+
+def volumes_table_of(segmentation: Any) -> Any:
+    """The volume table made for ``segmentation`` by an earlier run (None if none)."""
+    return segmentation.GetNodeReference(VOLUMES_TABLE_ROLE) if segmentation else None
 
 
 def volumes_table(
@@ -312,12 +318,13 @@ def volumes_table(
     table: Any = None,
     name: str = "Segment volumes",
 ) -> Any:
-    """A table node: segment name, volume (mL), voxels, tumour burden (lesion / organ %)."""
+    """A table node (``table`` is refilled in place): segment name, volume (mL), voxels, tumour
+    burden (lesion / organ %, two decimals; empty where it does not apply, never "nan")."""
     rows = volume_rows(volumes, labels)
     if table is None:
         table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     vtable = vtk.vtkTable()
-    columns = [vtk.vtkStringArray(), vtk.vtkDoubleArray(), vtk.vtkIntArray(), vtk.vtkDoubleArray()]
+    columns = [vtk.vtkStringArray(), vtk.vtkDoubleArray(), vtk.vtkIntArray(), vtk.vtkStringArray()]
     for column, title in zip(columns, VOLUME_COLUMNS):
         column.SetName(title)
         vtable.AddColumn(column)
@@ -326,7 +333,7 @@ def volumes_table(
         columns[1].InsertNextValue(round(row["volume_ml"], 3))
         columns[2].InsertNextValue(row["voxels"])
         burden = row["burden_percent"]
-        columns[3].InsertNextValue(math.nan if burden is None else round(burden, 2))
+        columns[3].InsertNextValue("" if burden is None else f"{burden:.2f}")
     table.SetAndObserveTable(vtable)
     table.SetUseColumnTitleAsColumnHeader(True)
     return table
@@ -388,7 +395,7 @@ class SegmentationRun:
     def cancel(self) -> None:
         self.job.cancel()
 
-    def apply(self, show_3d: bool = False, table: Any = None) -> Any:
+    def apply(self, show_3d: bool = False) -> Any:
         """Load the worker's labels into the scene; returns the segmentation node."""
         if self.job.state is not JobState.DONE or self.job.result is None:
             raise RuntimeError(self.job.error or f"segmentation {self.job.state.value}")
@@ -396,21 +403,40 @@ class SegmentationRun:
             result = self.job.result
             labels = sitk.ReadImage(str(self.job.output_path))
             labels = sitk.Cast(labels, sitk.sitkUInt8)
-            segmentation = labels_to_segmentation(
-                labels, result["labels"], self.volume, self.segmentation
-            )
-            place_under_study(segmentation, self.volume)
-            show_in_3d(segmentation, show_3d)
-            scene = _scene_of(self.volume)
-            self.table = volumes_table(
-                result["report"]["segments"],
+            self.segmentation, self.table = store_result(
+                self.volume,
+                labels,
                 result["labels"],
-                scene,
-                table,
-                f"{self.volume.GetName()} segment volumes",
+                result["report"]["segments"],
+                self.segmentation,
+                show_3d,
             )
-            place_under_study(self.table, self.volume)
-            self.segmentation = segmentation
-            return segmentation
+            return self.segmentation
         finally:
             self.job.cleanup()
+
+
+def store_result(
+    volume: Any,
+    labels: sitk.Image,
+    entries: Sequence[Mapping[str, Any]],
+    volumes: Sequence[Mapping[str, Any]],
+    segmentation: Any = None,
+    show_3d: bool = False,
+) -> tuple[Any, Any]:
+    """Put a labelmap on ``volume``'s grid into ``segmentation`` (new if None) and its volumes
+    into the segmentation's own table, found by node reference (not by name) and refilled in
+    place on a rerun: one table per segmentation. Returns (segmentation, table)."""
+    segmentation = labels_to_segmentation(labels, entries, volume, segmentation)
+    place_under_study(segmentation, volume)
+    show_in_3d(segmentation, show_3d)
+    table = volumes_table(
+        volumes,
+        entries,
+        _scene_of(volume),
+        volumes_table_of(segmentation),
+        f"{volume.GetName()} segment volumes",
+    )
+    segmentation.SetNodeReferenceID(VOLUMES_TABLE_ROLE, table.GetID())
+    place_under_study(table, volume)
+    return segmentation, table
