@@ -38,8 +38,7 @@ UNSUPPORTED_MESSAGE = (
 )
 
 if SUPPORTED:
-    from HLFDSegmentLib import background, deps, samples, slicerjob
-    from HLFDSegmentLib import mrml
+    from HLFDSegmentLib import background, deps, mrml, samples, slicerjob
     from HLFDSegmentLib.mrml import SegmentationRun
 
 
@@ -58,15 +57,6 @@ CITATION = (
     "Rethinking Intermediate Layers design in Knowledge Distillation for Kidney and Liver Tumor "
     "Segmentation. IEEE International Symposium on Biomedical Imaging (ISBI), 2024."
 )
-STAGE_NAMES = {
-    "read": "Reading the volume",
-    "model": "Loading the model",
-    "preprocess": "Preprocessing",
-    "infer": "Running the network",
-    "postprocess": "Postprocessing",
-    "resample": "Resampling to the CT grid",
-    "write": "Writing the result",
-}
 
 
 #
@@ -164,6 +154,7 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run: SegmentationRun | None = None
         self._extraModels: list[str] = []
         self._lastInput = None
+        self._loggedStage = None
         self._probe = None  # the device probe process (torch is never imported in Slicer's)
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
@@ -187,6 +178,8 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for choice, text in zip(slicerjob.DEVICE_CHOICES, (_("Auto"), _("GPU"), _("CPU"))):
             self.ui.deviceComboBox.addItem(text, choice)
         self.ui.progressBar.visible = False
+        self.ui.warningsLabel.visible = False
+        self.ui.warningsLabel.styleSheet = "color: #b35900"
         self.startDeviceProbe()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -394,16 +387,61 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
             self.ui.progressBar.visible = True
             self.ui.progressBar.value = 0
+            self.ui.logTextEdit.clear()
+            self.ui.logFileLabel.text = ""
+            self._loggedStage = None
+            self._showWarnings([])
             self.ui.statusLabel.text = _("Starting...")
             self.ui.timeLabel.text = ""
             self._timer.start()
         self._checkCanApply()
 
     def onCancel(self) -> None:
+        run = self._run
         self._stopRun()
         self.ui.progressBar.visible = False
         self.ui.statusLabel.text = _("Cancelled; the scene is unchanged.")
+        if run is not None:
+            self._showKeptLog(run.job)
         self._checkCanApply()
+
+    def _appendLog(self, events: list) -> None:
+        """One line per new worker event in the log panel (a stage once, not every percent)."""
+        for event in events:
+            if event.get("event") == "progress":
+                if event.get("stage") == self._loggedStage:
+                    continue
+                self._loggedStage = event.get("stage")
+            line = slicerjob.describe_event(event)
+            if line:
+                self.ui.logTextEdit.appendPlainText(line)
+
+    def _showKeptLog(self, job: Any) -> None:
+        """After a run: the whole log (events and the worker's own output) and where it is kept."""
+        if job.kept_log is None:
+            return
+        try:
+            self.ui.logTextEdit.setPlainText(job.kept_log.read_text(encoding="utf-8"))
+        except OSError:
+            return
+        self.ui.logFileLabel.text = _("Kept in {path}").format(path=str(job.kept_log))
+
+    def _showWarnings(self, warnings: list) -> None:
+        self.ui.warningsLabel.text = "\n".join("\u26a0 " + w for w in warnings)
+        self.ui.warningsLabel.visible = bool(warnings)
+
+    def _statusWhileRunning(self, job: Any) -> str:
+        if job.stage == "download" and job.download:
+            done, total = job.download.get("done", 0), job.download.get("total", 0)
+            if total:
+                return _("Downloading the model: {done:.1f} of {total:.1f} MB ({percent}%)").format(
+                    done=done / 1e6, total=total / 1e6, percent=int(100 * done / total)
+                )
+            return _("Downloading the model: {done:.1f} MB").format(done=done / 1e6)
+        stage = slicerjob.STAGE_NAMES.get(job.stage, job.stage)
+        return _("{stage}... {percent}%").format(
+            stage=_(stage) if stage else _("Starting"), percent=int(100 * job.fraction)
+        )
 
     def onTimer(self) -> None:
         self._pollDeviceProbe()
@@ -411,13 +449,11 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if run is None:
             self._stopTimerIfIdle()
             return
-        run.poll()
+        self._appendLog(run.poll())
         job = run.job
         self.ui.progressBar.value = round(100 * job.fraction)
-        stage = STAGE_NAMES.get(job.stage, job.stage)
-        self.ui.statusLabel.text = _("{stage}... {percent}%").format(
-            stage=_(stage) if stage else _("Starting"), percent=int(100 * job.fraction)
-        )
+        self.ui.statusLabel.text = self._statusWhileRunning(job)
+        self._showWarnings(job.warnings)
         text = _("Elapsed {seconds:.0f} s").format(seconds=job.elapsed)
         if job.device_info:
             if job.device_info.get("description"):
@@ -445,16 +481,15 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     segmentation = self.logic.finish(run, self._parameterNode.show3D)
                     self._parameterNode.outputSegmentation = segmentation
                     self.ui.volumesTableView.setMRMLTableNode(run.table)
-                    self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(
-                        seconds=job.elapsed
-                    )
-                    for warning in job.warnings:
-                        logging.warning(warning)
+                    self.ui.statusLabel.text = _(slicerjob.finished_status(job))
             else:
-                run.cancel()  # removes the work folder
-                self.ui.statusLabel.text = _("Segmentation failed.")
+                run.cancel()  # keeps the log, removes the work folder
+                self.ui.statusLabel.text = _(slicerjob.finished_status(job))
+                self.ui.logCollapsibleButton.collapsed = False
                 slicer.util.errorDisplay(job.error or _("Segmentation failed."))
         finally:
+            self._showKeptLog(job)
+            self.refreshModels()  # a downloaded model is now cached
             self._checkCanApply()
 
 
@@ -484,6 +519,11 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
         if os.path.isfile(candidate):
             return candidate
         raise RuntimeError(_("PythonSlicer executable not found next to Slicer."))
+
+    @staticmethod
+    def logDirectory() -> str:
+        """Where the logs of the last runs are kept (the module's temporary folder)."""
+        return os.path.join(slicer.app.temporaryPath, "HLFDSegment", "logs")
 
     def startDeviceProbe(self) -> "background.BackgroundCommand":
         """Start the helper process that names the device (torch is imported there only)."""
@@ -552,6 +592,7 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
             tta,
             segmentation=segmentationNode,
             python=self.pythonExecutable(),
+            log_dir=self.logDirectory(),
         )
         run.start()
         return run

@@ -256,3 +256,26 @@ def test_worker_command_line():
         "--model", "m.zip", "--device", "cuda", "--tta", "--threads", "2",
     ]  # fmt: skip
     assert worker.build_parser().parse_args(argv[3:]).tta
+
+
+def test_run_warnings_reach_the_job_and_the_kept_log(tmp_path, tiny_package):
+    """A real run that asks for a GPU this machine lacks: the warning is an event the panel
+    shows (status line and warnings label), and the run's log is kept after the work folder
+    is deleted."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: no fallback warning to see")
+    from HLFDSegmentLib.slicerjob import finished_status
+
+    job = SegmentationJob(tiny_package, "cuda", python=sys.executable, log_dir=tmp_path / "logs")
+    sitk.WriteImage(make_image(block_ct()), str(job.input_path))
+    job.start()
+    assert job.wait(120) is JobState.DONE, job.error
+    assert any("no CUDA GPU is available" in w for w in job.warnings)
+    assert finished_status(job).endswith("1 warning: please read it.")
+    job.cleanup()
+    assert not job.workdir.exists()
+    text = job.kept_log.read_text(encoding="utf-8")
+    assert "WARNING: device 'cuda' asked but no CUDA GPU is available" in text
+    assert "result: done" in text and "Running the network..." in text

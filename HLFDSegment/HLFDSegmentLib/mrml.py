@@ -362,6 +362,7 @@ class SegmentationRun:
         launcher: Launcher = popen_launcher,
         threads: int | None = None,
         command: Callable[[list[str]], list[str]] | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
     ):
         if volume is None or not volume.IsA("vtkMRMLScalarVolumeNode"):
             raise InputError("select a CT volume (a scalar volume node) to segment")
@@ -370,7 +371,14 @@ class SegmentationRun:
         self.volume = volume
         self.segmentation = segmentation
         self.job = SegmentationJob(
-            model, device, tta, python=python, launcher=launcher, threads=threads, command=command
+            model,
+            device,
+            tta,
+            python=python,
+            launcher=launcher,
+            threads=threads,
+            command=command,
+            log_dir=log_dir,
         )
         self.table: Any = None
 
