@@ -38,7 +38,7 @@ UNSUPPORTED_MESSAGE = (
 )
 
 if SUPPORTED:
-    from HLFDSegmentLib import background, deps, mrml, samples, slicerjob
+    from HLFDSegmentLib import background, deps, modelmenu, mrml, samples, slicerjob
     from HLFDSegmentLib.mrml import SegmentationRun
 
 
@@ -153,6 +153,8 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._run: SegmentationRun | None = None
         self._extraModels: list[str] = []
+        self._cardShownFor: Optional[str] = None
+        self._loadModelMenu = None
         self._lastInput = None
         self._loggedStage = None
         self._probe = None  # the device probe process (torch is never imported in Slicer's)
@@ -185,10 +187,13 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModel)
+        self._setUpLoadModelMenu()
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
 
+        self._extraModels = modelmenu.remembered_models(
+            slicer.app.userSettings().value(modelmenu.SETTINGS_KEY)
+        )
         self.refreshModels()
         self.initializeParameterNode()
 
@@ -279,6 +284,7 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._resetOutputOnNewInput()
         self._syncComboBoxes()
         self._showVolumesTable()
+        self._showModelCard()
         if self._run is not None:
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the segmentation; the scene is left unchanged.")
@@ -325,13 +331,26 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- models ---------------------------------------------------------------------------------
     def refreshModels(self) -> None:
+        """List the models again (after installs, loads and runs); say why a source failed."""
+        found = self.logic.listModels(self._extraModels)
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        for title, spec in self.logic.modelChoices(self._extraModels):
+        for title, spec in found.choices:
             combo.addItem(title, spec)
         combo.blockSignals(wasBlocked)
+        self.ui.modelProblemsLabel.text = "\n".join(found.problems)
+        self.ui.modelProblemsLabel.visible = bool(found.problems)
         self._syncComboBoxes()
+        self._showModelCard()
+
+    def _showModelCard(self) -> None:
+        spec = self._parameterNode.model if self._parameterNode else ""
+        if spec == self._cardShownFor:
+            return
+        self._cardShownFor = spec
+        card = modelmenu.read_card(spec) if spec else None
+        self.ui.modelCardLabel.text = modelmenu.card_summary(card)
 
     def onModelChanged(self, index: int) -> None:
         if self._parameterNode and index >= 0:
@@ -341,22 +360,39 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and index >= 0:
             self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
 
-    def onLoadModel(self) -> None:
-        """Pick a model package .zip (or, after cancelling, a package folder)."""
+    def _setUpLoadModelMenu(self) -> None:
+        """Load model: a menu with two entries (.zip file or folder); cancelling either dialog
+        opens nothing else."""
+        menu = qt.QMenu(self.ui.loadModelButton)
+        zipAction = menu.addAction(_("Model package .zip file..."))
+        zipAction.connect("triggered()", self.onLoadModelZip)
+        folderAction = menu.addAction(_("Model package folder..."))
+        folderAction.connect("triggered()", self.onLoadModelFolder)
+        self.ui.loadModelButton.setMenu(menu)
+        self._loadModelMenu = menu
+
+    def onLoadModelZip(self) -> None:
         path = qt.QFileDialog.getOpenFileName(
             slicer.util.mainWindow(), _("Model package (.zip)"), "", _("Model package (*.zip)")
         )
-        if not path:
-            path = qt.QFileDialog.getExistingDirectory(
-                slicer.util.mainWindow(), _("Model package folder (holding model.json)")
-            )
-        if not path:
+        if path:
+            self.useModelPath(path)
+
+    def onLoadModelFolder(self) -> None:
+        path = qt.QFileDialog.getExistingDirectory(
+            slicer.util.mainWindow(), _("Model package folder (holding model.json)")
+        )
+        if path:
+            self.useModelPath(path)
+
+    def useModelPath(self, path: str) -> None:
+        """Add a package from disk to the list, remember it across sessions, select it."""
+        problem = modelmenu.check_model_path(path)
+        if problem:
+            slicer.util.errorDisplay(problem)
             return
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model.json")):
-            slicer.util.errorDisplay(_("{path} holds no model.json.").format(path=path))
-            return
-        if path not in self._extraModels:
-            self._extraModels.append(path)
+        self._extraModels = modelmenu.remember_model(self._extraModels, path)
+        slicer.app.userSettings().setValue(modelmenu.SETTINGS_KEY, self._extraModels)
         self.refreshModels()
         self._parameterNode.model = path
 
@@ -530,18 +566,14 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
         return background.device_probe(self.pythonExecutable()).start()
 
     @staticmethod
+    def listModels(extra: Optional[list[str]] = None) -> "modelmenu.ModelList":
+        """The model selector's entries and why a source failed (works before any install)."""
+        return modelmenu.list_models(extra or [])
+
+    @staticmethod
     def modelChoices(extra: Optional[list[str]] = None) -> list[tuple[str, str]]:
-        """(title, MODEL argument) pairs: registry, cache, then ``extra`` paths."""
-        try:
-            from HLFDSegmentLib.registry import builtin_models, cached_models, load_registry
-        except ImportError:  # dependencies not installed yet: only explicit paths
-            return slicerjob.model_choices([], [], extra or [])
-        try:
-            entries = load_registry()
-        except Exception as exc:
-            logging.warning("HLFD Segment: model registry not readable: %s", exc)
-            entries = []
-        return slicerjob.model_choices(entries, cached_models(), extra or [], builtin_models())
+        """(title, MODEL argument) pairs: built-in, registry, cache, then ``extra`` paths."""
+        return modelmenu.list_models(extra or []).choices
 
     def installDependencies(self, askConfirmation: bool = True) -> bool:
         """Install torch (PyTorch extension) and the rest (pip, Slicer's packages pinned).

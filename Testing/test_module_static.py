@@ -346,3 +346,22 @@ def test_module_never_imports_torch_in_slicers_process(tree):
         elif isinstance(node, ast.ImportFrom):
             assert (node.module or "").split(".")[0] != "torch"
     assert "device_probe" in source and "startDeviceProbe" in source
+
+
+def test_each_load_model_action_opens_one_dialog_and_is_remembered(tree):
+    """Cancelling the .zip dialog must not open a folder dialog right after (one dialog per
+    method); loaded models are written to and read from Slicer's settings (Qt-only: checked
+    on the source, the list handling itself is tested in test_modelmenu)."""
+    widget = _methods(_classes(tree)["HLFDSegmentWidget"])
+    for name, method in widget.items():
+        dialogs = [
+            node
+            for node in ast.walk(method)
+            if isinstance(node, ast.Attribute) and node.attr.startswith("get")
+            and isinstance(node.value, ast.Attribute) and node.value.attr == "QFileDialog"
+        ]  # fmt: skip
+        assert len(dialogs) <= 1, name
+    assert {"onLoadModelZip", "onLoadModelFolder", "useModelPath"} <= set(widget)
+    source = ast.unparse(widget["useModelPath"]) + ast.unparse(widget["setup"])
+    assert "userSettings().setValue(modelmenu.SETTINGS_KEY" in source
+    assert "remembered_models(slicer.app.userSettings().value(modelmenu.SETTINGS_KEY))" in source
