@@ -5,6 +5,7 @@ with slicer-core): the worker subprocess and its job runner (slicerjob), MRML co
 the whole segment flow (mrml), dependency installation (deps) and sample data (samples).
 """
 
+import importlib
 import logging
 import os
 import shutil
@@ -157,6 +158,9 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._loadModelMenu = None
         self._lastInput = None
         self._loggedStage = None
+        self._installing = False  # the PyTorch extension installs (blocking, with repaints)
+        self._install = None  # the pip process of an install in the background
+        self._installMissing: list = []
         self._probe = None  # the device probe process (torch is never imported in Slicer's)
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
@@ -199,9 +203,10 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._stopRun()
-        if self._probe is not None:
-            self._probe.cancel()
-            self._probe = None
+        for helper in (self._probe, self._install):
+            if helper is not None:
+                helper.cancel()
+        self._probe = self._install = None
         self._timer.stop()
         self.removeObservers()
 
@@ -213,7 +218,7 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._stopTimerIfIdle()
 
     def _stopTimerIfIdle(self) -> None:
-        if self._run is None and self._probe is None:
+        if self._run is None and self._probe is None and self._install is None:
             self._timer.stop()
 
     def startDeviceProbe(self) -> None:
@@ -285,6 +290,11 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._syncComboBoxes()
         self._showVolumesTable()
         self._showModelCard()
+        if self._installing or self._install is not None:
+            self.ui.applyButton.text = _("Installing...")
+            self.ui.applyButton.toolTip = _("Installing the Python packages the model needs.")
+            self.ui.applyButton.enabled = False
+            return
         if self._run is not None:
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the segmentation; the scene is left unchanged.")
@@ -398,39 +408,120 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- run ------------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
+        if self._installing or self._install is not None:
+            return  # the button is disabled meanwhile: never two installs or runs
         if self._run is not None:
             self.onCancel()
             return
-        with slicer.util.tryWithErrorDisplay(
-            _("Failed to start the segmentation."), waitCursor=True
-        ):
-            p = self._parameterNode
-            existing = p.outputSegmentation
-            if (
-                existing
-                and existing.GetSegmentation().GetNumberOfSegments()
-                and not slicer.util.confirmOkCancelDisplay(
-                    _(
-                        "Replace this model's segments in {name}? Segments you drew are kept."
-                    ).format(name=existing.GetName())
+        p = self._parameterNode
+        existing = p.outputSegmentation
+        if (  # dialogs are asked before any wait cursor
+            existing
+            and existing.GetSegmentation().GetNumberOfSegments()
+            and not slicer.util.confirmOkCancelDisplay(
+                _("Replace this model's segments in {name}? Segments you drew are kept.").format(
+                    name=existing.GetName()
                 )
+            )
+        ):
+            return
+        torchMissing = deps.torch_missing()
+        missing = deps.missing_requirements()
+        if torchMissing or missing:
+            if not slicer.util.confirmOkCancelDisplay(
+                _(deps.install_question(torchMissing, missing))
             ):
                 return
-            if not self.logic.installDependencies(askConfirmation=True):
+            if torchMissing and not self._installTorch():
                 return
-            self._run = self.logic.start(
-                p.inputVolume, p.model, p.device, p.tta, p.outputSegmentation
-            )
-            self.ui.progressBar.visible = True
-            self.ui.progressBar.value = 0
-            self.ui.logTextEdit.clear()
-            self.ui.logFileLabel.text = ""
-            self._loggedStage = None
-            self._showWarnings([])
-            self.ui.statusLabel.text = _("Starting...")
-            self.ui.timeLabel.text = ""
-            self._timer.start()
+            if missing:
+                self._startPipInstall(missing)
+                return
+        self._startRun()
+
+    def _installTorch(self) -> bool:
+        """The PyTorch extension's install (blocking; Slicer repaints between pip's lines)."""
+        size = deps.size_text(deps.download_megabytes(True, []))
+        self._installing = True
         self._checkCanApply()
+        self.ui.statusLabel.text = _(
+            "Installing PyTorch ({size}); pip's progress is shown in the Python console..."
+        ).format(size=size)
+        slicer.app.processEvents()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Failed to install PyTorch.")):
+                self.logic.installTorch()
+            self.ui.statusLabel.text = _("PyTorch installed.")
+            return True
+        except Exception:
+            self.ui.statusLabel.text = _("PyTorch could not be installed.")
+            return False
+        finally:
+            self._installing = False
+            self.startDeviceProbe()
+            self._checkCanApply()
+
+    def _startPipInstall(self, missing: list) -> None:
+        try:  # tryWithErrorDisplay shows the error, then re-raises it
+            with slicer.util.tryWithErrorDisplay(_("Failed to start the installation.")):
+                self._install = self.logic.startPipInstall(missing)
+                self._installMissing = missing
+                self.ui.logTextEdit.clear()
+                self.ui.logCollapsibleButton.collapsed = False
+                self.ui.statusLabel.text = _("Installing {names} ({size})...").format(
+                    names=", ".join(module for module, _req in missing),
+                    size=deps.size_text(deps.download_megabytes(False, missing)),
+                )
+                self._timer.start()
+        finally:
+            self._checkCanApply()
+
+    def _pollInstall(self) -> None:
+        command = self._install
+        if command is None:
+            return
+        for line in command.poll():
+            self.ui.logTextEdit.appendPlainText(line)
+        if not command.finished:
+            return
+        self._install = None
+        importlib.invalidate_caches()
+        still = deps.missing_requirements(self._installMissing)
+        if command.ok and not still:
+            self.ui.statusLabel.text = _("Installed; starting the segmentation...")
+            self.startDeviceProbe()
+            self.refreshModels()  # the registry needs jsonschema: its models appear now
+            self._startRun()
+        else:
+            last = "\n".join(command.output[-8:])
+            self.ui.statusLabel.text = _("Installation failed; see the log below.")
+            slicer.util.errorDisplay(
+                _("Installing {names} failed:\n{output}").format(
+                    names=", ".join(module for module, _req in self._installMissing), output=last
+                )
+            )
+        self._checkCanApply()
+
+    def _startRun(self) -> None:
+        p = self._parameterNode
+        try:  # tryWithErrorDisplay shows the error, then re-raises it
+            with slicer.util.tryWithErrorDisplay(
+                _("Failed to start the segmentation."), waitCursor=True
+            ):
+                self._run = self.logic.start(
+                    p.inputVolume, p.model, p.device, p.tta, p.outputSegmentation
+                )
+                self.ui.progressBar.visible = True
+                self.ui.progressBar.value = 0
+                self.ui.logTextEdit.clear()
+                self.ui.logFileLabel.text = ""
+                self._loggedStage = None
+                self._showWarnings([])
+                self.ui.statusLabel.text = _("Starting...")
+                self.ui.timeLabel.text = ""
+                self._timer.start()
+        finally:
+            self._checkCanApply()
 
     def onCancel(self) -> None:
         run = self._run
@@ -481,6 +572,7 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTimer(self) -> None:
         self._pollDeviceProbe()
+        self._pollInstall()
         run = self._run
         if run is None:
             self._stopTimerIfIdle()
@@ -576,36 +668,45 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
         return modelmenu.list_models(extra or []).choices
 
     def installDependencies(self, askConfirmation: bool = True) -> bool:
-        """Install torch (PyTorch extension) and the rest (pip, Slicer's packages pinned).
+        """Install torch (PyTorch extension) and the rest (pip, Slicer's packages pinned), and
+        wait (for scripts; the panel installs in a followed background process instead).
 
         Returns False if the user declined; raises RuntimeError with a clear message on failure."""
         torchMissing = deps.torch_missing()
         missing = deps.missing_requirements()
         if not torchMissing and not missing:
             return True
-        names = (["torch"] if torchMissing else []) + [module for module, _ in missing]
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-            _(
-                "HLFD Segment needs these Python packages: {names}. Install them now? "
-                "This downloads several hundred MB once; Slicer's own packages are not changed."
-            ).format(names=", ".join(names))
+            _(deps.install_question(torchMissing, missing))
         ):
             return False
         if torchMissing:
-            try:
-                import PyTorchUtils
-            except ImportError:
-                raise RuntimeError(
-                    _("Install the PyTorch extension from the Extensions Manager, restart Slicer.")
-                ) from None
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=False, torchVersionRequirement=deps.TORCH_REQUIREMENT
-            )
-            if torch is None:
-                raise RuntimeError(_("PyTorch could not be installed (PyTorch extension)."))
-        with tempfile.TemporaryDirectory() as folder, slicer.util.WaitCursor():
+            self.installTorch()
+        with tempfile.TemporaryDirectory() as folder:
             deps.install(missing, slicer.util.pip_install, folder)
         return True
+
+    @staticmethod
+    def installTorch() -> None:
+        """torch through the PyTorch extension (it picks the CUDA or CPU build); blocking, its
+        pip output goes to the Python console."""
+        try:
+            import PyTorchUtils
+        except ImportError:
+            raise RuntimeError(
+                _("Install the PyTorch extension from the Extensions Manager, restart Slicer.")
+            ) from None
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=False, torchVersionRequirement=deps.TORCH_REQUIREMENT
+        )
+        if torch is None:
+            raise RuntimeError(_("PyTorch could not be installed (PyTorch extension)."))
+
+    def startPipInstall(self, missing: list) -> "background.BackgroundCommand":
+        """pip for ``missing`` in a background process (Slicer's packages pinned): poll it."""
+        folder = os.path.join(slicer.app.temporaryPath, "HLFDSegment")
+        command = deps.pip_command(self.pythonExecutable(), missing, deps.write_constraints(folder))
+        return background.BackgroundCommand(command).start()
 
     # -- segmentation ---------------------------------------------------------------------------
     def start(

@@ -365,3 +365,20 @@ def test_each_load_model_action_opens_one_dialog_and_is_remembered(tree):
     source = ast.unparse(widget["useModelPath"]) + ast.unparse(widget["setup"])
     assert "userSettings().setValue(modelmenu.SETTINGS_KEY" in source
     assert "remembered_models(slicer.app.userSettings().value(modelmenu.SETTINGS_KEY))" in source
+
+
+def test_segment_cannot_be_clicked_during_an_install_and_dialogs_come_before_wait_cursors(tree):
+    """Qt-only behaviour, checked on the source: while dependencies install, the button is
+    disabled ("Installing..."); pip runs as a followed background process; the confirmation
+    dialogs of onApplyButton are not inside a wait cursor."""
+    widget = _methods(_classes(tree)["HLFDSegmentWidget"])
+    can_apply = ast.unparse(widget["_checkCanApply"])
+    assert "self._installing or self._install is not None" in can_apply
+    assert "self.ui.applyButton.enabled = False" in can_apply
+    apply = widget["onApplyButton"]
+    assert "waitCursor" not in ast.unparse(apply) and "WaitCursor" not in ast.unparse(apply)
+    assert "install_question" in ast.unparse(apply)
+    assert "startPipInstall" in ast.unparse(widget["_startPipInstall"])
+    logic = _methods(_classes(tree)["HLFDSegmentLogic"])
+    assert "deps.pip_command" in ast.unparse(logic["startPipInstall"])
+    assert "background.BackgroundCommand" in ast.unparse(logic["startPipInstall"])

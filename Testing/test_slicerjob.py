@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,36 @@ def test_describe_event_lines():
     assert describe_event({"event": "progress", "stage": "infer"}) == "Running the network..."
     assert describe_event({"event": "log", "message": "plain text"}) == "plain text"
     assert describe_event({"event": "download", "done": 1, "total": 2}) is None
+
+
+def test_install_question_says_the_real_download_size():
+    cuda = deps.install_question(True, deps.REQUIREMENTS, build="torch-cuda")
+    assert "torch, monai, safetensors, jsonschema" in cuda
+    assert "about 3.0 GB" in cuda and "CUDA build" in cuda and "PyTorch extension" in cuda
+    cpu = deps.install_question(True, [], build="torch-cpu")
+    assert "about 200 MB" in cpu and "CPU build" in cpu
+    assert "about 5 MB" in deps.install_question(False, deps.REQUIREMENTS)
+    assert "torch" not in deps.install_question(False, deps.REQUIREMENTS)
+    assert deps.torch_build("linux", nvidia=True) == "torch-cuda"
+    assert deps.torch_build("win32", nvidia=False) == "torch-cpu"
+    assert deps.torch_build("darwin") == "torch-macos"
+    assert deps.has_nvidia_gpu(which=lambda name: "/usr/bin/" + name)
+    assert not deps.has_nvidia_gpu(which=lambda name: None)
+
+
+def test_pip_runs_in_a_background_process_whose_lines_are_shown(tmp_path):
+    """The panel installs with a followed process (its output in the log panel, the GUI live)
+    instead of a blocking pip_install; a failure keeps pip's own reason. Offline: --no-index."""
+    from HLFDSegmentLib.background import BackgroundCommand
+
+    constraints = deps.write_constraints(tmp_path)
+    argv = deps.pip_command(sys.executable, [("nothere", "hlfd-no-such-package==1.0")], constraints)
+    assert argv[1:6] == ["-m", "pip", "install", "--progress-bar", "off"]
+    assert argv[-3:] == ["hlfd-no-such-package==1.0", "-c", str(constraints)]
+    assert "numpy==" in constraints.read_text()
+    command = BackgroundCommand([*argv[:4], "--no-index", *argv[4:]]).start()
+    while not command.finished:
+        command.poll()
+        time.sleep(0.02)
+    assert command.returncode not in (0, None) and not command.ok
+    assert any("hlfd-no-such-package" in line for line in command.output)
