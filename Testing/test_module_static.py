@@ -382,3 +382,14 @@ def test_segment_cannot_be_clicked_during_an_install_and_dialogs_come_before_wai
     logic = _methods(_classes(tree)["HLFDSegmentLogic"])
     assert "deps.pip_command" in ast.unparse(logic["startPipInstall"])
     assert "background.BackgroundCommand" in ast.unparse(logic["startPipInstall"])
+
+
+def test_self_test_runs_the_headless_tested_flow_on_the_sample_with_the_built_in_model(tree):
+    """HLFDSegmentTest needs a real Slicer; what it calls is the Lib flow and checks that
+    Testing/test_mrml.py runs headless (segment_volume, result_problems)."""
+    test = _classes(tree)["HLFDSegmentTest"]
+    source = ast.unparse(test)
+    for needle in ("model='kidney'", "samples.sample_ct", "mrml.result_problems", "volumesTable"):
+        assert needle in source, needle
+    logic = _methods(_classes(tree)["HLFDSegmentLogic"])
+    assert "mrml.segment_volume" in ast.unparse(logic["segment"])

@@ -312,3 +312,33 @@ def test_one_volume_table_per_segmentation_updated_in_place(scene, ct, runtime_l
     for row in _cells(table2):
         assert "nan" not in [cell.lower() for cell in row]
     assert float(_cells(table2)[1][3]) > 0  # a tumour: its burden in %
+
+
+def test_self_test_flow_on_the_sample_ct_with_the_built_in_model(tmp_path, scene):
+    """What HLFDSegmentTest runs inside Slicer, headless: the sample kidney CT, the built-in
+    kidney student, the whole flow into the scene, then the same result checks."""
+    from HLFDSegmentLib import samples
+    from HLFDSegmentLib.modelmenu import read_card
+
+    path = samples.sample_ct("kidney", tmp_path)
+    volume = mrml.image_to_volume_node(sitk.ReadImage(str(path)), scene, "HLFDPhantomKidneyCT")
+    run = mrml.segment_volume(
+        volume, "kidney", "cpu", python=sys.executable, show_3d=True, timeout=300,
+        log_dir=tmp_path / "logs",
+    )  # fmt: skip
+    entries = read_card("kidney")["labels"]
+    assert mrml.result_problems(run.segmentation, run.table, entries) == []
+    assert run.table.GetName() == "HLFDPhantomKidneyCT segment volumes"
+    assert run.job.kept_log is not None and not run.job.workdir.exists()
+    # the checks do catch a broken result
+    run.segmentation.GetSegmentation().RemoveSegment(
+        run.segmentation.GetSegmentation().GetSegmentIdBySegmentName("Kidney tumor")
+    )
+    run.table.SetCellText(0, 1, "nan")
+    assert mrml.result_problems(run.segmentation, run.table, entries) == [
+        "segment 'Kidney tumor' missing",
+        "table row 'Kidney' shows nan",
+        "table row 'Kidney': volume nan",
+    ]
+    with pytest.raises(RuntimeError, match="no-such-model"):
+        mrml.segment_volume(volume, tmp_path / "no-such-model", "cpu", python=sys.executable)

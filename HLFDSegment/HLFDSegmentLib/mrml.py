@@ -10,6 +10,7 @@ and headless with the ``slicer-core`` wheel (``slicer.util.loadVolume`` & co. ar
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -448,3 +449,74 @@ def store_result(
     segmentation.SetNodeReferenceID(VOLUMES_TABLE_ROLE, table.GetID())
     place_under_study(table, volume)
     return segmentation, table
+
+
+def segment_volume(
+    volume: Any,
+    model: str | os.PathLike[str],
+    device: str = "auto",
+    tta: bool = False,
+    *,
+    segmentation: Any = None,
+    show_3d: bool = False,
+    python: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
+    on_events: Callable[..., None] | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
+) -> SegmentationRun:
+    """The whole flow, waiting: write the volume, run the worker, put the result into the scene.
+
+    Returns the applied run (``.segmentation``, ``.table``); raises RuntimeError with the
+    worker's message on failure (the scene is then unchanged), TimeoutError after ``timeout``."""
+    run = SegmentationRun(
+        volume, model, device, tta, segmentation=segmentation, python=python, log_dir=log_dir
+    )
+    run.start()
+    state = run.wait(timeout, on_events=on_events)
+    if state is not JobState.DONE:
+        run.cancel()
+        raise RuntimeError(run.job.error or f"Segmentation {state.value}.")
+    run.apply(show_3d=show_3d)
+    return run
+
+
+def result_problems(
+    segmentation: Any, table: Any, entries: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """What is wrong with a finished result (empty list: nothing): every label of the card is a
+    named, coded segment; the organs are not empty; the segmentation's own table lists every
+    segment with a finite volume and no "nan"."""
+    problems = []
+    seg = segmentation.GetSegmentation()
+    segments = {
+        seg.GetNthSegment(i).GetName(): seg.GetNthSegment(i)
+        for i in range(seg.GetNumberOfSegments())
+    }
+    for entry in entries:
+        segment = segments.get(entry["name"])
+        if segment is None:
+            problems.append(f"segment {entry['name']!r} missing")
+        elif not segment.GetTerminology():
+            problems.append(f"segment {entry['name']!r} has no terminology")
+    if volumes_table_of(segmentation) is not table:
+        problems.append("the table is not the segmentation's own volume table")
+        return problems
+    rows = {
+        table.GetCellText(r, 0): [
+            table.GetCellText(r, c) for c in range(1, table.GetNumberOfColumns())
+        ]
+        for r in range(table.GetNumberOfRows())
+    }
+    for entry in entries:
+        row = rows.get(entry["name"])
+        if row is None:
+            problems.append(f"table has no row for {entry['name']!r}")
+            continue
+        if any(cell.lower() == "nan" for cell in row):
+            problems.append(f"table row {entry['name']!r} shows nan")
+        volume_ml = float(row[0])
+        if not math.isfinite(volume_ml) or volume_ml < 0:
+            problems.append(f"table row {entry['name']!r}: volume {row[0]}")
+        elif entry.get("inside") is None and volume_ml == 0:
+            problems.append(f"organ {entry['name']!r} is empty")
+    return problems
