@@ -329,3 +329,5 @@ def test_download_events_are_throttled():
     for done in range(0, 5 << 20, 1 << 16):
         emit.download(done, 0)
     assert len(unknown.getvalue().splitlines()) == 5  # every MiB when the size is unknown
+    emit.download(0, 0)  # a download that starts over is shown from 0 again
+    assert json.loads(unknown.getvalue().splitlines()[-1])["done"] == 0

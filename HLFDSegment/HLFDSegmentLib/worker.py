@@ -61,7 +61,13 @@ class Emitter:
     def download(self, done: int, total: int) -> None:
         """A model download's bytes so far (``total`` 0 when unknown), every 1% or 1 MiB."""
         step = max(total // 100, 1 << 18) if total else 1 << 20
-        if self._downloaded < 0 or done - self._downloaded >= step or (total and done >= total):
+        restarted = done < self._downloaded  # a resumed part failed its check: from 0 again
+        if (
+            restarted
+            or self._downloaded < 0
+            or done - self._downloaded >= step
+            or done >= total > 0
+        ):
             self._downloaded = done
             self(event="download", done=int(done), total=int(total))
 
