@@ -5,6 +5,7 @@ with slicer-core): the worker subprocess and its job runner (slicerjob), MRML co
 the whole segment flow (mrml), dependency installation (deps) and sample data (samples).
 """
 
+import importlib
 import logging
 import os
 import shutil
@@ -38,7 +39,7 @@ UNSUPPORTED_MESSAGE = (
 )
 
 if SUPPORTED:
-    from HLFDSegmentLib import deps, samples, slicerjob
+    from HLFDSegmentLib import background, deps, modelmenu, mrml, samples, slicerjob
     from HLFDSegmentLib.mrml import SegmentationRun
 
 
@@ -57,15 +58,6 @@ CITATION = (
     "Rethinking Intermediate Layers design in Knowledge Distillation for Kidney and Liver Tumor "
     "Segmentation. IEEE International Symposium on Biomedical Imaging (ISBI), 2024."
 )
-STAGE_NAMES = {
-    "read": "Reading the volume",
-    "model": "Loading the model",
-    "preprocess": "Preprocessing",
-    "infer": "Running the network",
-    "postprocess": "Postprocessing",
-    "resample": "Resampling to the CT grid",
-    "write": "Writing the result",
-}
 
 
 #
@@ -162,7 +154,14 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._run: SegmentationRun | None = None
         self._extraModels: list[str] = []
+        self._cardShownFor: Optional[str] = None
+        self._loadModelMenu = None
         self._lastInput = None
+        self._loggedStage = None
+        self._installing = False  # the PyTorch extension installs (blocking, with repaints)
+        self._install = None  # the pip process of an install in the background
+        self._installMissing: list = []
+        self._probe = None  # the device probe process (torch is never imported in Slicer's)
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self.onTimer)
@@ -184,31 +183,65 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         for choice, text in zip(slicerjob.DEVICE_CHOICES, (_("Auto"), _("GPU"), _("CPU"))):
             self.ui.deviceComboBox.addItem(text, choice)
-        self.ui.detectedDeviceLabel.text = _("Detected: {device}").format(
-            device=self.logic.detectedDevice()
-        )
         self.ui.progressBar.visible = False
+        self.ui.warningsLabel.visible = False
+        self.ui.warningsLabel.styleSheet = "color: #b35900"
+        self.startDeviceProbe()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModel)
+        self._setUpLoadModelMenu()
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
 
+        self._extraModels = modelmenu.remembered_models(
+            slicer.app.userSettings().value(modelmenu.SETTINGS_KEY)
+        )
         self.refreshModels()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self._stopRun()
+        for helper in (self._probe, self._install):
+            if helper is not None:
+                helper.cancel()
+        self._probe = self._install = None
+        self._timer.stop()
         self.removeObservers()
 
     def _stopRun(self) -> None:
-        """Stop polling and kill the worker, if one runs."""
-        self._timer.stop()
+        """Kill the worker, if one runs (never waits for it); polling goes on for the probe."""
         if self._run is not None:
             self._run.cancel()
             self._run = None
+        self._stopTimerIfIdle()
+
+    def _stopTimerIfIdle(self) -> None:
+        if self._run is None and self._probe is None and self._install is None:
+            self._timer.stop()
+
+    def startDeviceProbe(self) -> None:
+        """Detect the device once, in a helper process (never blocks, never imports torch here);
+        the result arrives in :meth:`onTimer`. Runs again after dependency installs."""
+        if self._probe is not None:
+            return
+        try:
+            self._probe = self.logic.startDeviceProbe()
+        except Exception as exc:  # no PythonSlicer: say so, the module still works
+            self.ui.detectedDeviceLabel.text = _("Detected: unknown ({error})").format(error=exc)
+            return
+        self.ui.detectedDeviceLabel.text = _("Detected: checking...")
+        self._timer.start()
+
+    def _pollDeviceProbe(self) -> None:
+        if self._probe is None:
+            return
+        self._probe.poll()
+        found = background.probe_result(self._probe)
+        if found is not None:
+            self._probe = None
+            self.ui.detectedDeviceLabel.text = _("Detected: {device}").format(device=found)
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -255,6 +288,13 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Enable Segment when a CT and a model are chosen (always enabled as Cancel)."""
         self._resetOutputOnNewInput()
         self._syncComboBoxes()
+        self._showVolumesTable()
+        self._showModelCard()
+        if self._installing or self._install is not None:
+            self.ui.applyButton.text = _("Installing...")
+            self.ui.applyButton.toolTip = _("Installing the Python packages the model needs.")
+            self.ui.applyButton.enabled = False
+            return
         if self._run is not None:
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the segmentation; the scene is left unchanged.")
@@ -279,6 +319,13 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if changed and p.outputSegmentation is not None:
             p.outputSegmentation = None
 
+    def _showVolumesTable(self) -> None:
+        """The table of the chosen output segmentation (its own, by node reference)."""
+        output = self._parameterNode.outputSegmentation if self._parameterNode else None
+        table = HLFDSegmentLogic.volumesTable(output)
+        if self.ui.volumesTableView.mrmlTableNode() is not table:
+            self.ui.volumesTableView.setMRMLTableNode(table)
+
     def _syncComboBoxes(self) -> None:
         if not self._parameterNode:
             return
@@ -294,13 +341,26 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- models ---------------------------------------------------------------------------------
     def refreshModels(self) -> None:
+        """List the models again (after installs, loads and runs); say why a source failed."""
+        found = self.logic.listModels(self._extraModels)
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        for title, spec in self.logic.modelChoices(self._extraModels):
+        for title, spec in found.choices:
             combo.addItem(title, spec)
         combo.blockSignals(wasBlocked)
+        self.ui.modelProblemsLabel.text = "\n".join(found.problems)
+        self.ui.modelProblemsLabel.visible = bool(found.problems)
         self._syncComboBoxes()
+        self._showModelCard()
+
+    def _showModelCard(self) -> None:
+        spec = self._parameterNode.model if self._parameterNode else ""
+        if spec == self._cardShownFor:
+            return
+        self._cardShownFor = spec
+        card = modelmenu.read_card(spec) if spec else None
+        self.ui.modelCardLabel.text = modelmenu.card_summary(card)
 
     def onModelChanged(self, index: int) -> None:
         if self._parameterNode and index >= 0:
@@ -310,80 +370,224 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and index >= 0:
             self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
 
-    def onLoadModel(self) -> None:
-        """Pick a model package .zip (or, after cancelling, a package folder)."""
+    def _setUpLoadModelMenu(self) -> None:
+        """Load model: a menu with two entries (.zip file or folder); cancelling either dialog
+        opens nothing else."""
+        menu = qt.QMenu(self.ui.loadModelButton)
+        zipAction = menu.addAction(_("Model package .zip file..."))
+        zipAction.connect("triggered()", self.onLoadModelZip)
+        folderAction = menu.addAction(_("Model package folder..."))
+        folderAction.connect("triggered()", self.onLoadModelFolder)
+        self.ui.loadModelButton.setMenu(menu)
+        self._loadModelMenu = menu
+
+    def onLoadModelZip(self) -> None:
         path = qt.QFileDialog.getOpenFileName(
             slicer.util.mainWindow(), _("Model package (.zip)"), "", _("Model package (*.zip)")
         )
-        if not path:
-            path = qt.QFileDialog.getExistingDirectory(
-                slicer.util.mainWindow(), _("Model package folder (holding model.json)")
-            )
-        if not path:
+        if path:
+            self.useModelPath(path)
+
+    def onLoadModelFolder(self) -> None:
+        path = qt.QFileDialog.getExistingDirectory(
+            slicer.util.mainWindow(), _("Model package folder (holding model.json)")
+        )
+        if path:
+            self.useModelPath(path)
+
+    def useModelPath(self, path: str) -> None:
+        """Add a package from disk to the list, remember it across sessions, select it."""
+        problem = modelmenu.check_model_path(path)
+        if problem:
+            slicer.util.errorDisplay(problem)
             return
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model.json")):
-            slicer.util.errorDisplay(_("{path} holds no model.json.").format(path=path))
-            return
-        if path not in self._extraModels:
-            self._extraModels.append(path)
+        self._extraModels = modelmenu.remember_model(self._extraModels, path)
+        slicer.app.userSettings().setValue(modelmenu.SETTINGS_KEY, self._extraModels)
         self.refreshModels()
         self._parameterNode.model = path
 
     # -- run ------------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
+        if self._installing or self._install is not None:
+            return  # the button is disabled meanwhile: never two installs or runs
         if self._run is not None:
             self.onCancel()
             return
-        with slicer.util.tryWithErrorDisplay(
-            _("Failed to start the segmentation."), waitCursor=True
-        ):
-            p = self._parameterNode
-            existing = p.outputSegmentation
-            if (
-                existing
-                and existing.GetSegmentation().GetNumberOfSegments()
-                and not slicer.util.confirmOkCancelDisplay(
-                    _(
-                        "Replace this model's segments in {name}? Segments you drew are kept."
-                    ).format(name=existing.GetName())
+        p = self._parameterNode
+        existing = p.outputSegmentation
+        if (  # dialogs are asked before any wait cursor
+            existing
+            and existing.GetSegmentation().GetNumberOfSegments()
+            and not slicer.util.confirmOkCancelDisplay(
+                _("Replace this model's segments in {name}? Segments you drew are kept.").format(
+                    name=existing.GetName()
                 )
+            )
+        ):
+            return
+        torchMissing = deps.torch_missing()
+        missing = deps.missing_requirements()
+        if torchMissing or missing:
+            if not slicer.util.confirmOkCancelDisplay(
+                _(deps.install_question(torchMissing, missing))
             ):
                 return
-            if not self.logic.installDependencies(askConfirmation=True):
+            if torchMissing and not self._installTorch():
                 return
-            self.ui.detectedDeviceLabel.text = _("Detected: {device}").format(
-                device=self.logic.detectedDevice()
+            if missing:
+                self._startPipInstall(missing)
+                return
+        self._startRun()
+
+    def _installTorch(self) -> bool:
+        """The PyTorch extension's install (blocking; Slicer repaints between pip's lines)."""
+        size = deps.size_text(deps.download_megabytes(True, []))
+        self._installing = True
+        self._checkCanApply()
+        self.ui.statusLabel.text = _(
+            "Installing PyTorch ({size}); pip's progress is shown in the Python console..."
+        ).format(size=size)
+        slicer.app.processEvents()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Failed to install PyTorch.")):
+                self.logic.installTorch()
+            self.ui.statusLabel.text = _("PyTorch installed.")
+            return True
+        except Exception:
+            self.ui.statusLabel.text = _("PyTorch could not be installed.")
+            return False
+        finally:
+            self._installing = False
+            self.startDeviceProbe()
+            self._checkCanApply()
+
+    def _startPipInstall(self, missing: list) -> None:
+        try:  # tryWithErrorDisplay shows the error, then re-raises it
+            with slicer.util.tryWithErrorDisplay(_("Failed to start the installation.")):
+                self._install = self.logic.startPipInstall(missing)
+                self._installMissing = missing
+                self.ui.logTextEdit.clear()
+                self.ui.logCollapsibleButton.collapsed = False
+                self.ui.statusLabel.text = _("Installing {names} ({size})...").format(
+                    names=", ".join(module for module, _req in missing),
+                    size=deps.size_text(deps.download_megabytes(False, missing)),
+                )
+                self._timer.start()
+        finally:
+            self._checkCanApply()
+
+    def _pollInstall(self) -> None:
+        command = self._install
+        if command is None:
+            return
+        for line in command.poll():
+            self.ui.logTextEdit.appendPlainText(line)
+        if not command.finished:
+            return
+        self._install = None
+        importlib.invalidate_caches()
+        still = deps.missing_requirements(self._installMissing)
+        if command.ok and not still:
+            self.ui.statusLabel.text = _("Installed; starting the segmentation...")
+            self.startDeviceProbe()
+            self.refreshModels()  # the registry needs jsonschema: its models appear now
+            self._startRun()
+        else:
+            last = "\n".join(command.output[-8:])
+            self.ui.statusLabel.text = _("Installation failed; see the log below.")
+            slicer.util.errorDisplay(
+                _("Installing {names} failed:\n{output}").format(
+                    names=", ".join(module for module, _req in self._installMissing), output=last
+                )
             )
-            self._run = self.logic.start(
-                p.inputVolume, p.model, p.device, p.tta, p.outputSegmentation
-            )
-            self.ui.progressBar.visible = True
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = _("Starting...")
-            self.ui.timeLabel.text = ""
-            self._timer.start()
         self._checkCanApply()
 
+    def _startRun(self) -> None:
+        p = self._parameterNode
+        try:  # tryWithErrorDisplay shows the error, then re-raises it
+            with slicer.util.tryWithErrorDisplay(
+                _("Failed to start the segmentation."), waitCursor=True
+            ):
+                self._run = self.logic.start(
+                    p.inputVolume, p.model, p.device, p.tta, p.outputSegmentation
+                )
+                self.ui.progressBar.visible = True
+                self.ui.progressBar.value = 0
+                self.ui.logTextEdit.clear()
+                self.ui.logFileLabel.text = ""
+                self._loggedStage = None
+                self._showWarnings([])
+                self.ui.statusLabel.text = _("Starting...")
+                self.ui.timeLabel.text = ""
+                self._timer.start()
+        finally:
+            self._checkCanApply()
+
     def onCancel(self) -> None:
+        run = self._run
         self._stopRun()
         self.ui.progressBar.visible = False
         self.ui.statusLabel.text = _("Cancelled; the scene is unchanged.")
+        if run is not None:
+            self._showKeptLog(run.job)
         self._checkCanApply()
 
-    def onTimer(self) -> None:
-        run = self._run
-        if run is None:
-            self._timer.stop()
+    def _appendLog(self, events: list) -> None:
+        """One line per new worker event in the log panel (a stage once, not every percent)."""
+        for event in events:
+            if event.get("event") == "progress":
+                if event.get("stage") == self._loggedStage:
+                    continue
+                self._loggedStage = event.get("stage")
+            line = slicerjob.describe_event(event)
+            if line:
+                self.ui.logTextEdit.appendPlainText(line)
+
+    def _showKeptLog(self, job: Any) -> None:
+        """After a run: the whole log (events and the worker's own output) and where it is kept."""
+        if job.kept_log is None:
             return
-        run.poll()
-        job = run.job
-        self.ui.progressBar.value = round(100 * job.fraction)
-        stage = STAGE_NAMES.get(job.stage, job.stage)
-        self.ui.statusLabel.text = _("{stage}... {percent}%").format(
+        try:
+            self.ui.logTextEdit.setPlainText(job.kept_log.read_text(encoding="utf-8"))
+        except OSError:
+            return
+        self.ui.logFileLabel.text = _("Kept in {path}").format(path=str(job.kept_log))
+
+    def _showWarnings(self, warnings: list) -> None:
+        self.ui.warningsLabel.text = "\n".join("\u26a0 " + w for w in warnings)
+        self.ui.warningsLabel.visible = bool(warnings)
+
+    def _statusWhileRunning(self, job: Any) -> str:
+        if job.stage == "download" and job.download:
+            done, total = job.download.get("done", 0), job.download.get("total", 0)
+            if total:
+                return _("Downloading the model: {done:.1f} of {total:.1f} MB ({percent}%)").format(
+                    done=done / 1e6, total=total / 1e6, percent=int(100 * done / total)
+                )
+            return _("Downloading the model: {done:.1f} MB").format(done=done / 1e6)
+        stage = slicerjob.STAGE_NAMES.get(job.stage, job.stage)
+        return _("{stage}... {percent}%").format(
             stage=_(stage) if stage else _("Starting"), percent=int(100 * job.fraction)
         )
+
+    def onTimer(self) -> None:
+        self._pollDeviceProbe()
+        self._pollInstall()
+        run = self._run
+        if run is None:
+            self._stopTimerIfIdle()
+            return
+        self._appendLog(run.poll())
+        job = run.job
+        self.ui.progressBar.value = round(100 * job.fraction)
+        self.ui.statusLabel.text = self._statusWhileRunning(job)
+        self._showWarnings(job.warnings)
         text = _("Elapsed {seconds:.0f} s").format(seconds=job.elapsed)
         if job.device_info:
+            if job.device_info.get("description"):
+                self.ui.detectedDeviceLabel.text = _("Running on: {device}").format(
+                    device=job.device_info["description"]
+                )
             estimate = slicerjob.estimate_seconds(
                 job.device_info.get("runtimes"), job.device_info.get("device", "cpu")
             )
@@ -395,8 +599,8 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.timeLabel.text = text
         if not run.finished:
             return
-        self._timer.stop()
         self._run = None
+        self._stopTimerIfIdle()
         self.ui.progressBar.visible = False
         try:  # tryWithErrorDisplay shows the error, then re-raises it
             if job.state is slicerjob.JobState.DONE:
@@ -405,16 +609,15 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     segmentation = self.logic.finish(run, self._parameterNode.show3D)
                     self._parameterNode.outputSegmentation = segmentation
                     self.ui.volumesTableView.setMRMLTableNode(run.table)
-                    self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(
-                        seconds=job.elapsed
-                    )
-                    for warning in job.warnings:
-                        logging.warning(warning)
+                    self.ui.statusLabel.text = _(slicerjob.finished_status(job))
             else:
-                run.cancel()  # removes the work folder
-                self.ui.statusLabel.text = _("Segmentation failed.")
+                run.cancel()  # keeps the log, removes the work folder
+                self.ui.statusLabel.text = _(slicerjob.finished_status(job))
+                self.ui.logCollapsibleButton.collapsed = False
                 slicer.util.errorDisplay(job.error or _("Segmentation failed."))
         finally:
+            self._showKeptLog(job)
+            self.refreshModels()  # a downloaded model is now cached
             self._checkCanApply()
 
 
@@ -446,57 +649,64 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
         raise RuntimeError(_("PythonSlicer executable not found next to Slicer."))
 
     @staticmethod
-    def detectedDevice() -> str:
-        try:
-            return deps.detect_device()
-        except Exception as exc:  # a broken torch install must not break the module panel
-            return _("unknown ({error})").format(error=exc)
+    def logDirectory() -> str:
+        """Where the logs of the last runs are kept (the module's temporary folder)."""
+        return os.path.join(slicer.app.temporaryPath, "HLFDSegment", "logs")
+
+    def startDeviceProbe(self) -> "background.BackgroundCommand":
+        """Start the helper process that names the device (torch is imported there only)."""
+        return background.device_probe(self.pythonExecutable()).start()
+
+    @staticmethod
+    def listModels(extra: Optional[list[str]] = None) -> "modelmenu.ModelList":
+        """The model selector's entries and why a source failed (works before any install)."""
+        return modelmenu.list_models(extra or [])
 
     @staticmethod
     def modelChoices(extra: Optional[list[str]] = None) -> list[tuple[str, str]]:
-        """(title, MODEL argument) pairs: registry, cache, then ``extra`` paths."""
-        try:
-            from HLFDSegmentLib.registry import builtin_models, cached_models, load_registry
-        except ImportError:  # dependencies not installed yet: only explicit paths
-            return slicerjob.model_choices([], [], extra or [])
-        try:
-            entries = load_registry()
-        except Exception as exc:
-            logging.warning("HLFD Segment: model registry not readable: %s", exc)
-            entries = []
-        return slicerjob.model_choices(entries, cached_models(), extra or [], builtin_models())
+        """(title, MODEL argument) pairs: built-in, registry, cache, then ``extra`` paths."""
+        return modelmenu.list_models(extra or []).choices
 
     def installDependencies(self, askConfirmation: bool = True) -> bool:
-        """Install torch (PyTorch extension) and the rest (pip, Slicer's packages pinned).
+        """Install torch (PyTorch extension) and the rest (pip, Slicer's packages pinned), and
+        wait (for scripts; the panel installs in a followed background process instead).
 
         Returns False if the user declined; raises RuntimeError with a clear message on failure."""
         torchMissing = deps.torch_missing()
         missing = deps.missing_requirements()
         if not torchMissing and not missing:
             return True
-        names = (["torch"] if torchMissing else []) + [module for module, _ in missing]
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-            _(
-                "HLFD Segment needs these Python packages: {names}. Install them now? "
-                "This downloads several hundred MB once; Slicer's own packages are not changed."
-            ).format(names=", ".join(names))
+            _(deps.install_question(torchMissing, missing))
         ):
             return False
         if torchMissing:
-            try:
-                import PyTorchUtils
-            except ImportError:
-                raise RuntimeError(
-                    _("Install the PyTorch extension from the Extensions Manager, restart Slicer.")
-                ) from None
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=False, torchVersionRequirement=deps.TORCH_REQUIREMENT
-            )
-            if torch is None:
-                raise RuntimeError(_("PyTorch could not be installed (PyTorch extension)."))
-        with tempfile.TemporaryDirectory() as folder, slicer.util.WaitCursor():
+            self.installTorch()
+        with tempfile.TemporaryDirectory() as folder:
             deps.install(missing, slicer.util.pip_install, folder)
         return True
+
+    @staticmethod
+    def installTorch() -> None:
+        """torch through the PyTorch extension (it picks the CUDA or CPU build); blocking, its
+        pip output goes to the Python console."""
+        try:
+            import PyTorchUtils
+        except ImportError:
+            raise RuntimeError(
+                _("Install the PyTorch extension from the Extensions Manager, restart Slicer.")
+            ) from None
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=False, torchVersionRequirement=deps.TORCH_REQUIREMENT
+        )
+        if torch is None:
+            raise RuntimeError(_("PyTorch could not be installed (PyTorch extension)."))
+
+    def startPipInstall(self, missing: list) -> "background.BackgroundCommand":
+        """pip for ``missing`` in a background process (Slicer's packages pinned): poll it."""
+        folder = os.path.join(slicer.app.temporaryPath, "HLFDSegment")
+        command = deps.pip_command(self.pythonExecutable(), missing, deps.write_constraints(folder))
+        return background.BackgroundCommand(command).start()
 
     # -- segmentation ---------------------------------------------------------------------------
     def start(
@@ -515,9 +725,15 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
             tta,
             segmentation=segmentationNode,
             python=self.pythonExecutable(),
+            log_dir=self.logDirectory(),
         )
         run.start()
         return run
+
+    @staticmethod
+    def volumesTable(segmentationNode: Any) -> Any:
+        """The segment volumes table of a segmentation this module filled (None if none)."""
+        return mrml.volumes_table_of(segmentationNode)
 
     def finish(self, run: "SegmentationRun", show3D: bool = True) -> Any:
         """Put a finished run's result into the scene; returns the segmentation node."""
@@ -542,14 +758,19 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
             if not choices:
                 raise ValueError(_("No model available: pass model='path/to/package'."))
             model = choices[0][1]
-        run = self.start(volumeNode, model, device, tta, segmentationNode)
-        state = run.wait(timeout, on_events=lambda job, events: slicer.app.processEvents())
-        if state is not slicerjob.JobState.DONE:
-            run.cancel()
-            raise RuntimeError(
-                run.job.error or _("Segmentation {state}.").format(state=state.value)
-            )
-        return self.finish(run, show3D)
+        run = mrml.segment_volume(
+            volumeNode,
+            model,
+            slicerjob.device_argument(device),
+            tta,
+            segmentation=segmentationNode,
+            show_3d=show3D,
+            python=self.pythonExecutable(),
+            timeout=timeout,
+            on_events=lambda job, events: slicer.app.processEvents(),
+            log_dir=self.logDirectory(),
+        )
+        return run.segmentation
 
 
 #
@@ -558,7 +779,9 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
 
 
 class HLFDSegmentTest(ScriptedLoadableModuleTest):
-    """Self-test: whole flow on a phantom CT with a small model package built on the fly."""
+    """Self-test (Reload & Test): the whole flow on the sample kidney CT with the built-in
+    kidney model; the checks are :func:`HLFDSegmentLib.mrml.result_problems`, which the
+    headless tests run on the same flow (Testing/test_mrml.py)."""
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
@@ -568,51 +791,43 @@ class HLFDSegmentTest(ScriptedLoadableModuleTest):
             self.delayDisplay(unsupportedMessage())
             return
         self.setUp()
-        self.test_SegmentPhantom()
+        self.test_SegmentSampleWithBuiltInModel()
+        self.setUp()
+        self.test_FailureLeavesTheSceneUnchanged()
 
-    def test_SegmentPhantom(self) -> None:
-        import numpy as np
+    def _sampleVolume(self) -> Any:
+        path = samples.sample_ct("kidney")
+        return slicer.util.loadVolume(str(path), {"name": samples.SAMPLES["kidney"][0]})
 
+    def test_SegmentSampleWithBuiltInModel(self) -> None:
         self.delayDisplay(_("Installing dependencies if needed"))
         logic = HLFDSegmentLogic()
         logic.installDependencies(askConfirmation=False)
-        from HLFDSegmentLib.modelpackage import make_card, save_package
-        from HLFDSegmentLib.nets import build_network
-
-        self.delayDisplay(_("Creating a phantom CT and a small model"))
-        folder = tempfile.mkdtemp(prefix="hlfd-selftest-")
-        volumeNode = slicer.util.loadVolume(str(samples.sample_ct("kidney", folder)))
-        net = build_network("tiny_unet2d", 2, 1, 3, base=4)
-        card = make_card(
-            name="selftest",
-            version="0.0.1",
-            task="kidney",
-            architecture="tiny_unet2d",
-            spatial_dims=2,
-            network_kwargs={"base": 4},
+        self.delayDisplay(_("Segmenting the sample kidney CT with the built-in kidney model"))
+        volumeNode = self._sampleVolume()
+        segmentation = logic.segment(volumeNode, model="kidney", show3D=True, timeout=600)
+        table = logic.volumesTable(segmentation)
+        card = modelmenu.read_card("kidney")
+        self.assertEqual(mrml.result_problems(segmentation, table, card["labels"]), [])
+        self.assertEqual(
+            [s["name"] for s in card["labels"]],
+            [
+                segmentation.GetSegmentation().GetNthSegment(i).GetName()
+                for i in range(segmentation.GetSegmentation().GetNumberOfSegments())
+            ],
         )
-        package = save_package(os.path.join(folder, "model"), card, net.state_dict())
+        self.delayDisplay(_("A rerun refills the same table"))
+        again = logic.segment(volumeNode, model="kidney", segmentationNode=segmentation)
+        self.assertIs(again, segmentation)
+        self.assertIs(logic.volumesTable(again), table)
+        self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLTableNode")), 1)
+        self.delayDisplay(_("Test passed"))
 
-        self.delayDisplay(_("Segmenting"))
-        segmentation = logic.segment(volumeNode, model=str(package), device="cpu", show3D=True)
-        seg = segmentation.GetSegmentation()
-        self.assertEqual(seg.GetNumberOfSegments(), 2)
-        self.assertEqual(seg.GetNthSegment(0).GetName(), "Kidney")
-        self.assertEqual(seg.GetNthSegment(1).GetName(), "Kidney tumor")
-        self.assertFalse(seg.GetNthSegment(0).GetNameAutoGenerated())
-        tables = slicer.util.getNodesByClass("vtkMRMLTableNode")
-        self.assertEqual(len(tables), 1)
-        self.assertEqual(tables[0].GetNumberOfRows(), 2)
-        self.assertTrue(np.isfinite(float(tables[0].GetCellText(0, 1))))
-
-        self.delayDisplay(_("Failure leaves the segmentation unchanged"))
+    def test_FailureLeavesTheSceneUnchanged(self) -> None:
+        volumeNode = self._sampleVolume()
+        nodes = slicer.mrmlScene.GetNumberOfNodes()
+        missing = os.path.join(slicer.app.temporaryPath, "HLFDSegment", "missing.zip")
         with self.assertRaises(RuntimeError):
-            logic.segment(
-                volumeNode,
-                model=os.path.join(folder, "missing.zip"),
-                device="cpu",
-                segmentationNode=segmentation,
-            )
-        self.assertEqual(segmentation.GetSegmentation().GetNumberOfSegments(), 2)
-        shutil.rmtree(folder, ignore_errors=True)
+            HLFDSegmentLogic().segment(volumeNode, model=missing, device="cpu")
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
         self.delayDisplay(_("Test passed"))

@@ -333,3 +333,63 @@ def test_license_file_matches_the_declared_licence():
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+
+
+def test_module_never_imports_torch_in_slicers_process(tree):
+    """The panel and each click must not import torch in Slicer (slow, and a broken install
+    would break the panel): the device is named by a helper process or the worker."""
+    source = SCRIPT.read_text(encoding="utf-8")
+    assert "detect_device" not in source and "describe_device" not in source
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert not any(a.name.split(".")[0] == "torch" for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert (node.module or "").split(".")[0] != "torch"
+    assert "device_probe" in source and "startDeviceProbe" in source
+
+
+def test_each_load_model_action_opens_one_dialog_and_is_remembered(tree):
+    """Cancelling the .zip dialog must not open a folder dialog right after (one dialog per
+    method); loaded models are written to and read from Slicer's settings (Qt-only: checked
+    on the source, the list handling itself is tested in test_modelmenu)."""
+    widget = _methods(_classes(tree)["HLFDSegmentWidget"])
+    for name, method in widget.items():
+        dialogs = [
+            node
+            for node in ast.walk(method)
+            if isinstance(node, ast.Attribute) and node.attr.startswith("get")
+            and isinstance(node.value, ast.Attribute) and node.value.attr == "QFileDialog"
+        ]  # fmt: skip
+        assert len(dialogs) <= 1, name
+    assert {"onLoadModelZip", "onLoadModelFolder", "useModelPath"} <= set(widget)
+    source = ast.unparse(widget["useModelPath"]) + ast.unparse(widget["setup"])
+    assert "userSettings().setValue(modelmenu.SETTINGS_KEY" in source
+    assert "remembered_models(slicer.app.userSettings().value(modelmenu.SETTINGS_KEY))" in source
+
+
+def test_segment_cannot_be_clicked_during_an_install_and_dialogs_come_before_wait_cursors(tree):
+    """Qt-only behaviour, checked on the source: while dependencies install, the button is
+    disabled ("Installing..."); pip runs as a followed background process; the confirmation
+    dialogs of onApplyButton are not inside a wait cursor."""
+    widget = _methods(_classes(tree)["HLFDSegmentWidget"])
+    can_apply = ast.unparse(widget["_checkCanApply"])
+    assert "self._installing or self._install is not None" in can_apply
+    assert "self.ui.applyButton.enabled = False" in can_apply
+    apply = widget["onApplyButton"]
+    assert "waitCursor" not in ast.unparse(apply) and "WaitCursor" not in ast.unparse(apply)
+    assert "install_question" in ast.unparse(apply)
+    assert "startPipInstall" in ast.unparse(widget["_startPipInstall"])
+    logic = _methods(_classes(tree)["HLFDSegmentLogic"])
+    assert "deps.pip_command" in ast.unparse(logic["startPipInstall"])
+    assert "background.BackgroundCommand" in ast.unparse(logic["startPipInstall"])
+
+
+def test_self_test_runs_the_headless_tested_flow_on_the_sample_with_the_built_in_model(tree):
+    """HLFDSegmentTest needs a real Slicer; what it calls is the Lib flow and checks that
+    Testing/test_mrml.py runs headless (segment_volume, result_problems)."""
+    test = _classes(tree)["HLFDSegmentTest"]
+    source = ast.unparse(test)
+    for needle in ("model='kidney'", "samples.sample_ct", "mrml.result_problems", "volumesTable"):
+        assert needle in source, needle
+    logic = _methods(_classes(tree)["HLFDSegmentLogic"])
+    assert "mrml.segment_volume" in ast.unparse(logic["segment"])

@@ -248,7 +248,8 @@ def test_whole_flow_into_study_with_table_and_3d(scene, ct, tiny_package, runtim
     assert int(table.GetCellText(1, 2)) == counts[2]
     burden = 100 * tumour_ml / (kidney_ml + tumour_ml)
     assert float(table.GetCellText(1, 3)) == pytest.approx(burden, abs=0.01)
-    assert table.GetCellText(0, 3) == "nan"  # no burden for an organ
+    assert table.GetCellText(0, 3) == ""  # no burden for an organ: empty, not "nan"
+    assert mrml.volumes_table_of(node) is table
 
 
 def test_rerun_replaces_only_the_model_segments(scene, ct, runtime_labels):
@@ -264,3 +265,80 @@ def test_rerun_replaces_only_the_model_segments(scene, ct, runtime_labels):
     assert node.GetSegmentation().GetSegment(user_id) is not None
     node.GetSegmentation().RemoveSegment(user_id)
     assert np.array_equal(mrml.export_labels(node, volume), sitk.GetArrayFromImage(runtime_labels))
+
+
+def _volumes(labels: sitk.Image, entries) -> list[dict]:
+    counts = np.bincount(sitk.GetArrayFromImage(labels).ravel(), minlength=256)
+    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000
+    return [
+        {"value": e["value"], "voxels": int(counts[e["value"]]),
+         "volume_ml": counts[e["value"]] * voxel_ml}
+        for e in entries
+    ]  # fmt: skip
+
+
+def _cells(table) -> list[list[str]]:
+    return [
+        [table.GetCellText(r, c) for c in range(table.GetNumberOfColumns())]
+        for r in range(table.GetNumberOfRows())
+    ]
+
+
+def test_one_volume_table_per_segmentation_updated_in_place(scene, ct, runtime_labels):
+    """A rerun refills the segmentation's own table (found by node reference, whatever the
+    names), another segmentation of the same CT gets its own; no cell reads "nan"."""
+    _, volume = ct
+    entries = standard_labels("kidney")
+    first, table = mrml.store_result(
+        volume, runtime_labels, entries, _volumes(runtime_labels, entries)
+    )
+    table.SetName("renamed by the user")
+    other = scene.AddNewNodeByClass("vtkMRMLTableNode", "Patient CT segment volumes")  # decoy
+    empty = sitk.Image(runtime_labels)
+    empty *= 0
+    again, same = mrml.store_result(
+        volume, empty, entries, _volumes(empty, entries), segmentation=first
+    )
+    assert again is first and same is table and same.GetName() == "renamed by the user"
+    assert [row[:3] for row in _cells(same)] == [["Kidney", "0", "0"], ["Kidney tumor", "0", "0"]]
+    assert [row[3] for row in _cells(same)] == ["", ""]  # burden undefined: empty, not nan
+    assert other.GetNumberOfRows() == 0
+    second, table2 = mrml.store_result(
+        volume, runtime_labels, entries, _volumes(runtime_labels, entries)
+    )
+    assert second is not first and table2 is not table
+    assert mrml.volumes_table_of(second) is table2 and mrml.volumes_table_of(first) is table
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 3  # two results + the decoy
+    for row in _cells(table2):
+        assert "nan" not in [cell.lower() for cell in row]
+    assert float(_cells(table2)[1][3]) > 0  # a tumour: its burden in %
+
+
+def test_self_test_flow_on_the_sample_ct_with_the_built_in_model(tmp_path, scene):
+    """What HLFDSegmentTest runs inside Slicer, headless: the sample kidney CT, the built-in
+    kidney student, the whole flow into the scene, then the same result checks."""
+    from HLFDSegmentLib import samples
+    from HLFDSegmentLib.modelmenu import read_card
+
+    path = samples.sample_ct("kidney", tmp_path)
+    volume = mrml.image_to_volume_node(sitk.ReadImage(str(path)), scene, "HLFDPhantomKidneyCT")
+    run = mrml.segment_volume(
+        volume, "kidney", "cpu", python=sys.executable, show_3d=True, timeout=300,
+        log_dir=tmp_path / "logs",
+    )  # fmt: skip
+    entries = read_card("kidney")["labels"]
+    assert mrml.result_problems(run.segmentation, run.table, entries) == []
+    assert run.table.GetName() == "HLFDPhantomKidneyCT segment volumes"
+    assert run.job.kept_log is not None and not run.job.workdir.exists()
+    # the checks do catch a broken result
+    run.segmentation.GetSegmentation().RemoveSegment(
+        run.segmentation.GetSegmentation().GetSegmentIdBySegmentName("Kidney tumor")
+    )
+    run.table.SetCellText(0, 1, "nan")
+    assert mrml.result_problems(run.segmentation, run.table, entries) == [
+        "segment 'Kidney tumor' missing",
+        "table row 'Kidney' shows nan",
+        "table row 'Kidney': volume nan",
+    ]
+    with pytest.raises(RuntimeError, match="no-such-model"):
+        mrml.segment_volume(volume, tmp_path / "no-such-model", "cpu", python=sys.executable)

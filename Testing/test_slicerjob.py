@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,9 +15,13 @@ from HLFDSegmentLib import deps, samples
 from HLFDSegmentLib.modelpackage import standard_labels
 from HLFDSegmentLib.registry import RegistryEntry
 from HLFDSegmentLib.slicerjob import (
+    JobState,
+    SegmentationJob,
+    describe_event,
     describe_failure,
     device_argument,
     estimate_seconds,
+    finished_status,
     model_choices,
     volume_rows,
     worker_env,
@@ -162,3 +169,108 @@ def test_sample_ct_is_generated_once_and_cached(tmp_path):
     ]
     with pytest.raises(ValueError):
         samples.sample_ct("lung", tmp_path)
+
+
+# -- what the panel shows of a run ---------------------------------------------------------------
+
+
+def _scripted_job(tmp_path, lines: list[str], status: int = 0, **kwargs) -> SegmentationJob:
+    """A job whose 'worker' prints ``lines`` on stdout, 'trace' on stderr and exits ``status``."""
+    script = (
+        "import sys\n"
+        f"for line in {lines!r}:\n"
+        "    print(line, flush=True)\n"
+        "print('trace from the worker', file=sys.stderr)\n"
+        f"sys.exit({status})\n"
+    )
+    job = SegmentationJob(
+        "m", command=lambda argv: [sys.executable, "-c", script], workdir=tmp_path, **kwargs
+    )
+    job.input_path.write_bytes(b"")
+    return job
+
+
+def test_warnings_reach_the_status_line_and_the_kept_log(tmp_path):
+    events = [
+        {"event": "start", "pid": 1, "version": "0.1.0"},
+        {"event": "progress", "stage": "read", "fraction": 0.0},
+        {"event": "device", "device": "cpu", "description": "CPU (4 threads)",
+         "precision": "float32", "model": {"name": "kid", "version": "1.0"}},
+        {"event": "warning", "message": "GPU asked but not available; using the CPU"},
+        {"event": "warning", "message": "the volume does not look like CT"},
+    ]  # fmt: skip
+    logs = tmp_path / "logs"
+    job = _scripted_job(tmp_path, [json.dumps(e) for e in events], status=1, log_dir=logs)
+    job.start()
+    assert job.wait(60) is JobState.FAILED
+    assert job.warnings == [events[3]["message"], events[4]["message"]]
+    job.state = JobState.DONE  # the status line of the same run, had it succeeded
+    assert finished_status(job).endswith("2 warnings: please read them.")
+    job.state = JobState.FAILED
+    job.cleanup()
+    assert not job.workdir.exists() and job.kept_log is not None
+    text = job.kept_log.read_text(encoding="utf-8")
+    assert "WARNING: GPU asked but not available" in text
+    assert "model kid 1.0 on CPU (4 threads) (float32)" in text
+    assert "Reading the volume..." in text and "result: failed" in text
+    assert "trace from the worker" in text  # stderr, kept after the work folder is gone
+
+
+def test_only_the_newest_logs_are_kept(tmp_path):
+    logs = tmp_path / "logs"
+    kept = []
+    for i in range(4):
+        job = _scripted_job(tmp_path, [f"line {i}"], log_dir=logs, keep_logs=3)
+        job.start()
+        job.wait(60)
+        job.cancel()  # a cancelled or finished job keeps its log the same way
+        kept.append(job.kept_log)
+    assert sorted(logs.iterdir()) == kept[1:]
+    assert "line 3" in kept[-1].read_text(encoding="utf-8")
+    plain = _scripted_job(tmp_path, ["x"])  # no log_dir: nothing kept (CLI, scripts)
+    plain.start()
+    plain.wait(60)
+    plain.cleanup()
+    assert plain.kept_log is None and sorted(logs.iterdir()) == kept[1:]
+
+
+def test_describe_event_lines():
+    assert describe_event({"event": "error", "kind": "memory", "message": "oom"}) == (
+        "ERROR (memory): oom"
+    )
+    assert describe_event({"event": "progress", "stage": "infer"}) == "Running the network..."
+    assert describe_event({"event": "log", "message": "plain text"}) == "plain text"
+    assert describe_event({"event": "download", "done": 1, "total": 2}) is None
+
+
+def test_install_question_says_the_real_download_size():
+    cuda = deps.install_question(True, deps.REQUIREMENTS, build="torch-cuda")
+    assert "torch, monai, safetensors, jsonschema" in cuda
+    assert "about 3.0 GB" in cuda and "CUDA build" in cuda and "PyTorch extension" in cuda
+    cpu = deps.install_question(True, [], build="torch-cpu")
+    assert "about 200 MB" in cpu and "CPU build" in cpu
+    assert "about 5 MB" in deps.install_question(False, deps.REQUIREMENTS)
+    assert "torch" not in deps.install_question(False, deps.REQUIREMENTS)
+    assert deps.torch_build("linux", nvidia=True) == "torch-cuda"
+    assert deps.torch_build("win32", nvidia=False) == "torch-cpu"
+    assert deps.torch_build("darwin") == "torch-macos"
+    assert deps.has_nvidia_gpu(which=lambda name: "/usr/bin/" + name)
+    assert not deps.has_nvidia_gpu(which=lambda name: None)
+
+
+def test_pip_runs_in_a_background_process_whose_lines_are_shown(tmp_path):
+    """The panel installs with a followed process (its output in the log panel, the GUI live)
+    instead of a blocking pip_install; a failure keeps pip's own reason. Offline: --no-index."""
+    from HLFDSegmentLib.background import BackgroundCommand
+
+    constraints = deps.write_constraints(tmp_path)
+    argv = deps.pip_command(sys.executable, [("nothere", "hlfd-no-such-package==1.0")], constraints)
+    assert argv[1:6] == ["-m", "pip", "install", "--progress-bar", "off"]
+    assert argv[-3:] == ["hlfd-no-such-package==1.0", "-c", str(constraints)]
+    assert "numpy==" in constraints.read_text()
+    command = BackgroundCommand([*argv[:4], "--no-index", *argv[4:]]).start()
+    while not command.finished:
+        command.poll()
+        time.sleep(0.02)
+    assert command.returncode not in (0, None) and not command.ok
+    assert any("hlfd-no-such-package" in line for line in command.output)

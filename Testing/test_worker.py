@@ -55,6 +55,8 @@ def test_progress_events_and_result_file(tmp_path, ct_file, tiny_package):
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done"
     assert "error" not in kinds and kinds.count("device") == 1
+    device = next(e for e in events if e["event"] == "device")
+    assert device["description"].startswith("CPU (")  # named in the worker, not in Slicer
     progress = [e for e in events if e["event"] == "progress"]
     fractions = [e["fraction"] for e in progress]
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
@@ -254,3 +256,78 @@ def test_worker_command_line():
         "--model", "m.zip", "--device", "cuda", "--tta", "--threads", "2",
     ]  # fmt: skip
     assert worker.build_parser().parse_args(argv[3:]).tta
+
+
+def test_run_warnings_reach_the_job_and_the_kept_log(tmp_path, tiny_package):
+    """A real run that asks for a GPU this machine lacks: the warning is an event the panel
+    shows (status line and warnings label), and the run's log is kept after the work folder
+    is deleted."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: no fallback warning to see")
+    from HLFDSegmentLib.slicerjob import finished_status
+
+    job = SegmentationJob(tiny_package, "cuda", python=sys.executable, log_dir=tmp_path / "logs")
+    sitk.WriteImage(make_image(block_ct()), str(job.input_path))
+    job.start()
+    assert job.wait(120) is JobState.DONE, job.error
+    assert any("no CUDA GPU is available" in w for w in job.warnings)
+    assert finished_status(job).endswith("1 warning: please read it.")
+    job.cleanup()
+    assert not job.workdir.exists()
+    text = job.kept_log.read_text(encoding="utf-8")
+    assert "WARNING: device 'cuda' asked but no CUDA GPU is available" in text
+    assert "result: done" in text and "Running the network..." in text
+
+
+def test_model_download_progress_reaches_the_job(tmp_path, monkeypatch, tiny_package):
+    """A registry model fetched by the worker: its bytes arrive as download events, which the
+    job turns into the panel's "Downloading the model: x of y MB" state (before: stuck at 3%)."""
+    import hashlib
+
+    zipped = Path(shutil.make_archive(str(tmp_path / "served"), "zip", tiny_package))
+    payload = zipped.read_bytes()
+    listing = {
+        "id": "kidney-web", "title": "Kidney", "task": "kidney", "version": "1.0",
+        "url": zipped.as_uri(), "sha256": hashlib.sha256(payload).hexdigest(),
+        "size": len(payload), "license": "Apache-2.0",
+    }  # fmt: skip
+    registry_file = tmp_path / "models.json"
+    registry_file.write_text(json.dumps({"format_version": 1, "models": [listing]}))
+    monkeypatch.setenv("HLFD_MODEL_REGISTRY", str(registry_file))
+    monkeypatch.setenv("HLFD_CACHE_DIR", str(tmp_path / "cache"))
+    job = SegmentationJob("kidney-web@1.0", "cpu", python=sys.executable)
+    sitk.WriteImage(make_image(block_ct()), str(job.input_path))
+    job.start()
+    stages = []
+    while not job.finished:
+        job.poll()
+        stages.append(job.stage)
+        time.sleep(0.02)
+    assert job.state is JobState.DONE, job.error
+    downloads = [e for e in job.events if e["event"] == "download"]
+    assert downloads[0] == {"event": "download", "done": 0, "total": len(payload)}
+    assert downloads[-1] == {"event": "download", "done": len(payload), "total": len(payload)}
+    assert job.download == downloads[-1]
+    kinds = [e["event"] for e in job.events]
+    assert kinds.index("download") < kinds.index("device")  # fetched before the model loads
+    assert (tmp_path / "cache" / "kidney-web-1.0.zip").read_bytes() == payload
+    job.cleanup()
+
+
+def test_download_events_are_throttled():
+    stream = io.StringIO()
+    emit = worker.Emitter(stream)
+    total = 50 << 20
+    for done in range(0, total + 1, 1 << 16):  # 64 KiB chunks
+        emit.download(done, total)
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert 90 <= len(events) <= 102 and events[-1]["done"] == total
+    unknown = io.StringIO()
+    emit = worker.Emitter(unknown)
+    for done in range(0, 5 << 20, 1 << 16):
+        emit.download(done, 0)
+    assert len(unknown.getvalue().splitlines()) == 5  # every MiB when the size is unknown
+    emit.download(0, 0)  # a download that starts over is shown from 0 again
+    assert json.loads(unknown.getvalue().splitlines()[-1])["done"] == 0

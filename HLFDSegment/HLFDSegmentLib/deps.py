@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import shutil
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -22,6 +24,11 @@ REQUIREMENTS: tuple[tuple[str, str], ...] = (
     ("safetensors", "safetensors>=0.4"),
     ("jsonschema", "jsonschema>=4"),
 )
+DOWNLOAD_MB = {"torch-cuda": 3000, "torch-cpu": 200, "torch-macos": 80, "other": 1}
+"""Approximate download sizes (MB): a CUDA torch with its NVIDIA libraries is ~2.5-4 GB (the
+wheel and the nvidia-* packages, PyTorch 2.x, Linux/Windows), a CPU one ~200 MB, macOS ~80 MB;
+monai ~3 MB; safetensors and jsonschema (with its dependencies) ~1 MB each."""
+REQUIREMENT_MB = {"monai": 3}
 PROTECTED = ("numpy", "scipy", "SimpleITK", "vtk", "torch")
 """Distributions bundled with Slicer (and torch, installed by the PyTorch extension) that an
 install must never upgrade or downgrade."""
@@ -71,8 +78,7 @@ def install(
     if not requirements:
         return
     reqs = [req for _, req in requirements]
-    path = Path(folder) / "hlfd-constraints.txt"
-    path.write_text(constraints(), encoding="utf-8")
+    path = write_constraints(folder)
     try:
         pip_install(pip_arguments(reqs, path))
     except Exception as exc:
@@ -89,6 +95,83 @@ def install(
         raise RuntimeError(f"Installation finished but {names} still cannot be imported")
 
 
+def describe_device(device: str) -> str:
+    """One line for the torch device a run uses (``cuda:0`` -> its GPU name); imports torch."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = int(device.partition(":")[2] or 0)
+        return f"GPU: {torch.cuda.get_device_name(index)} (CUDA)"
+    if device.startswith("mps"):
+        return "GPU: Apple MPS"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def has_nvidia_gpu(which=shutil.which) -> bool:
+    """An NVIDIA driver is installed (``nvidia-smi`` found): the PyTorch extension then picks a
+    CUDA build of torch. Needs no torch."""
+    return which("nvidia-smi") is not None
+
+
+def torch_build(platform: str = sys.platform, nvidia: bool | None = None) -> str:
+    """Which torch the PyTorch extension will install here: torch-cuda, torch-cpu, torch-macos."""
+    if platform == "darwin":
+        return "torch-macos"
+    return "torch-cuda" if (has_nvidia_gpu() if nvidia is None else nvidia) else "torch-cpu"
+
+
+def download_megabytes(
+    torch_needed: bool, missing: Sequence[tuple[str, str]], build: str | None = None
+) -> int:
+    """About how many MB an install downloads (see :data:`DOWNLOAD_MB`)."""
+    total = DOWNLOAD_MB[build or torch_build()] if torch_needed else 0
+    return total + sum(REQUIREMENT_MB.get(module, DOWNLOAD_MB["other"]) for module, _ in missing)
+
+
+def size_text(megabytes: int) -> str:
+    return f"about {megabytes / 1000:.1f} GB" if megabytes >= 1000 else f"about {megabytes} MB"
+
+
+def install_question(
+    torch_needed: bool, missing: Sequence[tuple[str, str]], build: str | None = None
+) -> str:
+    """The confirmation text: what is installed, how, and the real download size."""
+    build = build or torch_build()
+    names = (["torch"] if torch_needed else []) + [module for module, _ in missing]
+    text = (
+        f"HLFD Segment needs these Python packages: {', '.join(names)}. Install them now? "
+        f"This downloads {size_text(download_megabytes(torch_needed, missing, build))} once"
+    )
+    if torch_needed:
+        kind = {
+            "torch-cuda": "the CUDA build of PyTorch, for the NVIDIA GPU found here",
+            "torch-cpu": "the CPU build of PyTorch (no NVIDIA GPU found)",
+            "torch-macos": "PyTorch for macOS",
+        }[build]
+        text += f" ({kind}, through the PyTorch extension)"
+    return text + "; Slicer's own packages are not changed."
+
+
+def pip_command(
+    python: str | os.PathLike[str],
+    requirements: Sequence[tuple[str, str]],
+    constraints_path: str | os.PathLike[str],
+) -> list[str]:
+    """``python -m pip install ...`` with the constraints file: for a background process whose
+    output the panel shows line by line (instead of a blocking ``pip_install``)."""
+    reqs = [req for _, req in requirements]
+    pip = [os.fspath(python), "-m", "pip", "install", "--progress-bar", "off"]
+    return [*pip, *pip_arguments(reqs, constraints_path)]
+
+
+def write_constraints(folder: str | os.PathLike[str]) -> Path:
+    """Write the constraints file pinning :data:`PROTECTED` into ``folder``; returns its path."""
+    path = Path(folder) / "hlfd-constraints.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(constraints(), encoding="utf-8")
+    return path
+
+
 def detect_device() -> str:
     """One line for the UI: the accelerator torch sees, or why there is none."""
     if torch_missing():
@@ -101,3 +184,7 @@ def detect_device() -> str:
     if mps is not None and mps.is_available():
         return "GPU: Apple MPS"
     return f"CPU only ({torch.get_num_threads()} threads)"
+
+
+if __name__ == "__main__":  # ``python -m HLFDSegmentLib.deps``: the device probe of the panel
+    print(detect_device(), flush=True)

@@ -303,6 +303,13 @@ def show_in_3d(segmentation: Any, visible: bool = True) -> None:
 
 
 VOLUME_COLUMNS = ("Segment", "Volume [mL]", "Voxels", "Tumor burden [%]")
+VOLUMES_TABLE_ROLE = "HLFDSegmentVolumesTable"
+"""Node reference role from a segmentation to its volume table (saved with the scene)."""
+
+
+def volumes_table_of(segmentation: Any) -> Any:
+    """The volume table made for ``segmentation`` by an earlier run (None if none)."""
+    return segmentation.GetNodeReference(VOLUMES_TABLE_ROLE) if segmentation else None
 
 
 def volumes_table(
@@ -312,12 +319,13 @@ def volumes_table(
     table: Any = None,
     name: str = "Segment volumes",
 ) -> Any:
-    """A table node: segment name, volume (mL), voxels, tumour burden (lesion / organ %)."""
+    """A table node (``table`` is refilled in place): segment name, volume (mL), voxels, tumour
+    burden (lesion / organ %, two decimals; empty where it does not apply, never "nan")."""
     rows = volume_rows(volumes, labels)
     if table is None:
         table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     vtable = vtk.vtkTable()
-    columns = [vtk.vtkStringArray(), vtk.vtkDoubleArray(), vtk.vtkIntArray(), vtk.vtkDoubleArray()]
+    columns = [vtk.vtkStringArray(), vtk.vtkDoubleArray(), vtk.vtkIntArray(), vtk.vtkStringArray()]
     for column, title in zip(columns, VOLUME_COLUMNS):
         column.SetName(title)
         vtable.AddColumn(column)
@@ -326,7 +334,7 @@ def volumes_table(
         columns[1].InsertNextValue(round(row["volume_ml"], 3))
         columns[2].InsertNextValue(row["voxels"])
         burden = row["burden_percent"]
-        columns[3].InsertNextValue(math.nan if burden is None else round(burden, 2))
+        columns[3].InsertNextValue("" if burden is None else f"{burden:.2f}")
     table.SetAndObserveTable(vtable)
     table.SetUseColumnTitleAsColumnHeader(True)
     return table
@@ -355,6 +363,7 @@ class SegmentationRun:
         launcher: Launcher = popen_launcher,
         threads: int | None = None,
         command: Callable[[list[str]], list[str]] | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
     ):
         if volume is None or not volume.IsA("vtkMRMLScalarVolumeNode"):
             raise InputError("select a CT volume (a scalar volume node) to segment")
@@ -363,7 +372,14 @@ class SegmentationRun:
         self.volume = volume
         self.segmentation = segmentation
         self.job = SegmentationJob(
-            model, device, tta, python=python, launcher=launcher, threads=threads, command=command
+            model,
+            device,
+            tta,
+            python=python,
+            launcher=launcher,
+            threads=threads,
+            command=command,
+            log_dir=log_dir,
         )
         self.table: Any = None
 
@@ -388,7 +404,7 @@ class SegmentationRun:
     def cancel(self) -> None:
         self.job.cancel()
 
-    def apply(self, show_3d: bool = False, table: Any = None) -> Any:
+    def apply(self, show_3d: bool = False) -> Any:
         """Load the worker's labels into the scene; returns the segmentation node."""
         if self.job.state is not JobState.DONE or self.job.result is None:
             raise RuntimeError(self.job.error or f"segmentation {self.job.state.value}")
@@ -396,21 +412,111 @@ class SegmentationRun:
             result = self.job.result
             labels = sitk.ReadImage(str(self.job.output_path))
             labels = sitk.Cast(labels, sitk.sitkUInt8)
-            segmentation = labels_to_segmentation(
-                labels, result["labels"], self.volume, self.segmentation
-            )
-            place_under_study(segmentation, self.volume)
-            show_in_3d(segmentation, show_3d)
-            scene = _scene_of(self.volume)
-            self.table = volumes_table(
-                result["report"]["segments"],
+            self.segmentation, self.table = store_result(
+                self.volume,
+                labels,
                 result["labels"],
-                scene,
-                table,
-                f"{self.volume.GetName()} segment volumes",
+                result["report"]["segments"],
+                self.segmentation,
+                show_3d,
             )
-            place_under_study(self.table, self.volume)
-            self.segmentation = segmentation
-            return segmentation
+            return self.segmentation
         finally:
             self.job.cleanup()
+
+
+def store_result(
+    volume: Any,
+    labels: sitk.Image,
+    entries: Sequence[Mapping[str, Any]],
+    volumes: Sequence[Mapping[str, Any]],
+    segmentation: Any = None,
+    show_3d: bool = False,
+) -> tuple[Any, Any]:
+    """Put a labelmap on ``volume``'s grid into ``segmentation`` (new if None) and its volumes
+    into the segmentation's own table, found by node reference (not by name) and refilled in
+    place on a rerun: one table per segmentation. Returns (segmentation, table)."""
+    segmentation = labels_to_segmentation(labels, entries, volume, segmentation)
+    place_under_study(segmentation, volume)
+    show_in_3d(segmentation, show_3d)
+    table = volumes_table(
+        volumes,
+        entries,
+        _scene_of(volume),
+        volumes_table_of(segmentation),
+        f"{volume.GetName()} segment volumes",
+    )
+    segmentation.SetNodeReferenceID(VOLUMES_TABLE_ROLE, table.GetID())
+    place_under_study(table, volume)
+    return segmentation, table
+
+
+def segment_volume(
+    volume: Any,
+    model: str | os.PathLike[str],
+    device: str = "auto",
+    tta: bool = False,
+    *,
+    segmentation: Any = None,
+    show_3d: bool = False,
+    python: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
+    on_events: Callable[..., None] | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
+) -> SegmentationRun:
+    """The whole flow, waiting: write the volume, run the worker, put the result into the scene.
+
+    Returns the applied run (``.segmentation``, ``.table``); raises RuntimeError with the
+    worker's message on failure (the scene is then unchanged), TimeoutError after ``timeout``."""
+    run = SegmentationRun(
+        volume, model, device, tta, segmentation=segmentation, python=python, log_dir=log_dir
+    )
+    run.start()
+    state = run.wait(timeout, on_events=on_events)
+    if state is not JobState.DONE:
+        run.cancel()
+        raise RuntimeError(run.job.error or f"Segmentation {state.value}.")
+    run.apply(show_3d=show_3d)
+    return run
+
+
+def result_problems(
+    segmentation: Any, table: Any, entries: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """What is wrong with a finished result (empty list: nothing): every label of the card is a
+    named, coded segment; the organs are not empty; the segmentation's own table lists every
+    segment with a finite volume and no "nan"."""
+    problems = []
+    seg = segmentation.GetSegmentation()
+    segments = {
+        seg.GetNthSegment(i).GetName(): seg.GetNthSegment(i)
+        for i in range(seg.GetNumberOfSegments())
+    }
+    for entry in entries:
+        segment = segments.get(entry["name"])
+        if segment is None:
+            problems.append(f"segment {entry['name']!r} missing")
+        elif not segment.GetTerminology():
+            problems.append(f"segment {entry['name']!r} has no terminology")
+    if volumes_table_of(segmentation) is not table:
+        problems.append("the table is not the segmentation's own volume table")
+        return problems
+    rows = {
+        table.GetCellText(r, 0): [
+            table.GetCellText(r, c) for c in range(1, table.GetNumberOfColumns())
+        ]
+        for r in range(table.GetNumberOfRows())
+    }
+    for entry in entries:
+        row = rows.get(entry["name"])
+        if row is None:
+            problems.append(f"table has no row for {entry['name']!r}")
+            continue
+        if any(cell.lower() == "nan" for cell in row):
+            problems.append(f"table row {entry['name']!r} shows nan")
+        volume_ml = float(row[0])
+        if not math.isfinite(volume_ml) or volume_ml < 0:
+            problems.append(f"table row {entry['name']!r}: volume {row[0]}")
+        elif entry.get("inside") is None and volume_ml == 0:
+            problems.append(f"organ {entry['name']!r} is empty")
+    return problems

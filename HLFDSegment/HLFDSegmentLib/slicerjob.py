@@ -55,6 +55,17 @@ class JobState(enum.Enum):
 
 
 EOF_GRACE_S = 5.0  # a worker that closed stdout gets this long to exit before it is killed
+KEEP_LOGS = 10  # worker logs kept in a job's ``log_dir`` (the newest ones)
+STAGE_NAMES = {
+    "read": "Reading the volume",
+    "model": "Loading the model",
+    "download": "Downloading the model",
+    "preprocess": "Preprocessing",
+    "infer": "Running the network",
+    "postprocess": "Postprocessing",
+    "resample": "Resampling to the CT grid",
+    "write": "Writing the result",
+}
 
 
 def worker_command(
@@ -115,7 +126,10 @@ def popen_launcher(argv: Sequence[str], env: Mapping[str, str], log_path: Path) 
 
 
 def kill_tree(process: Process) -> None:
-    """Kill ``process`` and every process it started (its session / process group)."""
+    """Kill ``process`` and every process it started (its session / process group).
+
+    Never waits in the caller's thread: a background thread reaps the process, so one stuck in
+    the kernel (e.g. inside a GPU driver call) cannot freeze Slicer's GUI."""
     if os.name == "nt":  # pragma: no cover - Windows only
         subprocess.run(
             ["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False
@@ -126,8 +140,12 @@ def kill_tree(process: Process) -> None:
     with contextlib.suppress(Exception):
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
+    threading.Thread(target=_reap, args=(process,), name="hlfd-reaper", daemon=True).start()
+
+
+def _reap(process: Process) -> None:
     with contextlib.suppress(Exception):
-        process.wait(timeout=10)
+        process.wait()
 
 
 def parse_event(line: str) -> dict[str, Any]:
@@ -189,6 +207,8 @@ class SegmentationJob:
         workdir: str | os.PathLike[str] | None = None,
         input_suffix: str = ".nrrd",
         command: Callable[[list[str]], list[str]] | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        keep_logs: int = KEEP_LOGS,
     ):
         self.model = os.fspath(model)
         self.device = device
@@ -202,12 +222,18 @@ class SegmentationJob:
         self.input_path = self.workdir / f"input{input_suffix}"
         self.output_path = self.workdir / "labels.nrrd"
         self.log_path = self.workdir / "worker.log"
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.keep_logs = keep_logs
+        self.kept_log: Path | None = None
+        """Where :meth:`cleanup` kept this run's log (events and stderr), if ``log_dir``."""
         self.state = JobState.PENDING
         self.stage = ""
         self.fraction = 0.0
         self.events: list[dict[str, Any]] = []
         self.result: dict[str, Any] | None = None
         self.device_info: dict[str, Any] | None = None
+        self.download: dict[str, Any] | None = None
+        """The last ``download`` event (``done`` and ``total`` bytes) while a model downloads."""
         self.warnings: list[str] = []
         self.error: str | None = None
         self.returncode: int | None = None
@@ -321,6 +347,9 @@ class SegmentationJob:
                 fraction = self.fraction
             if math.isfinite(fraction):
                 self.fraction = min(1.0, max(0.0, fraction))
+        elif kind == "download":
+            self.stage = "download"
+            self.download = event
         elif kind == "device":
             self.device_info = event
         elif kind == "warning":
@@ -383,13 +412,90 @@ class SegmentationJob:
         self.cleanup()
 
     def cleanup(self) -> None:
-        """Delete the work folder (input, output, log)."""
+        """Keep the log in :attr:`log_dir` (if given), then delete the work folder."""
+        if self.log_dir is not None and self.kept_log is None and self.workdir.exists():
+            with contextlib.suppress(OSError):
+                self.kept_log = keep_log(self.transcript(), self.log_dir, self.keep_logs)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def transcript(self) -> str:
+        """The run for a person to read: its events (one line each), then the worker's stderr."""
+        lines = [f"command: {' '.join(self.argv)}"]
+        stage = None
+        for event in self.events:
+            if event.get("event") == "progress" and event.get("stage") == stage:
+                continue
+            stage = event.get("stage", stage) if event.get("event") == "progress" else stage
+            line = describe_event(event)
+            if line:
+                lines.append(line)
+        outcome = self.state.value + (f": {self.error}" if self.error else "")
+        lines.append(f"result: {outcome} ({self.elapsed:.1f} s)")
+        try:
+            stderr = self.log_path.read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            stderr = ""
+        if stderr:
+            lines += ["", "--- worker output (stderr) ---", stderr]
+        return "\n".join(lines) + "\n"
 
     def __del__(self) -> None:  # a forgotten job must not leave a worker running
         with contextlib.suppress(Exception):
             if self.state is JobState.RUNNING:
                 self.cancel()
+
+
+def describe_event(event: Mapping[str, Any]) -> str | None:
+    """One line for the panel's log (None for events not worth a line)."""
+    kind = event.get("event")
+    if kind == "start":
+        return f"worker started (pid {event.get('pid')}, version {event.get('version')})"
+    if kind == "progress":
+        stage = str(event.get("stage", ""))
+        return f"{STAGE_NAMES.get(stage, stage)}..."
+    if kind == "download":
+        return None  # many per second: the panel shows them in the status line
+    if kind == "device":
+        model = event.get("model") or {}
+        name = f"{model.get('name', '?')} {model.get('version', '')}".strip()
+        where = event.get("description") or event.get("device")
+        return f"model {name} on {where} ({event.get('precision', '?')})"
+    if kind == "warning":
+        return f"WARNING: {event.get('message', '')}"
+    if kind == "error":
+        return f"ERROR ({event.get('kind', '?')}): {event.get('message', '')}"
+    if kind == "done":
+        return f"result written: {event.get('output', '')}"
+    if kind == "log":
+        return str(event.get("message", ""))
+    return json.dumps(dict(event))
+
+
+def keep_log(text: str, folder: str | os.PathLike[str], keep: int = KEEP_LOGS) -> Path:
+    """Write ``text`` as a new ``hlfd-run-*.log`` in ``folder``; delete all but the newest
+    ``keep`` of them. Returns the new file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = folder / f"hlfd-run-{stamp}-{time.time_ns() % 10**9:09d}.log"
+    path.write_text(text, encoding="utf-8")
+    logs = sorted(folder.glob("hlfd-run-*.log"))
+    for old in logs[: max(0, len(logs) - keep)]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def finished_status(job: SegmentationJob) -> str:
+    """The panel's status line for a finished job (warnings counted: they are shown too)."""
+    if job.state is JobState.DONE:
+        text = f"Done in {job.elapsed:.1f} s."
+        if job.warnings:
+            n = len(job.warnings)
+            text += f" {n} warning{'s' if n > 1 else ''}: please read {'them' if n > 1 else 'it'}."
+        return text
+    if job.state is JobState.CANCELLED:
+        return "Cancelled; the scene is unchanged."
+    return "Segmentation failed."
 
 
 # -- what the Slicer layer shows ------------------------------------------------------------------

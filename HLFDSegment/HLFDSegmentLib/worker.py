@@ -8,8 +8,10 @@ Protocol: every line on stdout is one JSON object (an *event*); anything else go
 - ``{"event": "start", "pid": 123, "version": "0.1.0"}`` as soon as the process runs
 - ``{"event": "progress", "stage": S, "fraction": F}``: S in read, model, preprocess, infer,
   postprocess, resample, write; F in [0, 1] is the share of the whole run done (monotonic)
-- ``{"event": "device", "device": "cpu", "precision": "bfloat16", "model": {...},
-  "runtimes": [...the card's measured run times...]}``
+- ``{"event": "device", "device": "cpu", "description": "CPU (8 threads)", "precision":
+  "bfloat16", "model": {...}, "runtimes": [...the card's measured run times...]}``
+- ``{"event": "download", "done": BYTES, "total": BYTES}`` while a registry model downloads
+  (every 1% or 1 MiB; total 0 when the server does not say)
 - ``{"event": "warning", "message": M}``
 - ``{"event": "done", "output": PATH, "labels": [...card labels...], "report": {...}}``
 - ``{"event": "error", "kind": K, "message": M}``: K in input, model, output, memory, internal
@@ -50,10 +52,24 @@ class Emitter:
         self.stream = stream or sys.stdout
         self._stage = ""
         self._fraction = -1.0
+        self._downloaded = -1
 
     def __call__(self, event: str, **fields: Any) -> None:
         self.stream.write(json.dumps({"event": event, **fields}) + "\n")
         self.stream.flush()
+
+    def download(self, done: int, total: int) -> None:
+        """A model download's bytes so far (``total`` 0 when unknown), every 1% or 1 MiB."""
+        step = max(total // 100, 1 << 18) if total else 1 << 20
+        restarted = done < self._downloaded  # a resumed part failed its check: from 0 again
+        if (
+            restarted
+            or self._downloaded < 0
+            or done - self._downloaded >= step
+            or done >= total > 0
+        ):
+            self._downloaded = done
+            self(event="download", done=int(done), total=int(total))
 
     def progress(self, stage: str, fraction: float) -> None:
         fraction = min(1.0, max(self._fraction, float(fraction)))  # never goes back
@@ -116,7 +132,8 @@ def run(args: argparse.Namespace, emit: Emitter) -> dict[str, Any]:
     emit.progress("model", _SPAN["model"])
     from .registry import resolve_model
 
-    model_path = resolve_model(args.model, offline=args.offline)  # before torch is imported
+    # before torch is imported; a registry download reports its bytes
+    model_path = resolve_model(args.model, offline=args.offline, progress=emit.download)
     import torch
 
     from .modelpackage import load_package
@@ -126,9 +143,12 @@ def run(args: argparse.Namespace, emit: Emitter) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     package = load_package(model_path)
     segmenter = Segmenter(package, device=args.device, tta=args.tta)
+    from .deps import describe_device
+
     emit(
         "device",
         device=str(segmenter.device),
+        description=describe_device(str(segmenter.device)),
         precision=segmenter.precision,
         model={"name": package.name, "version": package.version, "task": package.card["task"]},
         runtimes=package.card.get("runtimes", []),
