@@ -110,7 +110,8 @@ def compact_onnx(data: bytes, metadata: dict[str, str], weights: bytes | None = 
     graph with the same values, the initializers become ONNX external data pointing into
     ``model.safetensors`` (its real byte offsets: the folder opens in any ONNX tool; the runtime
     feeds them from the checksummed bytes): the graph file is then ~100 kB. Otherwise the
-    graph stays self-contained, float32 initializers exact in float16 stored as float16. Either
+    graph stays self-contained (e.g. freshly initialised networks, whose identical BatchNorm
+    tensors the exporter merges), float32 initializers exact in float16 stored as float16. Either
     way a float16 tensor ``key`` is the initializer ``key.fp16`` cast to float32 in the graph,
     so the arithmetic is float32 on exactly the package's values."""
     import onnx
