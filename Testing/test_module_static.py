@@ -151,7 +151,7 @@ def test_module_imports_without_torch_or_monai():
 def _cmake_listed(path: Path) -> set[str]:
     text = path.read_text(encoding="utf-8").replace("${MODULE_NAME}", "HLFDSegment")
     text = re.sub(r"#.*", "", text)
-    return set(re.findall(r"[\w./-]+\.(?:py|ui|png|json|safetensors)", text))
+    return set(re.findall(r"[\w./-]+\.(?:py|ui|png|json|safetensors|onnx)", text))
 
 
 def test_every_module_file_is_listed_in_cmake():

@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from HLFDSegmentLib.backends import TorchRunner
 from HLFDSegmentLib.errors import InputError
 from HLFDSegmentLib.modelpackage import load_package
 from HLFDSegmentLib.pipeline import (
@@ -19,6 +20,7 @@ from HLFDSegmentLib.pipeline import (
     respaced_grid,
     segment_volumes,
     select_device,
+    softmax,
 )
 
 from conftest import block_ct, build_package, make_image, oblique_direction
@@ -59,10 +61,9 @@ def threshold_segmenter(tmp_path, spatial_dims: int, orientation: str, tta=False
         postprocessing={"enabled": False},
         inference={"roi_size": [16, 16, 8]} if spatial_dims == 3 else {},
     )
-    seg = Segmenter(load_package(pkg), device="cpu", tta=tta)
-    seg.net = ThresholdNet(spatial_dims)
-    seg.size_divisible = 1
-    seg.channels_last = False
+    package = load_package(pkg)
+    seg = Segmenter(package, device="cpu", tta=tta, backend="torch")
+    seg.runner = TorchRunner(package, "cpu", net=ThresholdNet(spatial_dims))
     return seg
 
 
@@ -214,14 +215,12 @@ def test_bf16_path_agrees_with_float32(monkeypatch, tmp_path):
     package = load_package(build_package(tmp_path / "m", "mobilenetv2_unet2d", seed=3))
     rng = np.random.default_rng(0)
     arr = rng.uniform(0, 1, (4, 64, 64)).astype(np.float32)
-    x = torch.from_numpy(arr)[:, None]
     probs, labels = {}, {}
     for forced in ("0", "1"):
         monkeypatch.setenv(CPU_BF16_ENV, forced)
-        seg = Segmenter(package, device="cpu")
-        with torch.inference_mode():
-            probs[forced] = seg._forward(x)
+        seg = Segmenter(package, device="cpu", backend="torch")
+        probs[forced] = softmax(seg.runner(arr[:, None]))
         labels[forced] = seg.infer(arr)
-    assert probs["0"].dtype == probs["1"].dtype == torch.float32
-    assert (probs["1"] - probs["0"]).abs().max() < 0.05
+    assert probs["0"].dtype == probs["1"].dtype == np.float32
+    assert np.abs(probs["1"] - probs["0"]).max() < 0.05
     assert (labels["1"] == labels["0"]).mean() >= 0.98

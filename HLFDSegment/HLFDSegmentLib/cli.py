@@ -14,6 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
+from .backends import BACKENDS
 from .errors import HLFDError, InputError
 from .io import (
     IMAGE_SUFFIXES,
@@ -51,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="output type in batch mode (default %(default)s)",
     )
     p.add_argument(
-        "--threads", type=positive_int, help="CPU threads for torch (default: all cores)"
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="network runner: torch, onnx (the package's model.onnx in ONNX Runtime, CPU, no "
+        "PyTorch needed) or auto (torch when installed, else onnx; default)",
+    )
+    p.add_argument(
+        "--threads", type=positive_int, help="CPU threads for inference (default: all cores)"
     )
     p.add_argument("--offline", action="store_true", help="never download; use the cache only")
     p.add_argument(
@@ -131,15 +139,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from .modelpackage import load_package
     from .pipeline import Segmenter
     from .registry import resolve_model, tqdm_progress
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     inputs = [Path(p) for p in args.inputs]
     output = Path(args.output)
     batch = len(inputs) > 1 or output.is_dir()
@@ -163,7 +168,13 @@ def _run(args: argparse.Namespace) -> int:
     model = resolve_model(
         args.model, offline=args.offline, progress=tqdm_progress("download") if show else None
     )
-    segmenter = Segmenter(load_package(model), device=args.device, tta=args.tta)
+    segmenter = Segmenter(
+        load_package(model),
+        device=args.device,
+        tta=args.tta,
+        backend=args.backend,
+        threads=args.threads,
+    )
     failures: list[str] = []
     reports = []
     cases = tqdm(
@@ -272,7 +283,10 @@ def _segment_one(
         print(f"hlfd-segment: warning: {warning}", file=sys.stderr)
     if progress_bar:
         vols = ", ".join(f"{v['name']} {v['volume_ml']:.1f} mL" for v in result.volumes)
-        took = f"{result.timings['total']:.1f} s on {result.device}, {result.precision}"
+        took = (
+            f"{result.timings['total']:.1f} s on {result.device}, {result.precision}, "
+            f"{result.backend}"
+        )
         print(f"{dst}: {vols} ({took})")
     report = {**result.report(segmenter.package, str(src)), "output": str(dst)}
     if series_info:

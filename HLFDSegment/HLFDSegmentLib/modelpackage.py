@@ -30,6 +30,7 @@ from .errors import ModelError
 
 CARD_NAME = "model.json"
 WEIGHTS_NAME = "model.safetensors"
+ONNX_NAME = "model.onnx"
 SCHEMA_PATH = (
     Path(__file__).resolve().parents[1] / "Resources" / "Schemas" / "model-card.schema.json"
 )
@@ -106,17 +107,19 @@ def validate_card(card: Any, where: str = CARD_NAME) -> None:
         raise ModelError(
             f"{where}: field 'files': weights file {card['weights']!r} has no checksum"
         )
+    if card.get("onnx") and card["onnx"] not in card["files"]:
+        raise ModelError(f"{where}: field 'files': ONNX file {card['onnx']!r} has no checksum")
     _check_sense(card, where)
     spatial = card["network"]["spatial_dims"]
     if spatial == 3 and "roi_size" not in card["inference"]:
         raise ModelError(f"{where}: field 'inference/roi_size' is required for a 3D network")
-    from .nets import ARCHITECTURES
+    from .nets import ARCHITECTURE_NAMES  # torch-free: the ONNX path never imports torch
 
     arch = card["network"]["architecture"]
-    if arch not in ARCHITECTURES:
+    if arch not in ARCHITECTURE_NAMES:
         raise ModelError(
             f"{where}: field 'network/architecture': unknown architecture {arch!r} "
-            f"(known: {', '.join(sorted(ARCHITECTURES))})"
+            f"(known: {', '.join(sorted(ARCHITECTURE_NAMES))})"
         )
 
 
@@ -254,13 +257,37 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
+_SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I64": "<i8", "I32": "<i4"}
+
+
+def safetensors_arrays(data: bytes) -> dict[str, tuple[Any, int]]:
+    """Read-only numpy views of the tensors of safetensors ``data`` (numpy only, no torch), each
+    with its byte offset in ``data``: ``{name: (array, offset)}``. Types other than those in
+    the runtime's packages (bf16, int8, ...) are skipped."""
+    import numpy as np
+
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__" or meta["dtype"] not in _SAFETENSORS_DTYPES:
+            continue
+        start, end = (8 + n + o for o in meta["data_offsets"])
+        dtype = np.dtype(_SAFETENSORS_DTYPES[meta["dtype"]])
+        array = np.frombuffer(data, dtype, (end - start) // dtype.itemsize, start)
+        out[name] = (array.reshape(meta["shape"]), start)
+    return out
+
+
 @dataclass(frozen=True)
 class ModelPackage:
-    """A validated model package: its card and the verified bytes of its weights."""
+    """A validated model package: its card and the verified bytes of its weights (and of its
+    ONNX graph when the card names one)."""
 
     path: Path
     card: dict[str, Any]
     weights: bytes = field(repr=False)
+    onnx: bytes | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -364,7 +391,8 @@ def load_package(path: str | os.PathLike[str]) -> ModelPackage:
                 f"{sha256_bytes(data)[:12]}…, {len(data)} B): file altered or corrupt"
             )
         blobs[name] = data
-    return ModelPackage(path=path, card=card, weights=blobs[card["weights"]])
+    onnx = blobs[card["onnx"]] if card.get("onnx") else None
+    return ModelPackage(path=path, card=card, weights=blobs[card["weights"]], onnx=onnx)
 
 
 def make_card(

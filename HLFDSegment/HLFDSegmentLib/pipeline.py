@@ -1,15 +1,16 @@
 """The segmentation pipeline every path runs (CLI, Slicer worker, training evaluation).
 
 read -> reorient + resample to the model grid (one linear resampling from the original) ->
-clip + normalise -> infer (2D: batched slices; 3D: MONAI sliding window, Gaussian blending) ->
-argmax to uint8 -> postprocess on the model grid -> nearest-neighbour back onto exactly the
-input grid -> volumes. Float data only ever exists on the (coarser) model grid.
+clip + normalise -> infer (2D: batched slices; 3D: sliding window, Gaussian blending; the
+network call alone is PyTorch or ONNX Runtime, see :mod:`.backends`) -> argmax to uint8 ->
+postprocess on the model grid -> nearest-neighbour back onto exactly the input grid ->
+volumes. Float data only ever exists on the (coarser) model grid.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -17,8 +18,14 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
+from .backends import (  # noqa: F401  (re-exported: the pipeline's public names)
+    CPU_BF16_ENV,
+    NetworkRunner,
+    cpu_has_fast_bf16,
+    make_runner,
+    select_device,
+)
 from .errors import InputError
 from .io import check_image, label_counts
 from .modelpackage import ModelPackage
@@ -174,38 +181,70 @@ def body_box(arr: np.ndarray, background: float, margin: int = 8) -> tuple[slice
     return tuple(box)
 
 
-def select_device(name: str = "auto") -> tuple[torch.device, str | None]:
-    """Resolve ``auto|cpu|cuda|mps`` (or ``cuda:N``); fall back to CPU with a note if absent."""
-    cuda = torch.cuda.is_available()
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu"), None
-    if name.startswith("cuda") and not cuda:
-        return torch.device("cpu"), f"device {name!r} asked but no CUDA GPU is available; using CPU"
-    if name == "mps" and not mps:
-        return torch.device("cpu"), "device 'mps' asked but Apple MPS is not available; using CPU"
-    if name.split(":")[0] not in {"cpu", "cuda", "mps"}:
-        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    return torch.device(name), None
+def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Softmax over ``axis`` in float32 (numerically stable)."""
+    e = np.exp(logits - logits.max(axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
 
 
-CPU_BF16_ENV = "HLFD_CPU_BF16"
+def gaussian_weights(roi: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
+    """Blending weights of a sliding window: a Gaussian centred on the window (sigma 1/8 of its
+    size per axis), 1 at the centre and never 0 at the edges."""
+    weights = np.ones((), dtype=np.float64)
+    for r in roi:
+        x = np.arange(r) - (r - 1) / 2
+        weights = np.multiply.outer(weights, np.exp(-(x**2) / (2 * (sigma_scale * r) ** 2)))
+    return np.maximum(weights / weights.max(), 1e-6).astype(np.float32)
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True where oneDNN has native bf16 kernels (AVX-512 BF16 / AMX); elsewhere bf16 is slower.
+def window_starts(n: int, roi: int, stride: int) -> list[int]:
+    """Window origins covering ``n`` voxels (``n >= roi``) every ``stride``, the last flush."""
+    count = math.ceil((n - roi) / stride) + 1 if n > roi else 1
+    return [min(i * stride, n - roi) for i in range(count)]
 
-    ``HLFD_CPU_BF16=0`` or ``=1`` forces the answer, so tests and benchmarks choose the CPU
-    precision path instead of inheriting it from the machine's CPU flags."""
-    forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
-    if forced in {"0", "off", "false", "no"}:
-        return False
-    if forced in {"1", "on", "true", "yes"}:
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+
+def sliding_window_labels(
+    arr: np.ndarray,
+    roi: tuple[int, ...],
+    overlap: float,
+    batch: int,
+    predict: Callable[[np.ndarray], np.ndarray],
+    fill: float,
+    progress: Callable[[float], None] | None = None,
+) -> np.ndarray:
+    """uint8 labels of a (z, y, x) array from ``roi`` windows overlapping by ``overlap``, run
+    ``batch`` at a time through ``predict`` ((N, 1, *roi) -> (N, C, *roi) probabilities) and
+    blended with :func:`gaussian_weights`. An axis shorter than its window is padded with
+    ``fill``. Blended scores exist only for this (body-box) array, never the original grid."""
+    shape = arr.shape
+    pad = [(0, max(0, r - n)) for n, r in zip(shape, roi)]
+    if any(after for _, after in pad):
+        arr = np.pad(arr, pad, constant_values=fill)
+    stride = [max(1, int(r * (1 - overlap))) for r in roi]
+    windows = [
+        tuple(slice(a, a + r) for a, r in zip(origin, roi))
+        for origin in itertools.product(
+            *(window_starts(n, r, s) for n, r, s in zip(arr.shape, roi, stride))
+        )
+    ]
+    weight = gaussian_weights(roi)
+    scores: np.ndarray | None = None
+    for i in range(0, len(windows), batch):
+        group = windows[i : i + batch]
+        probs = predict(np.stack([arr[w] for w in group])[:, None])
+        if scores is None:
+            scores = np.zeros((probs.shape[1], *arr.shape), dtype=np.float32)
+        for window, p in zip(group, probs):
+            scores[(slice(None), *window)] += p * weight
+        if progress:
+            progress(min(1.0, (i + len(group)) / len(windows)))
+    assert scores is not None
+    labels = np.empty(shape, dtype=np.uint8)
+    for z in range(0, shape[0], 16):  # argmax in slabs: its int64 result is 8 B a voxel
+        top = min(shape[0], z + 16)
+        labels[z:top] = scores[:, z:top, : shape[1], : shape[2]].argmax(0)
+    return labels
 
 
 @dataclass
@@ -218,6 +257,7 @@ class Result:
     device: str
     precision: str
     warnings: list[str] = field(default_factory=list)
+    backend: str = "torch"
 
     def report(self, package: ModelPackage, source: str = "") -> dict[str, Any]:
         return {
@@ -228,6 +268,7 @@ class Result:
                 "task": package.card["task"],
                 "path": str(package.path),
             },
+            "backend": self.backend,
             "device": self.device,
             "precision": self.precision,
             "grid": {
@@ -241,54 +282,58 @@ class Result:
 
 
 class Segmenter:
-    """A loaded model ready to segment CT volumes: ``Segmenter(package)(image) -> Result``."""
+    """A loaded model ready to segment CT volumes: ``Segmenter(package)(image) -> Result``.
 
-    def __init__(self, package: ModelPackage, device: str = "auto", tta: bool = False):
+    ``backend`` picks the network runner (:mod:`.backends`): ``torch``, ``onnx`` (the package's
+    ONNX graph in ONNX Runtime; torch is never imported) or ``auto`` (torch when installed).
+    Everything but the network call is the same numpy/SimpleITK code for both."""
+
+    def __init__(
+        self,
+        package: ModelPackage,
+        device: str = "auto",
+        tta: bool = False,
+        backend: str = "auto",
+        threads: int | None = None,
+    ):
         self.package = package
         self.card = package.card
-        self.device, note = select_device(device)
-        self.notes = [note] if note else []
         self.tta = tta
-        from .nets import fold_batchnorm
+        self.runner: NetworkRunner = make_runner(package, backend, device, threads)
+        self.notes = list(self.runner.notes)
 
-        net = fold_batchnorm(package.build_network(), inplace=True)  # measured 1.6x on CPU
-        channels_last = package.spatial_dims == 2 and self.device.type != "mps"
-        if channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        self.channels_last = channels_last
-        self.net = net.to(self.device).eval()
-        self.size_divisible = int(getattr(net, "size_divisible", 1))
-        allow_bf16 = self.card["inference"].get("bf16_cpu", True)
-        if self.device.type == "cuda":
-            self.amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        elif self.device.type == "cpu" and allow_bf16 and cpu_has_fast_bf16():
-            self.amp = torch.bfloat16
-        else:
-            self.amp = None
-        self.precision = "float32" if self.amp is None else str(self.amp).removeprefix("torch.")
+    @property
+    def device(self) -> str:
+        return self.runner.device
+
+    @property
+    def precision(self) -> str:
+        return self.runner.precision
+
+    @property
+    def backend(self) -> str:
+        return self.runner.backend
 
     # -- stages ---------------------------------------------------------------------------------
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities, averaged over the flips of the card's TTA set when enabled."""
-        flips = [[]]
+    def _scores(self, x: np.ndarray, probabilities: bool = False) -> np.ndarray:
+        """(N, C, *spatial) scores whose argmax over C is the label: the logits of one pass, or
+        softmax probabilities (averaged over the card's TTA flips when enabled)."""
+        flips: list[tuple[int, ...]] = [()]
         if self.tta:
-            spatial = x.ndim - 2
             axis_of = {"x": x.ndim - 1, "y": x.ndim - 2, "z": x.ndim - 3}
-            default = [["x"], ["y"]] if spatial == 2 else [["x"], ["y"], ["z"]]
+            default = [["x"], ["y"]] if x.ndim == 4 else [["x"], ["y"], ["z"]]
             flips += [
-                [axis_of[a] for a in f] for f in self.card["inference"].get("tta_flips", default)
+                tuple(axis_of[a] for a in f)
+                for f in self.card["inference"].get("tta_flips", default)
             ]
+        if len(flips) == 1 and not probabilities:
+            return self.runner(x)
         total = None
-        with torch.autocast(
-            self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
-        ):
-            for dims in flips:
-                xi = x.flip(dims) if dims else x
-                if self.channels_last and xi.ndim == 4:
-                    xi = xi.contiguous(memory_format=torch.channels_last)
-                p = torch.softmax(self.net(xi).float(), dim=1)
-                p = p.flip(dims) if dims else p
-                total = p if total is None else total + p
+        for dims in flips:
+            xi = np.ascontiguousarray(np.flip(x, dims)) if dims else x
+            p = softmax(self.runner(xi))
+            p = np.flip(p, dims) if dims else p
+            total = p if total is None else total + p
         return total / len(flips)
 
     def infer(self, arr: np.ndarray, progress: Progress | None = None) -> np.ndarray:
@@ -302,63 +347,37 @@ class Segmenter:
         if box is None:
             return out
         run = self._infer_2d if self.package.spatial_dims == 2 else self._infer_3d
-        with torch.inference_mode():
-            out[box] = run(np.ascontiguousarray(arr[box]), progress)
+        out[box] = run(np.ascontiguousarray(arr[box], dtype=np.float32), progress)
         return out
 
     def _infer_2d(self, arr: np.ndarray, progress: Progress | None) -> np.ndarray:
         z, h, w = arr.shape
-        m = self.size_divisible
+        m = self.runner.size_divisible
         ph, pw = (-h) % m, (-w) % m
         batch = int(self.card["inference"].get("slice_batch", 16))
         out = np.empty((z, h, w), dtype=np.uint8)
         fill = background_value(self.card["preprocessing"])
         for start in range(0, z, batch):
-            chunk = torch.from_numpy(arr[start : start + batch]).unsqueeze(1)
+            chunk = arr[start : start + batch, None]
             if ph or pw:
-                chunk = torch.nn.functional.pad(chunk, (0, pw, 0, ph), value=fill)
-            probs = self._forward(chunk.to(self.device))
-            out[start : start + batch] = probs[..., :h, :w].argmax(1).to(torch.uint8).cpu().numpy()
+                chunk = np.pad(chunk, ((0, 0), (0, 0), (0, ph), (0, pw)), constant_values=fill)
+            scores = self._scores(chunk)
+            out[start : start + batch] = scores[..., :h, :w].argmax(1)
             if progress:
                 progress("infer", min(z, start + batch) / z)
         return out
 
     def _infer_3d(self, arr: np.ndarray, progress: Progress | None) -> np.ndarray:
-        from monai.inferers import sliding_window_inference
-
         cfg = self.card["inference"]
-        roi = tuple(reversed(cfg["roi_size"]))  # card (x, y, z) -> array (z, y, x)
-        overlap = float(cfg.get("overlap", 0.25))
-        sw_batch = int(cfg.get("sw_batch_size", 1))
-        stride = [max(1, int(r * (1 - overlap))) for r in roi]
-        steps = [
-            math.ceil((n - r) / s) + 1 if n > r else 1 for n, r, s in zip(arr.shape, roi, stride)
-        ]
-        total = max(1, math.ceil(math.prod(steps) / sw_batch))
-        done = 0
-
-        def predictor(x: torch.Tensor) -> torch.Tensor:
-            nonlocal done
-            y = self._forward(x)
-            done += 1
-            if progress:
-                progress("infer", min(1.0, done / total))
-            return y
-
-        x = torch.from_numpy(arr)[None, None]
-        probs = sliding_window_inference(
-            x,
-            roi,
-            sw_batch,
-            predictor,
-            overlap=overlap,
-            mode="gaussian",
-            padding_mode="constant",
-            cval=background_value(self.card["preprocessing"]),
-            sw_device=self.device,
-            device=torch.device("cpu"),
+        return sliding_window_labels(
+            arr,
+            tuple(reversed(cfg["roi_size"])),  # card (x, y, z) -> array (z, y, x)
+            float(cfg.get("overlap", 0.25)),
+            int(cfg.get("sw_batch_size", 1)),
+            lambda x: self._scores(x, probabilities=True),
+            background_value(self.card["preprocessing"]),
+            (lambda f: progress("infer", f)) if progress else None,
         )
-        return probs[0].argmax(0).to(torch.uint8).numpy()
 
     def postprocess(self, labels: np.ndarray, voxel_ml: float) -> np.ndarray:
         """Apply the card's rules in place: organs keep their largest components, lesions stay
@@ -426,9 +445,10 @@ class Segmenter:
             out,
             segment_volumes(out, self.card["labels"]),
             timings,
-            str(self.device),
+            self.device,
             self.precision,
             warnings,
+            self.backend,
         )
 
 

@@ -9,6 +9,7 @@
     hlfd-train distill  --config C --method hlfd --teacher runs/teacher [--set ...]
     hlfd-train evaluate MODEL --run RUN | --config C [--split test] [--protocol paper]
     hlfd-train export   RUN -o MODEL_DIR [--onnx]
+    hlfd-train add-onnx MODEL_DIR...
     hlfd-train explain  --config C --models RUN_OR_MODEL ... [--case ID] [--slices 10 20]
     hlfd-train bench    [--quick] [--out runs/kd-bench-full] [--report R.md] [--workers N]
     hlfd-train methods
@@ -150,6 +151,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"model package: {out}")
 
 
+def cmd_add_onnx(args: argparse.Namespace) -> None:
+    from .export import add_onnx
+
+    for package in args.packages:
+        out = add_onnx(package)
+        print(f"{out}: model.onnx added ({(out / 'model.onnx').stat().st_size / 1e6:.1f} MB)")
+
+
 def cmd_explain(args: argparse.Namespace) -> None:
     from .data import PreparedData
     from .engine import prepare_data
@@ -271,6 +280,12 @@ def parser() -> argparse.ArgumentParser:
     for field in ("name", "version", "title", "description"):
         p.add_argument(f"--{field}", help=f"model card {field} (default: from the run)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "add-onnx", help="add a checked model.onnx (ONNX Runtime backend) to package folders"
+    )
+    p.add_argument("packages", type=Path, nargs="+")
+    p.set_defaults(func=cmd_add_onnx)
 
     p = sub.add_parser("explain", help="attention maps of teacher and students")
     with_config(p)

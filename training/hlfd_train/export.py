@@ -19,15 +19,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from HLFDSegmentLib.backends import onnx_metadata
 from HLFDSegmentLib.io import read_image
-from HLFDSegmentLib.modelpackage import save_package
-from HLFDSegmentLib.nets import fold_batchnorm
+from HLFDSegmentLib.modelpackage import (
+    ONNX_NAME,
+    WEIGHTS_NAME,
+    load_package,
+    safetensors_arrays,
+    save_package,
+)
 from HLFDSegmentLib.pipeline import Segmenter
 
-from .cards import card_for, load_weights, package_from_state
+from .cards import card_for, load_weights, package_from_state, state_bytes
 from .config import ConfigError, load_config
 
-ONNX_NAME = "model.onnx"
 ONNX_TOLERANCE = 1e-3  # max |p_onnx - p_torch| over softmax probabilities
 
 
@@ -62,10 +67,16 @@ def prepared_info(cfg: dict) -> tuple[dict[str, Any], Path | None]:
     return prepared.info, image
 
 
-def to_onnx(net: torch.nn.Module, spatial_dims: int, example: torch.Tensor) -> tuple[bytes, float]:
-    """ONNX bytes of ``net`` (dynamic batch and spatial size) and the max probability error
-    of ONNX Runtime against torch on ``example``."""
-    import onnxruntime as ort
+def to_onnx(
+    net: torch.nn.Module, spatial_dims: int, example: torch.Tensor, weights: bytes | None = None
+) -> tuple[bytes, float]:
+    """ONNX bytes of ``net`` (dynamic batch and spatial size, :func:`compact_onnx` against the
+    package's safetensors ``weights``) and the max probability error of ONNX Runtime against
+    torch on ``example``.
+
+    BatchNorm stays a node of its own (no constant folding at export): its parameters, like the
+    convolutions', keep the package's exact values, and ONNX Runtime fuses it at load."""
+    from HLFDSegmentLib.backends import onnx_session
 
     axes = {0: "batch", **{i: f"s{i}" for i in range(2, 2 + spatial_dims)}}
     buf = io.BytesIO()
@@ -79,15 +90,104 @@ def to_onnx(net: torch.nn.Module, spatial_dims: int, example: torch.Tensor) -> t
             output_names=["logits"],
             dynamic_axes={"image": axes, "logits": axes},
             opset_version=17,
+            do_constant_folding=False,
             dynamo=False,  # the dynamo exporter needs onnxscript, not installed here
         )
-    data = buf.getvalue()
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    data = compact_onnx(buf.getvalue(), onnx_metadata(net), weights)
+    session = onnx_session(data, weights)
     (got,) = session.run(None, {"image": example.numpy()})
     with torch.no_grad():
         want = torch.softmax(net(example), 1).numpy()
     got_p = torch.softmax(torch.from_numpy(got), 1).numpy()
     return data, float(np.abs(got_p - want).max())
+
+
+def compact_onnx(data: bytes, metadata: dict[str, str], weights: bytes | None = None) -> bytes:
+    """``data`` without a second copy of the package's weights, and ``metadata`` set as the
+    model's metadata properties.
+
+    When every floating-point tensor of the safetensors ``weights`` is an initializer of the
+    graph with the same values, the initializers become ONNX external data pointing into
+    ``model.safetensors`` (its real byte offsets: the folder opens in any ONNX tool; the runtime
+    feeds them from the checksummed bytes): the graph file is then ~100 kB. Otherwise the
+    graph stays self-contained (e.g. freshly initialised networks, whose identical BatchNorm
+    tensors the exporter merges), float32 initializers exact in float16 stored as float16. Either
+    way a float16 tensor ``key`` is the initializer ``key.fp16`` cast to float32 in the graph,
+    so the arithmetic is float32 on exactly the package's values."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load_from_string(data)
+    graph = model.graph
+    floats = [i for i in graph.initializer if i.data_type == TensorProto.FLOAT]
+    values = {i.name: numpy_helper.to_array(i) for i in floats}
+    stored = {
+        k: v
+        for k, v in (safetensors_arrays(weights) if weights else {}).items()
+        if v[0].dtype.kind == "f"
+    }
+    shared = bool(stored) and all(
+        k in values and np.array_equal(a.astype(np.float32), values[k])
+        for k, (a, _) in stored.items()
+    )
+    casts = []
+    for init in floats:
+        name, v = init.name, values[init.name]
+        if shared and name in stored:
+            array, offset = stored[name]
+            half = array.dtype == np.float16
+            tensor = TensorProto(
+                name=f"{name}.fp16" if half else name,
+                data_type=TensorProto.FLOAT16 if half else TensorProto.FLOAT,
+                dims=list(array.shape),
+                data_location=TensorProto.EXTERNAL,
+            )
+            for key, value in (
+                ("location", WEIGHTS_NAME),
+                ("offset", offset),
+                ("length", array.nbytes),
+            ):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+        elif np.array_equal(v.astype(np.float16).astype(np.float32), v):
+            half = True
+            tensor = numpy_helper.from_array(v.astype(np.float16), f"{name}.fp16")
+        else:
+            continue
+        init.CopyFrom(tensor)
+        if half:
+            casts.append(helper.make_node("Cast", [f"{name}.fp16"], [name], to=TensorProto.FLOAT))
+    nodes = [*casts, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    helper.set_model_props(model, metadata)
+    return model.SerializeToString()
+
+
+def add_onnx(package_dir: Path, example_size: tuple[int, ...] | None = None) -> Path:
+    """Add a checked ``model.onnx`` to an existing package folder; the weights file and every
+    other card field stay as they are (the card gains ``onnx`` and its checksum)."""
+    from safetensors.torch import load as load_safetensors
+
+    package = load_package(package_dir)
+    net = package.build_network()
+    dims = package.spatial_dims
+    size = example_size or (
+        (256, 256) if dims == 2 else tuple(package.card["inference"]["roi_size"])
+    )
+    data, err = to_onnx(net, dims, torch.randn(2, 1, *size), package.weights)
+    _check_onnx_error(package.card, err)
+    card = {**package.card, "onnx": ONNX_NAME}
+    card["metrics"] = {**card.get("metrics", {}), "onnx_max_probability_error": err}
+    return save_package(package_dir, card, load_safetensors(package.weights), {ONNX_NAME: data})
+
+
+def _check_onnx_error(card: dict[str, Any], err: float) -> None:
+    if err > ONNX_TOLERANCE:
+        raise RuntimeError(
+            f"ONNX export of {card['network']['architecture']}: outputs differ from torch by "
+            f"{err:.2e} > {ONNX_TOLERANCE:.0e}"
+        )
 
 
 def time_pipeline(package: Any, image_path: Path | None) -> list[dict[str, Any]]:
@@ -180,24 +280,20 @@ def export(
         card["metrics"]["evaluation"] = json.loads(evaluation.read_text())["summary"]
     package = package_from_state(card, state, Path(out))
     net = package.build_network()
-    extra: dict[str, bytes] = {}
-    if onnx:
-        dims = cfg["model"]["spatial_dims"]
-        crop = cfg["data"]["crop"] if dims == 2 else cfg["data"]["patch"]
-        example = torch.randn(2, 1, *crop)
-        data, err = to_onnx(fold_batchnorm(net, inplace=False), dims, example)
-        if err > ONNX_TOLERANCE:
-            raise RuntimeError(
-                f"ONNX export of {card['network']['architecture']}: outputs differ from torch by "
-                f"{err:.2e} > {ONNX_TOLERANCE:.0e}"
-            )
-        extra[ONNX_NAME] = data
-        card["onnx"] = ONNX_NAME
-        card["metrics"]["onnx_max_probability_error"] = err
     state = net.state_dict()
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         package = package_from_state(card, state, Path(out))
+        net = package.build_network()  # float32 network holding the float16 values: the ONNX
+    extra: dict[str, bytes] = {}
+    if onnx:
+        dims = cfg["model"]["spatial_dims"]
+        crop = cfg["data"]["crop"] if dims == 2 else cfg["data"]["patch"]
+        data, err = to_onnx(net, dims, torch.randn(2, 1, *crop), state_bytes(state))
+        _check_onnx_error(card, err)
+        extra[ONNX_NAME] = data
+        card["onnx"] = ONNX_NAME
+        card["metrics"]["onnx_max_probability_error"] = err
     if timing:
         card["runtimes"] = time_pipeline(package, timing_image)
     return save_package(out, card, state, extra)

@@ -7,25 +7,57 @@ and carries ``size_divisible`` (input sizes must be multiples of it) and ``taps`
 module path: ``e1..e5`` encoder stages shallow -> deep, ``d5..d2`` decoder stages deep ->
 shallow, ``out`` the module producing the logits; see :mod:`.blocks` for the naming rule and
 each network's module for the scales).
+
+Only :data:`ARCHITECTURE_NAMES` is imported eagerly; the torch-based names load on first use,
+so card validation (and the ONNX backend) never imports torch.
 """
 
 from __future__ import annotations
 
-from .blocks import TAP_NAMES, SegmentationNet
-from .fuse import fold_batchnorm
-from .profile import count_macs, count_parameters
-from .registry import (
-    ARCHITECTURES,
-    ArchitectureSpec,
-    UnknownArchitectureError,
-    build_network,
-    get_spec,
-    tap_modules,
-    tap_paths,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .names import ARCHITECTURE_NAMES
+
+if TYPE_CHECKING:
+    from .blocks import TAP_NAMES, SegmentationNet
+    from .fuse import fold_batchnorm
+    from .profile import count_macs, count_parameters
+    from .registry import (
+        ARCHITECTURES,
+        ArchitectureSpec,
+        UnknownArchitectureError,
+        build_network,
+        get_spec,
+        tap_modules,
+        tap_paths,
+    )
+
+_MODULE_OF = {
+    "TAP_NAMES": "blocks",
+    "SegmentationNet": "blocks",
+    "fold_batchnorm": "fuse",
+    "count_macs": "profile",
+    "count_parameters": "profile",
+    "ARCHITECTURES": "registry",
+    "ArchitectureSpec": "registry",
+    "UnknownArchitectureError": "registry",
+    "build_network": "registry",
+    "get_spec": "registry",
+    "tap_modules": "registry",
+    "tap_paths": "registry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+
 
 __all__ = [
     "ARCHITECTURES",
+    "ARCHITECTURE_NAMES",
     "TAP_NAMES",
     "ArchitectureSpec",
     "SegmentationNet",

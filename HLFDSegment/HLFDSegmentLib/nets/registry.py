@@ -13,6 +13,7 @@ from torch import nn
 
 from .blocks import check_channels
 from .mobilenet_unet import MobileNetV2UNet
+from .names import ARCHITECTURE_NAMES
 from .resnet_unet import ResNetUNet
 from .unet2d import TinyUNet
 from .unetpp import UNetPlusPlus
@@ -192,6 +193,9 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = dict(
         ),
     ]
 )
+
+if tuple(ARCHITECTURES) != ARCHITECTURE_NAMES:
+    raise RuntimeError("nets/names.py ARCHITECTURE_NAMES must list the registry's architectures")
 
 
 def _as_tuples(value: Any) -> Any:

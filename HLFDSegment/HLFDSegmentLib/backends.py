@@ -1,0 +1,238 @@
+"""Network runners: the one step of the pipeline that differs between PyTorch and ONNX Runtime.
+
+A runner maps a float32 batch ``(N, 1, *spatial)`` to float32 logits ``(N, C, *spatial)`` as
+numpy arrays; everything around it (slice batching, sliding window, softmax, argmax, resampling)
+is shared numpy/SimpleITK code in :mod:`.pipeline`. :class:`OnnxRunner` never imports torch, so
+a CPU install needs only onnxruntime; :class:`TorchRunner` imports torch when it is built.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from .errors import InputError, ModelError
+from .modelpackage import WEIGHTS_NAME, safetensors_arrays
+
+if TYPE_CHECKING:
+    import torch
+
+    from .modelpackage import ModelPackage
+
+BACKENDS = ("auto", "torch", "onnx")
+SIZE_DIVISIBLE_KEY = "size_divisible"
+"""ONNX metadata key: input height/width (and depth) must be multiples of this."""
+CPU_BF16_ENV = "HLFD_CPU_BF16"
+
+
+class NetworkRunner(Protocol):
+    """What the pipeline needs from a network: logits of a batch, and how it ran."""
+
+    backend: str
+    device: str
+    precision: str
+    size_divisible: int
+    notes: list[str]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def torch_available() -> bool:
+    """True when ``import torch`` would succeed; does not import it."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ValueError, ImportError):
+        return False
+
+
+def resolve_backend(name: str, package: ModelPackage) -> str:
+    """``auto`` -> ``torch`` when PyTorch is installed, else ``onnx``; checks that the choice can
+    run this package."""
+    if name not in BACKENDS:
+        raise InputError(f"unknown backend {name!r}: use {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = "torch" if torch_available() else "onnx"
+    if name == "onnx" and package.onnx is None:
+        lack = "" if torch_available() else " and PyTorch is not installed"
+        raise ModelError(
+            f"{package.path}: the package has no ONNX graph (card field 'onnx'){lack}; "
+            "use --backend torch or a package exported with --onnx"
+        )
+    if name == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        raise ModelError("backend 'onnx' needs onnxruntime: pip install onnxruntime")
+    if name == "torch" and not torch_available():
+        raise ModelError("backend 'torch' needs PyTorch, not installed here; try --backend onnx")
+    return name
+
+
+def make_runner(
+    package: ModelPackage, backend: str = "auto", device: str = "auto", threads: int | None = None
+) -> NetworkRunner:
+    """The runner of ``package`` for ``backend`` (see :func:`resolve_backend`)."""
+    if resolve_backend(backend, package) == "onnx":
+        return OnnxRunner(package, device, threads)
+    return TorchRunner(package, device, threads)
+
+
+# -- PyTorch ------------------------------------------------------------------------------------
+def select_device(name: str = "auto") -> tuple[torch.device, str | None]:
+    """Resolve ``auto|cpu|cuda|mps`` (or ``cuda:N``); fall back to CPU with a note if absent."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu"), None
+    if name.startswith("cuda") and not cuda:
+        return torch.device("cpu"), f"device {name!r} asked but no CUDA GPU is available; using CPU"
+    if name == "mps" and not mps:
+        return torch.device("cpu"), "device 'mps' asked but Apple MPS is not available; using CPU"
+    if name.split(":")[0] not in {"cpu", "cuda", "mps"}:
+        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return torch.device(name), None
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX-512 BF16 / AMX); elsewhere bf16 is slower.
+
+    ``HLFD_CPU_BF16=0`` or ``=1`` forces the answer, so tests and benchmarks choose the CPU
+    precision path instead of inheriting it from the machine's CPU flags."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if forced in {"0", "off", "false", "no"}:
+        return False
+    if forced in {"1", "on", "true", "yes"}:
+        return True
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class TorchRunner:
+    """The package's network in PyTorch: BatchNorm folded, channels-last for 2D, bf16 autocast
+    where the device has native bf16 (and the card allows it on CPU)."""
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        package: ModelPackage,
+        device: str = "auto",
+        threads: int | None = None,
+        net: torch.nn.Module | None = None,
+    ):
+        import torch
+
+        from .nets import fold_batchnorm
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._device, note = select_device(device)
+        self.device = str(self._device)
+        self.notes = [note] if note else []
+        if net is None:  # folding measured 1.6x on CPU for the MobileNetV2 student
+            net = fold_batchnorm(package.build_network(), inplace=True)
+        self.channels_last = package.spatial_dims == 2 and self._device.type != "mps"
+        if self.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.net = net.to(self._device).eval()
+        self.size_divisible = int(getattr(net, "size_divisible", 1))
+        allow_bf16 = package.card["inference"].get("bf16_cpu", True)
+        if self._device.type == "cuda":
+            self.amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif self._device.type == "cpu" and allow_bf16 and cpu_has_fast_bf16():
+            self.amp = torch.bfloat16
+        else:
+            self.amp = None
+        self.precision = "float32" if self.amp is None else str(self.amp).removeprefix("torch.")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                self._device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
+            ),
+        ):
+            t = torch.from_numpy(x).to(self._device)
+            if self.channels_last and t.ndim == 4:
+                t = t.contiguous(memory_format=torch.channels_last)
+            return self.net(t).float().cpu().numpy()
+
+
+# -- ONNX Runtime -------------------------------------------------------------------------------
+class OnnxRunner:
+    """The package's ``model.onnx`` (sha256-checked with the rest of the package) in ONNX
+    Runtime on the CPU. Float16-stored weights are cast to float32 inside the graph, so the
+    arithmetic is float32 whatever the file stores."""
+
+    backend = "onnx"
+    precision = "float32"
+
+    def __init__(self, package: ModelPackage, device: str = "auto", threads: int | None = None):
+
+        if device.split(":")[0] not in {"auto", "cpu", "cuda", "mps"}:
+            raise InputError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+        self.device = "cpu"
+        self.notes = (
+            [f"device {device!r} asked but the ONNX backend runs on the CPU; using CPU"]
+            if device not in {"auto", "cpu"}
+            else []
+        )
+        where = package.path / str(package.card["onnx"])
+        assert package.onnx is not None
+        try:
+            self.session = onnx_session(package.onnx, package.weights, threads)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelError(f"{where}: ONNX Runtime cannot load it ({_first_line(exc)})") from None
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ModelError(f"{where}: expected one input and one output in the ONNX graph")
+        self._input = inputs[0].name
+        self._half = inputs[0].type == "tensor(float16)"
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.size_divisible = int(meta.get(SIZE_DIVISIBLE_KEY, 1))
+        except ValueError:
+            raise ModelError(f"{where}: metadata {SIZE_DIVISIBLE_KEY!r} is not a number") from None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        feed = x.astype(np.float16) if self._half else x
+        (logits,) = self.session.run(None, {self._input: feed})
+        return np.asarray(logits, dtype=np.float32)
+
+
+def onnx_session(graph: bytes, weights: bytes, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session of ``graph``. A graph whose initializers are external data in
+    the package's ``model.safetensors`` (see ``hlfd_train.export.compact_onnx``) gets them from
+    ``weights``, the checksummed bytes already in memory: float16 tensors as ``<name>.fp16``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    if WEIGHTS_NAME.encode() in graph:  # the external-data location string
+        names, values = [], []
+        for name, (array, _) in safetensors_arrays(weights).items():
+            if array.dtype.kind == "f":
+                names.append(f"{name}.fp16" if array.dtype == np.float16 else name)
+                values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)))
+        options.add_external_initializers(names, values)
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def onnx_metadata(net: Any) -> dict[str, str]:
+    """The metadata an exported graph carries for :class:`OnnxRunner` (from a zoo network)."""
+    return {SIZE_DIVISIBLE_KEY: str(int(getattr(net, "size_divisible", 1)))}
