@@ -250,6 +250,8 @@ def make_phantom(config: PhantomConfig | None = None, seed: int = 0) -> Phantom:
     lab[organ] = 1
     organ_hu = HU["cortex"] if cfg.task == "kidney" else HU["liver"]
 
+    in_fov = sp.inside  # ``sp`` is deleted before the image is blurred
+
     def site(fov_margin_mm: float | None = None) -> tuple[float, float, float]:
         """A random physical point well inside the organ; with ``fov_margin_mm``, also inside
         the field of view by that margin (a tumour-bearing case must show its tumours)."""
@@ -259,7 +261,7 @@ def make_phantom(config: PhantomConfig | None = None, seed: int = 0) -> Phantom:
             while (p**2).sum() > 0.65**2:
                 p = rng.uniform(-0.65, 0.65, 3)
             point = tuple(float(ci + pi * ri) for ci, pi, ri in zip(c, p, r))
-            if fov_margin_mm is None or sp.inside(point, fov_margin_mm):
+            if fov_margin_mm is None or in_fov(point, fov_margin_mm):
                 return point
         raise ValueError(
             f"phantom: no tumour site of the {cfg.task} inside the field of view of shape "
