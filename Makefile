@@ -31,8 +31,8 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/bench_pipeline.py
 
-bench-kd: setup      # distillation benchmark (~90 min here; PRESET=quick for a ~10 min check)
-	$(BIN)/hlfd-train bench --preset $(or $(PRESET),full) --out runs/kd-bench-$(or $(PRESET),full) \
+bench-kd: setup      # distillation benchmark (cpu: ~85 min here; PRESET=quick ~10 min; PRESET=gpu)
+	$(BIN)/hlfd-train bench --preset $(or $(PRESET),cpu) --out runs/kd-bench-$(or $(PRESET),cpu) \
 		--report docs/results/kd-benchmark$(if $(filter quick,$(PRESET)),-quick).md
 
 # The built-in students, from nothing: synthetic CT -> teacher -> distilled student -> package

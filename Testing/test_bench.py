@@ -1,21 +1,31 @@
-"""The distillation benchmark's whole flow on the smoke preset, and that it resumes."""
+"""The distillation benchmark: its flow on the smoke preset (and that it resumes), the GPU
+preset's flow at toy size, its statistics and its presets."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from hlfd_train.bench import (
+    METHODS,
     PRESETS,
+    Tuning,
+    bootstrap_ci,
+    grid,
+    holm,
     paired_test,
     run_bench,
     run_one,
+    summarise_task,
     task_config,
+    toy,
     verdict,
     write_phantoms,
 )
+from hlfd_train.bench.presets import DIFFICULTY
 from hlfd_train.config import ConfigError
 
 
@@ -25,28 +35,28 @@ def test_smoke_benchmark_runs_reports_and_resumes(tmp_path, capsys):
     results = run_bench("smoke", tmp_path / "bench", report)
     task = results["tasks"]["kidney"]
     assert set(task["summary"]) == {"none", "hlfd", "hlfd-pixel-only", "teacher"}
-    assert task["summary"]["hlfd"]["Kidney tumor.vs_none"]["n"] == 1  # one case x one seed
+    hlfd = task["summary"]["hlfd"]["Kidney tumor"]["vs_none"]
+    assert hlfd["n"] == 2 and hlfd["seeds"] == 2 and len(hlfd["ci95"]) == 2  # 2 cases x 2 seeds
+    assert "p_holm" in hlfd and "Kidney incl. tumour" in task["summary"]["none"]
+    assert [g["point"] for g in task["tuning"]["hlfd"]["grid"]] == ["default", "flfd1.8-plfd0.2"]
     timed = [(e["role"], e["architecture"]) for e in task["efficiency"]]
     assert timed[:2] == [("teacher", "tiny_unet2d"), ("student", "tiny_unet2d")]
-    others = {arch for role, arch in timed[2:] if role == "other 2D network, untrained"}
-    assert others == {"unetpp2d", "resnet18_unet2d", "mobilenetv2_unet2d"}
     text = report.read_text(encoding="utf-8")
-    assert "| hlfd |" in text and "Wilcoxon" in text and "Phantom difficulty" in text
-    assert "- Calibration: teacher Kidney tumor Dice" in text and "### Kidney tumor" in text
-    assert task["summary"]["hlfd"]["Kidney tumor.vs_none"]["seeds"] == 1
+    assert text.index("Pre-declared primary comparison") < text.index("| hlfd |")
+    assert "- Primary comparison (hlfd - none, Kidney tumor Dice)" in text
+    assert "Tuning (validation split" in text and "Why tumour HD95 is large" in text
     for png in ("kidney-dice.png", "kidney-curves.png", "kidney-attention.png"):
         assert (report.parent / "kd" / png).stat().st_size > 5000
         assert f"](kd/{png})" in text
     rows = (tmp_path / "bench" / "results.csv").read_text().splitlines()
-    assert len(rows) == 1 + 4 * 1 * 2  # teacher + 3 students, one case, two labels
+    assert len(rows) == 1 + (1 + 3 * 2) * 2 * 3  # (teacher + 3 x 2 seeds) x 2 cases x 3 labels
     capsys.readouterr()
     again = run_bench("smoke", tmp_path / "bench", report)
     assert "training" not in capsys.readouterr().out  # finished runs are not redone
     assert json.dumps(again["tasks"]["kidney"]["summary"]) == json.dumps(task["summary"])
-    assert (report.parent / "kd" / "results.csv").read_text() == "\n".join(rows) + "\n"
 
     # a benchmark folder of other settings is refused, not silently reused
-    other = dataclasses.replace(PRESETS["smoke"], splits=(3, 1, 1))
+    other = dataclasses.replace(PRESETS["smoke"], splits=(3, 1, 2))
     with pytest.raises(ConfigError, match="phantoms of other settings"):
         write_phantoms(tmp_path / "bench", "kidney", other)
     cfg = task_config(tmp_path / "bench", "kidney", PRESETS["smoke"], "teacher")
@@ -55,35 +65,141 @@ def test_smoke_benchmark_runs_reports_and_resumes(tmp_path, capsys):
         run_one(cfg, "teacher")
 
 
+@pytest.mark.slow
+def test_gpu_preset_flow_at_toy_size_on_the_cpu(tmp_path):
+    results = run_bench("gpu", tmp_path / "bench", tmp_path / "gpu.md", toy_size=True)
+    assert set(results["tasks"]) == {"kidney", "liver"}
+    kidney = results["tasks"]["kidney"]
+    assert set(METHODS) <= set(kidney["summary"]) and "fitnet-joint" in kidney["summary"]
+    assert set(kidney["tuning"]) == set(METHODS) - {"none"}
+
+
+def test_presets_are_sized_as_promised():
+    cpu, gpu = PRESETS["cpu"], PRESETS["gpu"]
+    assert cpu.tasks == ("kidney",) and len(cpu.seeds) == 5 and cpu.minutes <= 100
+    assert set(cpu.methods) == {"none", "hlfd", "at", "kd", "fitnet"}
+    assert gpu.methods == METHODS and gpu.tasks == ("kidney", "liver") and len(gpu.seeds) == 5
+    assert gpu.workers > 1 and "device=cuda" in gpu.overrides
+    small = toy(gpu)
+    assert small.methods == gpu.methods and small.tasks == gpu.tasks and small.student_steps < 5
+    assert "device=cpu" in small.overrides
+
+
+def test_every_method_gets_the_same_tuning_grid():
+    tuning = Tuning(scales=(0.5, 1.0, 2.0), temperatures=(1.0, 4.0))
+    kd = grid("kd", tuning)
+    assert [(g["weight"], g["temperature"]) for g in kd] == [
+        (w, t) for w in (0.05, 0.1, 0.2) for t in (1.0, 4.0)
+    ]
+    hlfd = grid("hlfd", tuning)
+    assert {(g["flfd_weight"], g["plfd_weight"]) for g in hlfd} == {
+        (0.45, 0.05),
+        (0.9, 0.1),
+        (1.8, 0.2),
+    }
+    assert all("unified_weight" not in g for g in hlfd)  # the branch split is not tuned
+    at = grid("at", tuning)  # no temperature: the weight axis only
+    assert [g["weight"] for g in at] == [0.5, 1.0, 2.0]
+    assert grid("at-p2-e1e5", tuning)[0]["p"] == 2.0  # an ablation keeps its options
+
+
+def _report(values: dict[str, list[float | None]]) -> dict:
+    return {
+        "cases": [
+            {"case": c, "labels": {"T": {"dice": v, "voxels_ref": 1, "voxels_pred": 1}}}
+            for c, v in values.items()
+        ]
+    }
+
+
+def test_seeds_are_averaged_per_case_before_the_paired_test():
+    # 6 cases x 3 seeds; the method beats none on every case by 0.1 on average
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.3, 0.6, 6)
+    none = {s: _report({f"c{i}": base[i] for i in range(6)}) for s in range(3)}
+    noise = [0.05, -0.05, 0.1]  # per seed, so no single (case, seed) pair decides
+    method = {s: _report({f"c{i}": base[i] + 0.1 + noise[s] for i in range(6)}) for s in range(3)}
+    method[0]["cases"].append(
+        {"case": "free", "labels": {"T": {"dice": None, "voxels_ref": 0, "voxels_pred": 0}}}
+    )
+    none[0]["cases"].append(
+        {"case": "free", "labels": {"T": {"dice": None, "voxels_ref": 0, "voxels_pred": 0}}}
+    )
+    out = summarise_task({"none": none, "m": method}, ["T"], ["m"])
+    test = out["m"]["T"]["vs_none"]
+    assert test["n"] == 6  # six cases (not 18 case x seed pairs; the tumour-free case left out)
+    assert test["mean_diff"] == pytest.approx(0.1 + np.mean(noise))
+    lo, hi = test["ci95"]
+    assert 0 < lo < test["mean_diff"] < hi
+    assert test["p"] == pytest.approx(paired_test([1] * 6, [0] * 6)["p"])
+    assert test["p_holm"] == test["p"]  # one comparison in the family
+
+
+def test_bootstrap_ci_covers_seed_spread():
+    diff = np.array([[0.1, -0.1]] * 10)  # every case: +0.1 in one seed, -0.1 in the other
+    lo, hi = bootstrap_ci(diff)
+    assert lo < 0 < hi and lo == pytest.approx(-0.1) and hi == pytest.approx(0.1)
+    assert bootstrap_ci(np.full((5, 3), 0.2)) == pytest.approx((0.2, 0.2))
+
+
+def test_holm_step_down():
+    adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None})
+    assert adjusted == {
+        "a": pytest.approx(0.03),
+        "b": pytest.approx(0.06),
+        "c": pytest.approx(0.06),
+        "d": None,
+    }
+
+
 def test_paired_test():
     assert paired_test([0.5, 0.6], [0.5, 0.6])["p"] is None
     res = paired_test([0.9, 0.8, 0.85, 0.7, 0.95, 0.9], [0.5, 0.6, 0.55, 0.4, 0.6, 0.5])
     assert res["median_diff"] == pytest.approx(0.325) and res["p"] < 0.05
 
 
-def _entry(dice, p=None, diff=0.0, better=0):
+def _entry(dice, p=None, diff=0.0, better=0, ci=(0.0, 0.0)):
     return {
-        "Kidney tumor.dice": {"mean": dice, "sd": 0.0},
-        "Kidney tumor.vs_none": {"p": p, "median_diff": diff, "seeds_better": better, "seeds": 3},
+        "Kidney tumor": {
+            "dice": {"mean": dice, "sd": 0.0},
+            "vs_none": {
+                "p": p,
+                "p_holm": p,
+                "mean_diff": diff,
+                "ci95": list(ci),
+                "seeds_better": better,
+                "seeds": 3,
+            },
+        }
     }
 
 
-def test_verdict_states_targets_ranking_and_significance():
+def test_verdict_states_targets_primary_ranking_and_significance():
     summary = {
         "teacher": _entry(0.80),
         "none": _entry(0.70),
         "kd": _entry(0.72, p=0.2, diff=0.02, better=2),
-        "hlfd": _entry(0.78, p=0.001, diff=0.08, better=3),
+        "hlfd": _entry(0.78, p=0.001, diff=0.08, better=3, ci=(0.05, 0.11)),
     }
-    lines = verdict(
-        {"labels": ["Kidney", "Kidney tumor"], "summary": summary}, ["none", "kd", "hlfd"]
-    )
+    result = {"labels": ["Kidney", "Kidney tumor"], "summary": summary}
+    lines = verdict(result, ["none", "kd", "hlfd"])
     assert "0.800 (meets the 0.75 target)" in lines[0] and "10.0 points below" in lines[0]
-    assert lines[1] == "- Ranking by mean Kidney tumor Dice: hlfd 0.780, kd 0.720, none 0.700."
-    assert "p < 0.0250" in lines[2] and "hlfd (+0.080)" in lines[2] and "kd" not in lines[2]
-    assert "+8.0 points" in lines[3] and "3 of 3 seeds" in lines[3] and "+6.0 points" in lines[3]
-    summary["teacher"] = _entry(0.72)
-    lines = verdict(
-        {"labels": ["Kidney", "Kidney tumor"], "summary": summary}, ["none", "kd", "hlfd"]
-    )
-    assert "misses the 0.75 target" in lines[0] and "misses the 5-point target" in lines[0]
+    assert "+8.0 points, 95% CI [+5.0, +11.0] (width 6.0; target <= 4)" in lines[1]
+    assert "the CI excludes 0" in lines[1]
+    assert lines[2] == "- Ranking by mean Kidney tumor Dice: hlfd 0.780, kd 0.720, none 0.700."
+    assert "Holm" in lines[3] and "hlfd (+8.0 points)" in lines[3] and "kd" not in lines[3]
+    assert "+6.0 points" in lines[4] and "does beat it" in lines[4]
+    summary["hlfd"] = _entry(0.71, p=0.5, diff=0.01, ci=(-0.02, 0.04))
+    lines = verdict(result, ["none", "kd", "hlfd"])
+    assert "the CI includes 0" in lines[1] and "does not beat it" in lines[4]
+
+
+def test_benchmark_phantoms_bear_tumours_inside_the_field_of_view():
+    from HLFDSegmentLib.phantom import case_seed, make_phantom
+
+    shape = PRESETS["full"].shape
+    for task in ("kidney", "liver"):
+        cfg = dataclasses.replace(DIFFICULTY[task], shape=shape)
+        for i in range(16):  # liver case 8 had its tumour outside the field of view
+            labels = make_phantom(cfg, seed=case_seed(1000, i)).labels
+            assert (labels == 2).sum() > 500, (task, i)

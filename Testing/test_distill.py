@@ -263,7 +263,8 @@ def test_registry_errors():
     d = method_defaults("hlfd")
     assert (d["flfd_weight"], d["plfd_weight"], d["p"], d["temperature"]) == (0.9, 0.1, 4.0, 4.0)
     assert (d["unified_weight"], d["individual_weight"]) == (0.5, 0.5)
-    assert method_defaults("at")["p"] == 2.0
+    at = method_defaults("at")
+    assert (at["p"], at["stages"], method_defaults("kd")["weight"]) == (4.0, ("e5",), 0.1)
 
 
 # --- every method, 2D and 3D ----------------------------------------------------------------
@@ -325,16 +326,22 @@ def test_trainable_teacher_still_gets_no_gradient():
         ("at", 2),
         ("fitnet", 2),
         ("deep", 2),
+        ("deep_mse", 2),
         ("cwd", 2),
         ("ifd", 2),
         ("hifd", 2),
+        ("flfd_individual", 2),
+        ("flfd_unified", 2),
         ("hlfd", 2),
         ("hlfd", 3),
     ],
 )
 def test_adam_steps_lower_method_loss(name, dims):
     teacher, student, x, y = make_pair(dims)
-    method = build(name, teacher, student, x, dims)
+    # kd's default weight (0.1, the authors') and cwd's 1/8-resolution logits leave the toy
+    # task loss in charge; a larger weight shows that the term itself can be lowered
+    louder = {"kd": {"weight": 2.0}, "cwd": {"weight": 30.0}}.get(name, {})
+    method = build(name, teacher, student, x, dims, **louder)
     opt = torch.optim.Adam([*student.parameters(), *method.parameters()], lr=1e-2)
     history = []
     for _ in range(12):
@@ -360,7 +367,8 @@ def test_adapters_created_once_and_counted():
     assert hl.num_adapter_parameters() == sum(c * K + K for c in heads.values()) + unified
     assert set(hl.aux_heads) == set(heads)
     deep = build("deep", teacher, student, x, 2)
-    assert len(list(deep.adapters)) == 9
+    assert len(list(deep.projections)) == 4  # student d5..d2 -> teacher channels
+    assert len(list(build("deep_mse", teacher, student, x, 2).adapters)) == 9
     for m in (fit, hl, deep):
         ids = [id(p) for p in m.parameters()]
         opt = torch.optim.Adam(m.parameters(), lr=0.1)
@@ -469,3 +477,111 @@ def test_hlfd_individual_branch_sums_its_stages_like_the_authors():
     assert t_sum["plfd_unified"].item() == pytest.approx(t_mean["plfd_unified"].item(), rel=1e-5)
     with pytest.raises(ValueError, match="individual_reduction"):
         build("hlfd", teacher, student, x, 2, individual_reduction="max")
+
+
+# --- the baselines as the paper ran them (authors' train_kd.py) ------------------------------
+
+
+def _taps_and_logits(method, teacher, student, x):
+    s_taps, t_taps = method.required_taps()
+    s_out, s_feat = run_with_taps(student, {k: TAPS[k] for k in s_taps}, x)
+    t_out, t_feat = run_with_taps(teacher, {k: TAPS[k] for k in t_taps}, x, teacher=True)
+    return s_feat, t_feat, s_out, t_out
+
+
+def test_kd_uses_the_authors_alpha():
+    teacher, student, x, _ = make_pair(2)
+    kd = build("kd", teacher, student, x, 2)
+    s_feat, t_feat, s_out, t_out = _taps_and_logits(kd, teacher, student, x)
+    got = kd(s_feat, t_feat, s_out, t_out)["kd"]
+    assert torch.allclose(got, 0.1 * kl_pixelwise(s_out, t_out, 4.0))  # 0.1 x T^2 x KL
+
+
+def test_cwd_compares_eighth_resolution_logits():
+    teacher, student, x, _ = make_pair(2)  # 32 x 32 logits -> 4 x 4
+    cwd = build("cwd", teacher, student, x, 2)
+    s_feat, t_feat, s_out, t_out = _taps_and_logits(cwd, teacher, student, x)
+    got = cwd(s_feat, t_feat, s_out, t_out)["cwd_logits"]
+    pooled = (F.avg_pool2d(s_out, 8), F.avg_pool2d(t_out, 8))
+    assert torch.allclose(got, 3.0 * cwd_loss(*pooled, 1.0))
+    # detail inside one 8 x 8 cell that keeps its mean does not reach the loss
+    bump = torch.zeros_like(t_out)
+    bump[..., 0, 0], bump[..., 0, 1] = 5.0, -5.0
+    assert torch.allclose(cwd(s_feat, t_feat, s_out, t_out + bump)["cwd_logits"], got)
+
+
+def test_at_is_p4_on_e5_only():
+    teacher, student, x, _ = make_pair(2)
+    at = build("at", teacher, student, x, 2)
+    assert at.required_taps() == (("e5",), ("e5",))
+    s_feat, t_feat, _, _ = _taps_and_logits(at, teacher, student, x)
+    base = at(s_feat, t_feat)["at_e5"]
+    assert torch.allclose(base, at_loss(s_feat["e5"], t_feat["e5"], 4.0))
+    changed = {"e5": t_feat["e5"] * torch.linspace(0.1, 3, t_feat["e5"].shape[-1])}
+    assert abs(at(s_feat, changed)["at_e5"].item() - base.item()) > 1e-6
+
+
+def test_deep_is_the_authors_dkd():
+    teacher, student, x, _ = make_pair(2)
+    deep = build("deep", teacher, student, x, 2)
+    s_feat, t_feat, s_out, t_out = _taps_and_logits(deep, teacher, student, x)
+    terms = deep(s_feat, t_feat, s_out, t_out)
+    kl = {"dkd_kl_out", "dkd_kl_d5", "dkd_kl_d4", "dkd_kl_d3", "dkd_kl_d2"}
+    at = {f"dkd_at_e{k}" for k in range(1, 6)}
+    assert set(terms) == kl | at
+    assert torch.allclose(terms["dkd_kl_out"], 0.1 * kl_pixelwise(s_out, t_out, 4.0))
+    for k in range(1, 6):
+        e = f"e{k}"
+        assert torch.allclose(terms[f"dkd_at_{e}"], 0.9 * at_loss(s_feat[e], t_feat[e], 4.0))
+    # each student decoder stage is compared with the teacher's (their d5 term: with itself)
+    for d in ("d5", "d4", "d3", "d2"):
+        other = {**t_feat, d: t_feat[d].flip(-1) * 2}
+        assert abs(deep(s_feat, other, s_out, t_out)[f"dkd_kl_{d}"] - terms[f"dkd_kl_{d}"]) > 1e-7
+
+
+def test_ifd_and_hifd_carry_pixel_level_and_e5_terms():
+    teacher, student, x, _ = make_pair(2)
+    for name, expected in (
+        ("ifd", {"ifd_kl_out", "ifd_kl_decoders", "ifd_at_e5", "ifd_at_encoders"}),
+        (
+            "hifd",
+            {
+                "hifd_kl_out",
+                "hifd_kl_d4",
+                "hifd_kl_d2",
+                *(f"hifd_at_{e}" for e in ("e5", "e2", "e4")),
+            },
+        ),
+    ):
+        m = build(name, teacher, student, x, 2)
+        assert m.required_taps()[1] == ("e5",) and m.needs_logits()
+        s_feat, t_feat, s_out, t_out = _taps_and_logits(m, teacher, student, x)
+        terms = m(s_feat, t_feat, s_out, t_out)
+        assert set(terms) == expected, name
+        assert torch.allclose(terms[f"{name}_kl_out"], 0.1 * kl_pixelwise(s_out, t_out, 4.0))
+        assert torch.allclose(
+            terms[f"{name}_at_e5"], 0.9 * at_loss(s_feat["e5"], t_feat["e5"], 4.0)
+        )
+        e5 = {"e5": t_feat["e5"] * torch.linspace(0.1, 3, t_feat["e5"].shape[-1])}
+        moved = m(s_feat, e5, s_out, t_out)
+        logits = m(s_feat, t_feat, s_out, t_out.flip(-1))
+        for term in terms:  # AT terms follow the teacher's e5, KL terms its logits
+            follows = moved if "_at_" in term else logits
+            assert abs(follows[term].item() - terms[term].item()) > 1e-7, (name, term)
+    hifd = build("hifd", teacher, student, x, 2)
+    s_feat, t_feat, s_out, t_out = _taps_and_logits(hifd, teacher, student, x)
+    got = hifd(s_feat, t_feat, s_out, t_out)["hifd_at_e2"]
+    assert torch.allclose(got, 0.9 * at_loss(s_feat["e2"], t_feat["e5"], 4.0))
+
+
+def test_fitnet_runs_a_hint_stage_then_a_task_stage():
+    teacher, student, x, _ = make_pair(2)
+    fit = build("fitnet", teacher, student, x, 2, hint_steps=2)
+    s_feat, t_feat, _, _ = _taps_and_logits(fit, teacher, student, x)
+    hints = [fit(s_feat, t_feat)["fitnet_e3"].item() for _ in range(4)]
+    assert hints[0] > 0 and hints[1] == hints[0] and hints[2:] == [0.0, 0.0]
+    assert int(fit.state_dict()["steps_done"]) == 4  # saved with the run: resume keeps the stage
+    joint = build("fitnet", teacher, student, x, 2, hint_steps=2, schedule="joint")
+    assert all(joint(s_feat, t_feat)["fitnet_e3"].item() > 0 for _ in range(4))
+    with pytest.raises(ValueError, match="two-stage or joint"):
+        build("fitnet", teacher, student, x, 2, schedule="sometimes")

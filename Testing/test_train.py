@@ -331,7 +331,7 @@ def test_export_runtime_onnx_evaluate(teacher_run, tmp_path):
     dice = 2 * (p & r).sum() / max(1, p.sum() + r.sum()) if p.sum() + r.sum() else 1.0
     assert report["cases"][0]["labels"]["Kidney"]["dice"] == pytest.approx(dice)
     assert {"Dice", "HD95 (mm)"} <= set((out / "metrics.md").read_text("utf-8").split(" | "))
-    assert (out / "metrics.csv").read_text().count("\n") == 3
+    assert (out / "metrics.csv").read_text().count("\n") == 4  # + organ incl. tumour
 
 
 def test_cli_errors_are_one_line(dataset, tmp_path, capsys):

@@ -101,12 +101,15 @@ def test_label_metrics_empty_cases():
     empty = np.zeros((4, 4, 4), bool)
     some = empty.copy()
     some[1, 1, 1] = True
-    both = label_metrics(empty, empty, (1, 1, 1))
-    assert both["dice"] == 1.0 and both["rvd"] is None and both["hd95"] == 0.0
-    missed = label_metrics(empty, some, (1, 1, 1))
-    assert missed["dice"] == 0.0 and missed["hd95"] is None and missed["rvd"] == -1.0
+    both = label_metrics(empty, empty, (1, 1, 1))  # nothing to score: no free credit
+    assert both["dice"] is None and both["rvd"] is None and both["hd95"] is None
+    assert both["fp_ml"] == 0.0
+    missed = label_metrics(empty, some, (1, 1, 1))  # penalised with the image diagonal
+    assert missed["dice"] == 0.0 and missed["hd95"] == pytest.approx(48**0.5)
+    assert missed["rvd"] == -1.0 and missed["missed"]
     false_alarm = label_metrics(some, empty, (1, 1, 1))
-    assert false_alarm["dice"] == 0.0 and false_alarm["rvd"] is None
+    assert false_alarm["dice"] is None and false_alarm["rvd"] is None
+    assert false_alarm["fp_ml"] == pytest.approx(0.001)
 
 
 def test_summary_and_global_dice():
@@ -125,14 +128,16 @@ def test_summary_and_global_dice():
         "iou": 0.0,
         "voe": 1.0,
         "rvd": None,
-        "hd95": None,
-        "assd": None,
+        "hd95": 90.0,
+        "assd": 90.0,
         "voxels_pred": 0,
         "voxels_ref": 300,
+        "missed": True,
     }
     s = summarise([{"labels": {"t": a}}, {"labels": {"t": b}}])["t"]
     assert s["dice"]["mean"] == 0.5 and s["dice"]["n"] == 2
-    assert s["hd95"]["n"] == 1  # undefined distances are left out, not counted as 0
+    assert s["hd95"]["mean"] == 45.0  # a missed label's penalty counts, it is not left out
+    assert s["missed"] == 1 and s["dice"]["std"] == pytest.approx(0.5**0.5)  # sample sd
     assert s["global_dice"] == pytest.approx(2 * 100 / 500)
 
 

@@ -154,6 +154,15 @@ class _Space:
             q *= 1 + amp * np.sin(3 * ang + ph) * np.cos(2 * (z - centre[2]) / radii[2] + ph)
         return sl, q <= 1.0
 
+    def inside(self, point, margin_mm: float) -> bool:
+        """Whether ``point`` (x, y, z mm) lies in the field of view, ``margin_mm`` from its
+        faces (the margin shrinks to 40% of the extent on an axis too short to hold it)."""
+        ijk = (np.asarray(point) - self.origin) @ self.inverse.T
+        size = np.array(self.shape[::-1], dtype=float)
+        step = np.linalg.norm(self.affine, axis=0)  # mm per index along i, j, k
+        margin = np.minimum(margin_mm / step, 0.4 * (size - 1))
+        return bool(np.all((ijk >= margin) & (ijk <= size - 1 - margin)))
+
     def full(self, centre, radii, wobble=None) -> np.ndarray:
         """Whole-grid boolean mask of an ellipsoid."""
         mask = np.zeros(self.shape, dtype=bool)
@@ -241,17 +250,27 @@ def make_phantom(config: PhantomConfig | None = None, seed: int = 0) -> Phantom:
     lab[organ] = 1
     organ_hu = HU["cortex"] if cfg.task == "kidney" else HU["liver"]
 
-    def site() -> tuple[float, float, float]:
-        """A random physical point well inside the organ (grid-independent)."""
-        c, r = sites[rng.integers(len(sites))]
-        while True:
+    in_fov = sp.inside  # ``sp`` is deleted before the image is blurred
+
+    def site(fov_margin_mm: float | None = None) -> tuple[float, float, float]:
+        """A random physical point well inside the organ; with ``fov_margin_mm``, also inside
+        the field of view by that margin (a tumour-bearing case must show its tumours)."""
+        for _ in range(10_000):
+            c, r = sites[rng.integers(len(sites))]
             p = rng.uniform(-0.65, 0.65, 3)
-            if (p**2).sum() <= 0.65**2:
-                return tuple(float(ci + pi * ri) for ci, pi, ri in zip(c, p, r))
+            while (p**2).sum() > 0.65**2:
+                p = rng.uniform(-0.65, 0.65, 3)
+            point = tuple(float(ci + pi * ri) for ci, pi, ri in zip(c, p, r))
+            if fov_margin_mm is None or in_fov(point, fov_margin_mm):
+                return point
+        raise ValueError(
+            f"phantom: no tumour site of the {cfg.task} inside the field of view of shape "
+            f"{cfg.shape}, spacing {spacing}; enlarge the shape or set tumours=(0, 0)"
+        )
 
     tumours = []
     for _ in range(int(rng.integers(cfg.tumours[0], cfg.tumours[1] + 1))):
-        c, r = site(), u(*cfg.tumour_radius_mm)
+        c, r = site(cfg.tumour_radius_mm[1]), u(*cfg.tumour_radius_mm)
         blob = sp.full(c, (r * u(0.8, 1.2), r * u(0.8, 1.2), r * u(0.8, 1.2)), (0.25, u(0, 6)))
         for _ in range(rng.integers(0, 3)):  # lobules
             blob |= sp.full(tuple(np.add(c, rng.normal(0, r * 0.5, 3))), (r * 0.6,) * 3)

@@ -3,7 +3,13 @@
 Each case goes through the runtime's own ``Segmenter`` (exactly what ``hlfd-segment`` and Slicer
 run), then is compared with the reference labels on the original grid: Dice, IoU, VOE = 1 - IoU,
 RVD, HD95 and ASSD in mm (MONAI metrics) per label, plus LiTS-style global Dice (all voxels of
-all cases pooled). ``protocol="paper"`` restricts both volumes to the axial slices that contain
+all cases pooled). Overlap and distance metrics are scored only where the reference holds the
+label (a tumour-free case reports its false-positive volume in mL instead); a missed label
+scores Dice 0 and the image diagonal as HD95/ASSD (a fixed penalty, not a dropped value).
+The tumour label also gets lesion-wise detection (connected components), and the organ the
+composite Dice of organ + tumour (KiTS/LiTS), beside organ-without-tumour. Spreads are sample
+standard deviations (ddof 1; :func:`mean_sd`), the one convention of the training package.
+``protocol="paper"`` restricts both volumes to the axial slices that contain
 tumour in the reference, the slice-subset protocol of the HLFD paper's code, and is labelled so.
 """
 
@@ -27,6 +33,7 @@ from HLFDSegmentLib.io import read_image
 from HLFDSegmentLib.pipeline import Segmenter
 
 METRICS = ("dice", "iou", "voe", "rvd", "hd95", "assd")
+COMPOSITE_SUFFIX = " incl. tumour"  # the organ label with its tumour (KiTS/LiTS "kidney")
 PROTOCOLS = {
     "full": "full 3D volumes at original resolution",
     "paper": "paper protocol: only axial slices that contain tumour in the reference",
@@ -47,27 +54,43 @@ def _box(mask: np.ndarray, margin: int = 2) -> tuple[slice, ...]:
     return tuple(slice(max(0, int(i.min()) - margin), int(i.max()) + margin + 1) for i in idx)
 
 
-def label_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float]) -> dict:
-    """Metrics of one binary mask pair (arrays z, y, x). Both empty: Dice 1, distances 0;
-    one empty: Dice 0 and distances ``None`` (undefined); RVD ``None`` when ``ref`` is empty."""
+def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Length of the diagonal of the volume (the HD95/ASSD penalty of a missed label)."""
+    return float(np.sqrt(sum((n * float(sp)) ** 2 for n, sp in zip(shape, spacing, strict=True))))
+
+
+def label_metrics(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing_zyx: Sequence[float],
+    penalty_mm: float | None = None,
+) -> dict:
+    """Metrics of one binary mask pair (arrays z, y, x).
+
+    Reference empty: nothing is scored (Dice, distances, RVD ``None``: empty-vs-empty is not
+    a perfect score, and a tumour-free case has no tumour Dice) and ``fp_ml`` is the predicted
+    volume in mL. Prediction empty, reference not: Dice 0, ``missed`` and HD95 = ASSD =
+    ``penalty_mm`` (default: the image diagonal, :func:`image_diagonal_mm`).
+    """
     from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
     p, r = int(pred.sum()), int(ref.sum())
     inter = int(np.logical_and(pred, ref).sum())
     union = p + r - inter
-    dice = 1.0 if p + r == 0 else 2.0 * inter / (p + r)
-    iou = 1.0 if union == 0 else inter / union
-    out: dict[str, Any] = {
-        "dice": dice,
-        "iou": iou,
-        "voe": 1.0 - iou,
-        "rvd": None if r == 0 else (p - r) / r,
-        "hd95": 0.0 if p + r == 0 else None,
-        "assd": 0.0 if p + r == 0 else None,
-        "voxels_pred": p,
-        "voxels_ref": r,
-    }
-    if p and r:
+    voxel_ml = float(np.prod([float(v) for v in spacing_zyx])) / 1000.0
+    penalty = image_diagonal_mm(ref.shape, spacing_zyx) if penalty_mm is None else penalty_mm
+    out: dict[str, Any] = {m: None for m in METRICS}
+    out.update(
+        voxels_pred=p,
+        voxels_ref=r,
+        missed=bool(r and not p),
+        fp_ml=None if r else p * voxel_ml,
+    )
+    if r == 0:
+        return out
+    dice, iou = 2.0 * inter / (p + r), inter / union
+    out.update(dice=dice, iou=iou, voe=1.0 - iou, rvd=(p - r) / r, hd95=penalty, assd=penalty)
+    if p:
         warnings.filterwarnings("ignore", "monai.metrics.utils get_mask_edges", FutureWarning)
         box = _box(pred | ref)  # distances do not change when the empty margin is cut away
         pt = torch.from_numpy(np.ascontiguousarray(pred[box]))[None, None]
@@ -80,6 +103,34 @@ def label_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float
             compute_average_surface_distance(pt, rt, symmetric=True, spacing=spacing)[0, 0]
         )
     return out
+
+
+def lesion_detection(pred: np.ndarray, ref: np.ndarray) -> dict[str, int]:
+    """Lesion-wise detection by connected components (26-connected, 3D).
+
+    A reference lesion touched by any predicted voxel is a true positive, else a false
+    negative; a predicted component touching no reference voxel is a false positive.
+    """
+    from scipy import ndimage
+
+    full = np.ones((3, 3, 3), bool)
+    ref_cc, n_ref = ndimage.label(ref, structure=full)
+    pred_cc, n_pred = ndimage.label(pred, structure=full)
+    hit_ref = np.unique(ref_cc[pred & (ref_cc > 0)])
+    hit_pred = np.unique(pred_cc[ref & (pred_cc > 0)])
+    return {
+        "tp": int(hit_ref.size),
+        "fn": n_ref - int(hit_ref.size),
+        "fp": n_pred - int(hit_pred.size),
+    }
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and *sample* standard deviation (ddof 1; ``None`` below two values)."""
+    if not len(values):
+        return None, None
+    v = np.asarray(values, float)
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else None
 
 
 def axial_axis(image: sitk.Image) -> int:
@@ -118,15 +169,40 @@ def evaluate_case(
         keep = tumour_slices(ref, tumour, axis)
         pred, ref = np.take(pred, keep, axis=axis), np.take(ref, keep, axis=axis)
     spacing = image.GetSpacing()[::-1]
-    row: dict[str, Any] = {"case": case.case_id, "seconds": round(seconds, 2), "labels": {}}
+    return {
+        "case": case.case_id,
+        "seconds": round(seconds, 2),
+        **score_labels(pred, ref, spacing, labels),
+    }
+
+
+def score_labels(
+    pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float], labels: Sequence[Mapping]
+) -> dict[str, Any]:
+    """Per-label metrics (``labels``), tumour lesion detection (``lesions``) and, when the card
+    has an organ and a tumour label, the composite organ + tumour metrics."""
+    penalty = image_diagonal_mm(ref.shape, spacing_zyx)
+    out: dict[str, Any] = {"labels": {}}
     for lab in labels:
         v = lab["value"]
-        row["labels"][lab["name"]] = label_metrics(pred == v, ref == v, spacing)
-    return row
+        out["labels"][lab["name"]] = label_metrics(pred == v, ref == v, spacing_zyx, penalty)
+    tumour = next((lab for lab in labels if "tumo" in lab["name"].lower()), None)
+    organs = [lab for lab in labels if lab is not tumour and lab["value"] != 0]
+    if tumour is not None:
+        out["lesions"] = lesion_detection(pred == tumour["value"], ref == tumour["value"])
+        if len(organs) == 1:
+            both = [organs[0]["value"], tumour["value"]]
+            name = organs[0]["name"] + COMPOSITE_SUFFIX
+            out["labels"][name] = label_metrics(
+                np.isin(pred, both), np.isin(ref, both), spacing_zyx, penalty
+            )
+    return out
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and standard deviation of each metric per label, and global Dice (pooled)."""
+    """Per label: mean and sample sd of each metric over the cases where it is defined (the
+    reference holds the label), global Dice (pooled), missed labels, false-positive volume on
+    cases without the label, and summed lesion detection counts (key ``lesions``)."""
     out: dict[str, Any] = {}
     names = list(rows[0]["labels"]) if rows else []
     for name in names:
@@ -134,17 +210,21 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         entry: dict[str, Any] = {}
         for m in METRICS:
             vals = [x[m] for x in per if x[m] is not None and math.isfinite(x[m])]
-            entry[m] = {
-                "mean": float(np.mean(vals)) if vals else None,
-                "std": float(np.std(vals)) if vals else None,
-                "n": len(vals),
-            }
+            mean, sd = mean_sd(vals)
+            entry[m] = {"mean": mean, "std": sd, "n": len(vals)}
         inter = sum(
-            x["dice"] * (x["voxels_pred"] + x["voxels_ref"]) / 2 for x in per
-        )  # = |P ∩ R| per case, recovered from Dice
+            (x["dice"] or 0.0) * (x["voxels_pred"] + x["voxels_ref"]) / 2 for x in per
+        )  # = |P ∩ R| per case, recovered from Dice (0 where the reference is empty)
         total = sum(x["voxels_pred"] + x["voxels_ref"] for x in per)
-        entry["global_dice"] = 1.0 if total == 0 else 2 * inter / total
+        entry["global_dice"] = None if total == 0 else 2 * inter / total
+        entry["missed"] = sum(bool(x.get("missed")) for x in per)
+        fp = [x["fp_ml"] for x in per if x.get("fp_ml") is not None]
+        mean, sd = mean_sd(fp)
+        entry["fp_ml"] = {"mean": mean, "std": sd, "n": len(fp)}
         out[name] = entry
+    found = [r["lesions"] for r in rows if "lesions" in r]
+    if found:
+        out["lesions"] = {k: sum(f[k] for f in found) for k in ("tp", "fp", "fn")}
     return out
 
 
@@ -166,7 +246,9 @@ def evaluate(
     for case in cases:
         rows.append(evaluate_case(seg, case, label_lut, protocol))
         if progress:
-            dice = ", ".join(f"{n} {m['dice']:.3f}" for n, m in rows[-1]["labels"].items())
+            dice = ", ".join(
+                f"{n} {_num(m['dice'], 3) or 'n/a'}" for n, m in rows[-1]["labels"].items()
+            )
             progress(f"{case.case_id}: Dice {dice} ({rows[-1]['seconds']:.1f} s)")
     if not rows:
         raise ValueError("no cases to evaluate")
@@ -190,7 +272,7 @@ def write_report(report: Mapping[str, Any], out_dir: Path) -> None:
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     with (out_dir / "metrics.csv").open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["case", "label", *METRICS, "voxels_pred", "voxels_ref", "seconds"])
+        w.writerow(["case", "label", *METRICS, "voxels_pred", "voxels_ref", "fp_ml", "seconds"])
         for row in report["cases"]:
             for name, m in row["labels"].items():
                 w.writerow(
@@ -200,29 +282,48 @@ def write_report(report: Mapping[str, Any], out_dir: Path) -> None:
                         *(_num(m[k]) for k in METRICS),
                         m["voxels_pred"],
                         m["voxels_ref"],
+                        _num(m.get("fp_ml")),
                         row["seconds"],
                     ]
                 )
     (out_dir / "metrics.md").write_text(markdown_table(report), encoding="utf-8")
 
 
-def _num(v: Any) -> str:
-    return "" if v is None else f"{v:.4f}"
+def _num(v: Any, digits: int = 4) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def _mean_sd(e: Mapping[str, Any]) -> str:
+    if e["mean"] is None:
+        return "n/a"
+    return f"{e['mean']:.3f}" + ("" if e["std"] is None else f" ± {e['std']:.3f}")
 
 
 def markdown_table(report: Mapping[str, Any]) -> str:
-    """Mean ± standard deviation per label and metric, with global Dice."""
+    """Mean ± sample sd per label and metric, global Dice, missed labels, false-positive volume
+    on cases without the label, and lesion detection counts."""
     head = (
         f"Model `{report['model']}`, {len(report['cases'])} cases, "
-        f"{report['protocol_description']}.\n\n"
-        "| label | Dice | IoU | VOE | RVD | HD95 (mm) | ASSD (mm) | global Dice |\n"
-        "|---|---|---|---|---|---|---|---|\n"
+        f"{report['protocol_description']}. Metrics over the cases whose reference holds the "
+        "label; a missed label scores the image diagonal as HD95/ASSD; FP mL: predicted volume "
+        "on cases without the label.\n\n"
+        "| label | Dice | IoU | VOE | RVD | HD95 (mm) | ASSD (mm) | global Dice | missed "
+        "| FP mL (cases) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
-    for name, s in report["summary"].items():
-        cells = []
-        for m in METRICS:
-            e = s[m]
-            cells.append("n/a" if e["mean"] is None else f"{e['mean']:.3f} ± {e['std']:.3f}")
-        lines.append(f"| {name} | {' | '.join(cells)} | {s['global_dice']:.3f} |")
+    summary = report["summary"]
+    for name, s in summary.items():
+        if name == "lesions":
+            continue
+        cells = [_mean_sd(s[m]) for m in METRICS]
+        g = "n/a" if s["global_dice"] is None else f"{s['global_dice']:.3f}"
+        fp = f"{_mean_sd(s['fp_ml'])} ({s['fp_ml']['n']})"
+        lines.append(f"| {name} | {' | '.join(cells)} | {g} | {s['missed']} | {fp} |")
+    if "lesions" in summary:
+        d = summary["lesions"]
+        lines.append(
+            f"\nTumour lesions (connected components, any overlap): {d['tp']} detected, "
+            f"{d['fn']} missed, {d['fp']} false positive."
+        )
     return head + "\n".join(lines) + "\n"

@@ -1,0 +1,105 @@
+"""Evaluation metrics: tumour-free cases, missed labels, lesion detection, composite organ Dice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hlfd_train.evaluate import (
+    image_diagonal_mm,
+    label_metrics,
+    lesion_detection,
+    markdown_table,
+    mean_sd,
+    score_labels,
+    summarise,
+)
+
+LABELS = [
+    {"value": 0, "name": "background"},
+    {"value": 1, "name": "Kidney"},
+    {"value": 2, "name": "Kidney tumor"},
+]
+SPACING = (3.0, 2.0, 2.0)  # z, y, x mm
+
+
+def _case(tumour: bool) -> np.ndarray:
+    ref = np.zeros((20, 60, 60), np.uint8)
+    ref[5:15, 10:30, 10:30] = 1
+    if tumour:
+        ref[8:12, 14:20, 14:20] = 2
+    return ref
+
+
+def test_tumour_dice_only_over_tumour_bearing_cases_fp_volume_on_the_others():
+    bearing, free = _case(True), _case(False)
+    pred_free = free.copy()
+    pred_free[6:8, 40:45, 40:45] = 2  # 50 voxels of 12 mm^3: 0.6 mL of false tumour
+    rows = [
+        score_labels(bearing, bearing, SPACING, LABELS),  # perfect
+        score_labels(pred_free, free, SPACING, LABELS),
+    ]
+    tumour = rows[1]["labels"]["Kidney tumor"]
+    assert tumour["dice"] is None and tumour["hd95"] is None
+    assert tumour["fp_ml"] == pytest.approx(0.6)
+    s = summarise(rows)["Kidney tumor"]
+    assert s["dice"] == {"mean": 1.0, "std": None, "n": 1}  # not dragged to 0.5 by the free case
+    assert s["fp_ml"]["mean"] == pytest.approx(0.6) and s["fp_ml"]["n"] == 1
+    assert rows[0]["labels"]["Kidney tumor"]["fp_ml"] is None  # tumour-bearing: scored instead
+
+
+def test_missed_label_gets_the_diagonal_and_empty_pairs_no_credit():
+    ref = _case(True)
+    pred = np.where(ref == 2, 1, ref)  # the tumour called kidney: missed
+    row = score_labels(pred, ref, SPACING, LABELS)
+    diag = image_diagonal_mm(ref.shape, SPACING)
+    assert diag == pytest.approx((60**2 + 120**2 + 120**2) ** 0.5)
+    t = row["labels"]["Kidney tumor"]
+    assert t["missed"] and t["dice"] == 0.0 and t["hd95"] == t["assd"] == pytest.approx(diag)
+    assert summarise([row])["Kidney tumor"]["hd95"]["mean"] == pytest.approx(diag)
+    empty = np.zeros_like(ref, bool)
+    assert label_metrics(empty, empty, SPACING)["hd95"] is None  # not 0 mm of credit
+
+
+def test_lesion_wise_detection_counts_components():
+    ref = np.zeros((10, 40, 40), bool)
+    ref[2:5, 2:8, 2:8] = True  # lesion A: found
+    ref[2:5, 20:26, 20:26] = True  # lesion B: missed
+    pred = np.zeros_like(ref)
+    pred[3:5, 3:6, 3:6] = True  # overlaps A
+    pred[7:9, 30:35, 30:35] = True  # a stray blob: false positive
+    assert lesion_detection(pred, ref) == {"tp": 1, "fn": 1, "fp": 1}
+    row = score_labels(np.where(pred, 2, 0), np.where(ref, 2, 0), SPACING, LABELS)
+    assert row["lesions"] == {"tp": 1, "fn": 1, "fp": 1}
+    assert summarise([row, row])["lesions"] == {"tp": 2, "fn": 2, "fp": 2}
+
+
+def test_composite_organ_dice_beside_organ_without_tumour():
+    ref = _case(True)
+    pred = ref.copy()
+    pred[ref == 2] = 1  # the right kidney outline, the tumour called kidney
+    row = score_labels(pred, ref, SPACING, LABELS)
+    assert row["labels"]["Kidney incl. tumour"]["dice"] == 1.0  # KiTS/LiTS "kidney"
+    assert row["labels"]["Kidney"]["dice"] < 0.99  # organ without its tumour
+    text = markdown_table(
+        {"model": "m", "cases": [row], "protocol_description": "full", "summary": summarise([row])}
+    )
+    assert "| Kidney incl. tumour | 1.000 |" in text and "0 detected, 1 missed" in text
+
+
+def test_a_few_percent_stray_volume_far_away_sets_hd95():
+    """Why kidney-tumour HD95 is ~100 mm for every model: a perfect tumour mask plus a small
+    false positive in the other kidney. HD95 takes the 95th percentile of the surface
+    distances of *both* surfaces, so a stray blob with over 5% of the surface points moves it
+    to the blob's distance."""
+    ref = np.zeros((40, 100, 100), bool)
+    ref[15:25, 20:40, 20:40] = True  # the tumour: 4,000 voxels
+    pred = ref.copy()
+    pred[18:21, 80:85, 80:87] = True  # 105 voxels (2.6% of the volume) ~ 120 mm away
+    m = label_metrics(pred, ref, (2.0, 2.0, 2.0))
+    assert m["dice"] > 0.98 and m["hd95"] > 100.0
+
+
+def test_mean_sd_is_the_sample_sd():
+    assert mean_sd([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
+    assert mean_sd([4.0]) == (4.0, None) and mean_sd([]) == (None, None)

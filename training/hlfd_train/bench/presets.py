@@ -1,0 +1,255 @@
+"""What the distillation benchmark runs: methods, ablations, phantom difficulty and presets.
+
+Sizes are set from measured step times of the earlier full preset on this project's 2-core
+machine (two 1-thread training processes): a student step of 96² crops, batch 12, takes about
+0.42 s without distillation and 0.7-0.8 s with a teacher forward and a method; a teacher step
+(batch 16) about 2.1 s; evaluating a run on one held-out phantom about 1 s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from HLFDSegmentLib.phantom import PhantomConfig
+
+# the comparisons as the paper ran them (docs/reproduce.md lists every difference)
+METHODS = ("none", "kd", "at", "fitnet", "deep", "cwd", "ifd", "hifd", "hlfd")
+# ablations: a registered method with options; outside the family of the Holm correction
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "hlfd-feature-only": ("hlfd", {"pixel_level": False}),
+    "hlfd-pixel-only": ("hlfd", {"feature_level": False}),
+    "hlfd-unified-only": ("hlfd", {"individual": False}),
+    "hlfd-individual-only": ("hlfd", {"unified": False}),
+    "hlfd-p2": ("hlfd", {"p": 2.0}),
+    "hlfd-T1": ("hlfd", {"temperature": 1.0}),
+    "at-p2-e1e5": ("at", {"p": 2.0, "stages": ["e1", "e2", "e3", "e4", "e5"]}),
+    "fitnet-joint": ("fitnet", {"schedule": "joint"}),
+    "deep-mse": ("deep_mse", {}),
+    "flfd-individual": ("flfd_individual", {}),
+    "flfd-unified": ("flfd_unified", {}),
+}
+PRIMARY = ("hlfd", "none")  # the pre-declared primary comparison, on tumour Dice
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """The same small grid for every method, on the validation split, one seed.
+
+    Every weight of a method (``weight``, ``kl_weight``, ``at_weight``, ``flfd_weight``,
+    ``plfd_weight``; not HLFD's branch split) is multiplied by each scale; methods with a
+    ``temperature`` also try each temperature. The best mean validation tumour Dice wins.
+    """
+
+    scales: tuple[float, ...] = (0.5, 1.0, 2.0)
+    temperatures: tuple[float, ...] = ()  # empty: each method's default temperature only
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """How much the benchmark runs."""
+
+    tasks: tuple[str, ...]
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    splits: tuple[int, int, int]  # train, val, test cases
+    shape: tuple[int, int, int]
+    teacher_steps: int
+    student_steps: int
+    ablations: tuple[str, ...] = ()
+    tuning: Tuning | None = None
+    timing_slices: int = 200  # CPU seconds are measured on a (timing_slices, 512, 512) CT
+    overrides: tuple[str, ...] = ()  # config overrides, e.g. other networks
+    teacher_overrides: tuple[str, ...] = ()  # applied after ``overrides`` to the teacher only
+    workers: int = 0  # training processes side by side; 0: one per two cores, at least two
+    minutes: float = 0.0  # the planned wall time on the machine it is sized for (report only)
+
+
+# 3 mm in-plane grid and 96² crops: what 2 CPU cores can train in the benchmark's time
+CPU_BENCH = ("data.crop=[96, 96]", "data.preprocessing.spacing=[3.0, 3.0, null]")
+TOY_NETS = (
+    "model.teacher.architecture=tiny_unet2d",
+    "model.teacher.kwargs.base=8",
+    "model.student.architecture=tiny_unet2d",
+    "model.student.kwargs.base=4",
+    "data.crop=[64, 64]",
+    "train.batch_size=2",
+)
+
+PRESETS = {
+    "smoke": Preset(  # seconds: proves the whole flow in the tests
+        tasks=("kidney",),
+        methods=("none", "hlfd"),
+        seeds=(0, 1),
+        splits=(2, 1, 2),
+        shape=(16, 96, 96),
+        teacher_steps=4,
+        student_steps=4,
+        ablations=("hlfd-pixel-only",),
+        tuning=Tuning(scales=(1.0, 2.0)),
+        timing_slices=8,
+        overrides=TOY_NETS,
+    ),
+    "quick": Preset(  # ~10 min: checks the flow on one task; not evidence
+        tasks=("kidney",),
+        methods=("none", "kd", "hlfd"),
+        seeds=(0,),
+        splits=(6, 1, 2),
+        shape=(40, 160, 160),
+        teacher_steps=150,
+        student_steps=100,
+        timing_slices=48,
+        overrides=CPU_BENCH,
+        teacher_overrides=("train.batch_size=16",),
+        minutes=10,
+    ),
+    # <= 100 min on 2 cores (measured step times above): teacher 500 x 2.1 s ~ 12 min alone
+    # (2 threads); tuning 4 methods x 3 scales and 5 seeds x 5 methods, 37 runs of 300 steps:
+    # 5 x (126 s + 4 x 225 s) + 12 x 225 s ~ 7,800 process-s / 2 processes ~ 65 min;
+    # evaluation ~ 37 x (12 + 4) s / 2 ~ 5 min; efficiency and plots ~ 3 min: ~ 85 min
+    "cpu": Preset(
+        tasks=("kidney",),
+        methods=("none", "hlfd", "at", "kd", "fitnet"),
+        seeds=(0, 1, 2, 3, 4),
+        splits=(10, 4, 12),
+        shape=(40, 160, 160),
+        teacher_steps=500,
+        student_steps=300,
+        tuning=Tuning(scales=(0.5, 1.0, 2.0)),
+        overrides=CPU_BENCH,
+        teacher_overrides=("train.batch_size=16",),
+        minutes=85,
+    ),
+    # one GPU shared by several runs: every method as published, ablations, both tasks,
+    # 5 seeds, the weight x temperature grid; 40 test cases per task
+    "gpu": Preset(
+        tasks=("kidney", "liver"),
+        methods=METHODS,
+        seeds=(0, 1, 2, 3, 4),
+        splits=(40, 10, 40),
+        shape=(48, 192, 192),
+        teacher_steps=4000,
+        student_steps=2000,
+        ablations=tuple(ABLATIONS),
+        tuning=Tuning(scales=(0.5, 1.0, 2.0), temperatures=(1.0, 4.0)),
+        overrides=("device=cuda", "data.crop=[128, 128]"),
+        teacher_overrides=("train.batch_size=32",),
+        workers=6,
+    ),
+    "full": Preset(  # the earlier CPU preset: ~90 min on 2 cores, 3 seeds, no tuning
+        tasks=("kidney", "liver"),
+        methods=METHODS,
+        seeds=(0, 1, 2),
+        splits=(8, 2, 6),
+        shape=(40, 160, 160),
+        teacher_steps=300,
+        student_steps=150,
+        ablations=tuple(ABLATIONS),
+        overrides=CPU_BENCH,
+        teacher_overrides=("train.batch_size=16",),
+    ),
+}
+
+
+def toy(preset: Preset) -> Preset:
+    """The same tasks, methods, ablations and grid axes at toy size on the CPU (tests)."""
+    tuning = preset.tuning and dataclasses.replace(
+        preset.tuning,
+        scales=preset.tuning.scales[:1],
+        temperatures=preset.tuning.temperatures[:1],
+    )
+    return dataclasses.replace(
+        preset,
+        seeds=preset.seeds[:2],
+        splits=(2, 1, 2),
+        shape=(16, 96, 96),
+        teacher_steps=2,
+        student_steps=2,
+        tuning=tuning,
+        timing_slices=8,
+        overrides=(*TOY_NETS, "device=cpu"),
+        teacher_overrides=(),
+        workers=1,
+        minutes=0.0,
+    )
+
+
+# Phantom difficulty, calibrated so that the teacher learns the tumours within the budget
+# (validation tumour Dice 0.84 for kidney and 0.92 for liver after 200 teacher steps of 16
+# crops; smaller, fainter liver tumours left the teacher at 0.73 on held-out cases) while a
+# student trained for a fraction of that does not: large, clearly hypodense tumours, with
+# look-alike cysts and noise; no hyperdense or necrotic tumours. Every case bears tumours,
+# inside the field of view (HLFDSegmentLib.phantom keeps tumour sites inside it).
+_COMMON = dict(
+    spacing=(2.5, 2.5, 3.0),
+    hyper_fraction=0.0,
+    necrosis=0.0,
+    texture_hu=6.0,
+    noise_hu=12.0,
+    cysts=(0, 2),
+)
+DIFFICULTY = {
+    "kidney": PhantomConfig(
+        task="kidney",
+        tumours=(1, 2),
+        tumour_radius_mm=(18.0, 32.0),
+        tumour_contrast_hu=(-130.0, -90.0),
+        **_COMMON,
+    ),
+    "liver": PhantomConfig(
+        task="liver",
+        tumours=(1, 2),
+        tumour_radius_mm=(16.0, 30.0),
+        tumour_contrast_hu=(-120.0, -80.0),
+        **_COMMON,
+    ),
+}
+
+
+def difficulty(task: str, preset: Preset) -> dict[str, Any]:
+    """The phantom settings of a task, as JSON-ready values."""
+    cfg = dataclasses.asdict(dataclasses.replace(DIFFICULTY[task], shape=preset.shape))
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def method_of(name: str) -> tuple[str, dict[str, Any]]:
+    """(registered method, options) of a benchmark row: a method or an ablation."""
+    return ABLATIONS.get(name, (name, {}))
+
+
+BRANCH_SPLIT = ("unified_weight", "individual_weight")
+
+
+def grid(name: str, tuning: Tuning) -> list[dict[str, Any]]:
+    """Option sets of the tuning grid of one method (weights scaled, temperatures tried)."""
+    from ..distill import method_defaults
+
+    method, base = method_of(name)
+    defaults = {**method_defaults(method), **base}
+    weights = [k for k in defaults if k.endswith("weight") and k not in BRANCH_SPLIT]
+    temps = tuning.temperatures if "temperature" in defaults and tuning.temperatures else (None,)
+    out = []
+    for scale in tuning.scales:
+        for t in temps:
+            opts = {**base, **{k: defaults[k] * scale for k in weights}}
+            if t is not None:
+                opts["temperature"] = t
+            out.append(opts)
+    return out
+
+
+def grid_label(name: str, options: dict[str, Any]) -> str:
+    """Short run-name part of a grid point: the values that differ from the row's defaults,
+    e.g. ``w0.05-T1``, or ``default``."""
+    from ..distill import method_defaults
+
+    method, base = method_of(name)
+    defaults = {**method_defaults(method), **base}
+    parts = []
+    for k, v in sorted(options.items()):
+        if defaults.get(k) == v:
+            continue
+        tag = "T" if k == "temperature" else k.replace("_weight", "").replace("weight", "w")
+        parts.append(f"{tag}{v:g}")
+    return "-".join(parts) or "default"
