@@ -38,7 +38,7 @@ UNSUPPORTED_MESSAGE = (
 )
 
 if SUPPORTED:
-    from HLFDSegmentLib import deps, samples, slicerjob
+    from HLFDSegmentLib import deps, samples, slicerjob, workerpool
     from HLFDSegmentLib.mrml import SegmentationRun
 
 
@@ -201,6 +201,8 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._stopRun()
+        if SUPPORTED:
+            HLFDSegmentLogic.stopWorkers()
         self.removeObservers()
 
     def _stopRun(self) -> None:
@@ -515,9 +517,15 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
             tta,
             segmentation=segmentationNode,
             python=self.pythonExecutable(),
+            launcher=workerpool.shared_pool().launch,  # model stays loaded between runs
         )
         run.start()
         return run
+
+    @staticmethod
+    def stopWorkers() -> None:
+        """Stop the persistent workers (module exit); the next segmentation starts one again."""
+        workerpool.stop_shared_pool()
 
     def finish(self, run: "SegmentationRun", show3D: bool = True) -> Any:
         """Put a finished run's result into the scene; returns the segmentation node."""
