@@ -171,7 +171,7 @@ def test_usage_of_the_serve_mode():
 
 def test_one_worker_per_model_and_device_and_stop_leaves_no_process(tmp_path, tiny_package):
     other = build_package(tmp_path / "other", seed=1)
-    pool = WorkerPool()
+    pool = WorkerPool(max_workers=3)
     try:
         a, _ = segment(pool, tiny_package, "cpu")
         b, _ = segment(pool, other, "cpu")
@@ -185,6 +185,25 @@ def test_one_worker_per_model_and_device_and_stop_leaves_no_process(tmp_path, ti
         pool.stop()
     assert wait_dead(a.pid, b.pid, c.pid)
     assert pool.workers == {} and not log_dir.exists()
+
+
+def test_the_least_recently_used_idle_worker_makes_room(tmp_path, tiny_package):
+    other = build_package(tmp_path / "other", seed=1)
+    with pytest.raises(ValueError, match="max_workers"):
+        WorkerPool(max_workers=0)
+    pool = WorkerPool(max_workers=2)
+    try:
+        a, _ = segment(pool, tiny_package, "cpu")
+        b, _ = segment(pool, other, "cpu")
+        segment(pool, tiny_package, "cpu")  # a is now the most recently used
+        c, _ = segment(pool, tiny_package, "auto")  # a third: b makes room
+        assert wait_dead(b.pid) and _alive(a.pid) and _alive(c.pid)
+        assert [key[1:3] for key in pool.workers] == [
+            (str(tiny_package), "cpu"),
+            (str(tiny_package), "auto"),
+        ]
+    finally:
+        pool.stop()
 
 
 def test_model_stays_loaded_until_its_files_change(tmp_path, tiny_package):

@@ -146,6 +146,11 @@ class PersistentWorker:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    @property
+    def busy(self) -> bool:
+        """A request was sent and its end has not come back yet."""
+        return bool(self._pending)
+
     def log_size(self) -> int:
         try:
             return self.log_path.stat().st_size
@@ -210,26 +215,39 @@ class PersistentWorker:
 
 
 class WorkerPool:
-    """Persistent workers by (python, model, device, threads, offline), started on first use."""
+    """Persistent workers by (python, model, device, threads, offline), started on first use.
 
-    def __init__(self, log_dir: str | os.PathLike[str] | None = None):
+    At most ``max_workers`` are kept (each holds its runtime and model in memory, some hundred
+    MB): starting another stops the least recently used idle one first. A busy worker is never
+    stopped for that; the pool then holds one more until it is idle."""
+
+    def __init__(self, log_dir: str | os.PathLike[str] | None = None, max_workers: int = 2):
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, not {max_workers}")
+        self.max_workers = max_workers
         self.log_dir = Path(tempfile.mkdtemp(prefix="hlfd-workers-", dir=log_dir))
         self._workers: dict[WorkerKey, PersistentWorker] = {}
         self._lock = threading.Lock()
 
     @property
     def workers(self) -> dict[WorkerKey, PersistentWorker]:
-        """The workers started so far (alive or not)."""
+        """The pool's workers, least recently used first (a dead one stays until replaced)."""
         return dict(self._workers)
 
     def worker_for(self, key: WorkerKey, env: Mapping[str, str]) -> PersistentWorker:
         """The live worker for ``key``: the running one, or a new one if none runs."""
         with self._lock:
-            current = self._workers.get(key)
+            current = self._workers.pop(key, None)  # re-inserted last: most recently used
             if current is not None and current.alive:
+                self._workers[key] = current
                 return current
             if current is not None:  # died: killed by a cancel, crashed, out of memory
                 current.stop()
+            for other in [k for k, w in self._workers.items() if not w.alive]:
+                self._workers.pop(other).stop()
+            idle = [k for k, w in self._workers.items() if not w.busy]  # least recent first
+            while idle and len(self._workers) >= self.max_workers:
+                self._workers.pop(idle.pop(0)).stop()
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self._workers[key] = PersistentWorker(key, env, self.log_dir)
             return self._workers[key]
