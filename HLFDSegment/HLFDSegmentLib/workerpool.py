@@ -108,14 +108,12 @@ class RequestProcess:
         return self.status if self.status is not None else self.owner.process.wait(timeout)
 
     # called by the owner's reader thread
-    def _deliver(self, line: str, event: Mapping[str, Any] | None) -> None:
-        if event is not None and event.get("event") == "end":
+    def _deliver(self, line: str, event: Mapping[str, Any]) -> None:
+        self._lines.put(line)
+        if event.get("event") == "end":  # the status is set before the job can see the end
             status = event.get("status")
             self.status = status if isinstance(status, int) else worker.EXIT_INTERNAL
-            self._lines.put(line)
             self._lines.put(None)
-        else:
-            self._lines.put(line)
 
     def _close(self) -> None:
         self._lines.put(None)
