@@ -39,7 +39,7 @@ UNSUPPORTED_MESSAGE = (
 )
 
 if SUPPORTED:
-    from HLFDSegmentLib import background, deps, modelmenu, mrml, samples, slicerjob
+    from HLFDSegmentLib import background, deps, modelmenu, mrml, samples, slicerjob, workerpool
     from HLFDSegmentLib.mrml import SegmentationRun
 
 
@@ -208,6 +208,8 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 helper.cancel()
         self._probe = self._install = None
         self._timer.stop()
+        if SUPPORTED:
+            HLFDSegmentLogic.stopWorkers()
         self.removeObservers()
 
     def _stopRun(self) -> None:
@@ -726,6 +728,7 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
             segmentation=segmentationNode,
             python=self.pythonExecutable(),
             log_dir=self.logDirectory(),
+            launcher=workerpool.shared_pool().launch,  # model stays loaded between runs
         )
         run.start()
         return run
@@ -734,6 +737,11 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
     def volumesTable(segmentationNode: Any) -> Any:
         """The segment volumes table of a segmentation this module filled (None if none)."""
         return mrml.volumes_table_of(segmentationNode)
+
+    @staticmethod
+    def stopWorkers() -> None:
+        """Stop the persistent workers (module exit); the next segmentation starts one again."""
+        workerpool.stop_shared_pool()
 
     def finish(self, run: "SegmentationRun", show3D: bool = True) -> Any:
         """Put a finished run's result into the scene; returns the segmentation node."""

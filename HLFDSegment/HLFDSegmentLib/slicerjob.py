@@ -100,9 +100,12 @@ def worker_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def popen_launcher(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> Process:
+def popen_launcher(
+    argv: Sequence[str], env: Mapping[str, str], log_path: Path, *, stdin: int = subprocess.DEVNULL
+) -> Process:
     """Start ``argv`` in a new session (POSIX) / process group (Windows), so the whole tree
-    can be killed at once; stdout is a line-buffered text pipe, stderr goes to ``log_path``."""
+    can be killed at once; stdout is a line-buffered text pipe, stderr goes to ``log_path``
+    (``stdin=subprocess.PIPE``: a text pipe too, for the persistent worker's requests)."""
     kwargs: dict[str, Any] = {}
     if os.name == "nt":  # pragma: no cover - Windows only
         kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(
@@ -114,7 +117,7 @@ def popen_launcher(argv: Sequence[str], env: Mapping[str, str], log_path: Path) 
         return subprocess.Popen(
             list(argv),
             env=dict(env),
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
