@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from HLFDSegmentLib import segfile
+from HLFDSegmentLib.errors import InputError
 from HLFDSegmentLib.modelpackage import standard_labels
 from HLFDSegmentLib.segfile import read_seg_nrrd, terminology_tag, write_seg_nrrd
 
@@ -281,10 +282,10 @@ def test_rename_failure_and_bad_folders_leave_nothing(tmp_path):
     with pytest.raises(IsADirectoryError):
         write_seg_nrrd(image, segments, tmp_path / "case.seg.nrrd")
     _folder_holds(tmp_path, "case.seg.nrrd")
-    with pytest.raises(FileNotFoundError, match="is not an existing folder"):
+    with pytest.raises(InputError, match="does not exist"):
         write_seg_nrrd(image, segments, tmp_path / "missing" / "case.seg.nrrd")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(FileNotFoundError, match="is not an existing folder"):
+    with pytest.raises(InputError, match="does not exist"):
         write_seg_nrrd(image, segments, tmp_path / "file" / "case.seg.nrrd")
 
 
@@ -294,7 +295,7 @@ def test_unwritable_folder(tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir(mode=0o500)
     try:
-        with pytest.raises(PermissionError, match="cannot write in"):
+        with pytest.raises(InputError, match="cannot write in"):
             write_seg_nrrd(make_image(arr), segments, folder / "case.seg.nrrd")
         _folder_holds(folder)
     finally:

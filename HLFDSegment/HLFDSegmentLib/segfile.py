@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import secrets
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+
+from .atomic import atomic_path
 
 # Slicer's terminology contexts (Modules/Loadable/Terminologies/Resources, Slicer 5.6 to 5.10).
 # The category/type context is the DICOM master list: it holds every code of the 3D Slicer
@@ -162,21 +163,6 @@ def _header(labels: sitk.Image, segments: Sequence[Mapping[str, Any]], compress:
     return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 
-def _open_temp(path: Path) -> tuple[Path, int]:
-    """Create a new file beside ``path`` (mode 0666 less the umask, unlike ``mkstemp``)."""
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path}: output folder {path.parent} is not an existing folder")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            return tmp, os.open(tmp, flags, 0o666)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise type(exc)(f"{path}: cannot write in {path.parent} ({exc.strerror})") from None
-
-
 def _write_data(fh, array: np.ndarray, allowed: np.ndarray, compress: bool, path: Path) -> None:
     """Write (and gzip) the voxels slab by slab, checking every label value on the way."""
     packer = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS) if compress else None
@@ -219,17 +205,11 @@ def write_seg_nrrd(
     allowed[[0, *(int(s["value"]) for s in segments)]] = True
 
     array = sitk.GetArrayViewFromImage(labels)  # (z, y, x): C order is the NRRD (i, j, k) order
-    tmp, fd = _open_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(header)
-            _write_data(fh, array, allowed, compress, path)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        fh.write(header)
+        _write_data(fh, array, allowed, compress, path)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _vector(text: str) -> list[float]:

@@ -101,8 +101,9 @@ OOM_PHRASES = (
 
 def run(args: argparse.Namespace, emit: Emitter) -> dict[str, Any]:
     """Read, segment and write; return the ``done`` event's fields."""
+    from .atomic import atomic_path
     from .errors import InputError
-    from .io import LABELMAP_SUFFIXES, atomic_path, check_image, full_suffix, read_image
+    from .io import LABELMAP_SUFFIXES, check_image, full_suffix, read_image
 
     suffix = full_suffix(args.output, LABELMAP_SUFFIXES[1:])
     if not suffix:

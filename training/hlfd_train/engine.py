@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from HLFDSegmentLib.atomic import atomic_path, atomic_write
 from HLFDSegmentLib.errors import ModelError
 from HLFDSegmentLib.modelpackage import load_package
 from HLFDSegmentLib.nets import build_network
@@ -374,12 +375,12 @@ def validate(
 
 # -- checkpoints -------------------------------------------------------------------------------
 def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Bytes as they are, anything else through ``torch.save``, atomically."""
     if isinstance(obj, bytes):
-        tmp.write_bytes(obj)
-    else:
+        atomic_write(path, obj)
+        return
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def load_state(path: Path) -> dict[str, Any]:
