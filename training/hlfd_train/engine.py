@@ -48,6 +48,7 @@ from .distill import (
     run_with_taps,
     segmentation_loss,
 )
+from .evaluate import dice
 from .logs import RunLog, plot_curves
 
 STATE = "state.pt"
@@ -336,16 +337,6 @@ def make_optimizer(params, tcfg: Mapping[str, Any]) -> torch.optim.Optimizer:
 
 
 # -- validation --------------------------------------------------------------------------------
-def dice_scores(pred: np.ndarray, truth: np.ndarray, labels: int) -> list[float]:
-    """Dice of labels 1..labels (1.0 when both are empty)."""
-    out = []
-    for v in range(1, labels + 1):
-        p, t = pred == v, truth == v
-        denom = int(p.sum()) + int(t.sum())
-        out.append(1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom)
-    return out
-
-
 def validate(
     cfg: Mapping[str, Any],
     role: str,
@@ -366,7 +357,8 @@ def validate(
     for case in cases:
         image, label = prepared.arrays(case)
         pred = seg.infer(np.asarray(image, dtype=np.float32))
-        scores.append(dice_scores(pred, np.asarray(label), len(names)))
+        label = np.asarray(label)
+        scores.append([dice(pred == v, label == v) for v in range(1, len(names) + 1)])
     mean = np.mean(scores, axis=0)
     out = {f"val.{n}": float(m) for n, m in zip(names, mean)}
     out["val.mean"] = float(mean.mean())

@@ -47,6 +47,16 @@ def _box(mask: np.ndarray, margin: int = 2) -> tuple[slice, ...]:
     return tuple(slice(max(0, int(i.min()) - margin), int(i.max()) + margin + 1) for i in idx)
 
 
+def dice_of_counts(inter: int, pred: int, ref: int) -> float:
+    """Dice from voxel counts |P & R|, |P|, |R|; 1.0 when both masks are empty."""
+    return 1.0 if pred + ref == 0 else 2.0 * inter / (pred + ref)
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two binary masks; 1.0 when both are empty."""
+    return dice_of_counts(int(np.logical_and(pred, ref).sum()), int(pred.sum()), int(ref.sum()))
+
+
 def label_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float]) -> dict:
     """Metrics of one binary mask pair (arrays z, y, x). Both empty: Dice 1, distances 0;
     one empty: Dice 0 and distances ``None`` (undefined); RVD ``None`` when ``ref`` is empty."""
@@ -55,10 +65,9 @@ def label_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float
     p, r = int(pred.sum()), int(ref.sum())
     inter = int(np.logical_and(pred, ref).sum())
     union = p + r - inter
-    dice = 1.0 if p + r == 0 else 2.0 * inter / (p + r)
     iou = 1.0 if union == 0 else inter / union
     out: dict[str, Any] = {
-        "dice": dice,
+        "dice": dice_of_counts(inter, p, r),
         "iou": iou,
         "voe": 1.0 - iou,
         "rvd": None if r == 0 else (p - r) / r,
