@@ -9,7 +9,6 @@ input grid -> volumes. Float data only ever exists on the (coarser) model grid.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .devices import autocast_dtype, select_device
 from .errors import InputError
 from .io import check_image, label_counts
 from .modelpackage import ModelPackage
@@ -174,40 +174,6 @@ def body_box(arr: np.ndarray, background: float, margin: int = 8) -> tuple[slice
     return tuple(box)
 
 
-def select_device(name: str = "auto") -> tuple[torch.device, str | None]:
-    """Resolve ``auto|cpu|cuda|mps`` (or ``cuda:N``); fall back to CPU with a note if absent."""
-    cuda = torch.cuda.is_available()
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu"), None
-    if name.startswith("cuda") and not cuda:
-        return torch.device("cpu"), f"device {name!r} asked but no CUDA GPU is available; using CPU"
-    if name == "mps" and not mps:
-        return torch.device("cpu"), "device 'mps' asked but Apple MPS is not available; using CPU"
-    if name.split(":")[0] not in {"cpu", "cuda", "mps"}:
-        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    return torch.device(name), None
-
-
-CPU_BF16_ENV = "HLFD_CPU_BF16"
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where oneDNN has native bf16 kernels (AVX-512 BF16 / AMX); elsewhere bf16 is slower.
-
-    ``HLFD_CPU_BF16=0`` or ``=1`` forces the answer, so tests and benchmarks choose the CPU
-    precision path instead of inheriting it from the machine's CPU flags."""
-    forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
-    if forced in {"0", "off", "false", "no"}:
-        return False
-    if forced in {"1", "on", "true", "yes"}:
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 @dataclass
 class Result:
     """Labels on the input grid plus what a report needs."""
@@ -258,13 +224,9 @@ class Segmenter:
         self.channels_last = channels_last
         self.net = net.to(self.device).eval()
         self.size_divisible = int(getattr(net, "size_divisible", 1))
-        allow_bf16 = self.card["inference"].get("bf16_cpu", True)
-        if self.device.type == "cuda":
-            self.amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        elif self.device.type == "cpu" and allow_bf16 and cpu_has_fast_bf16():
-            self.amp = torch.bfloat16
-        else:
-            self.amp = None
+        self.amp = autocast_dtype(
+            self.device, cpu_bf16=self.card["inference"].get("bf16_cpu", True)
+        )
         self.precision = "float32" if self.amp is None else str(self.amp).removeprefix("torch.")
 
     # -- stages ---------------------------------------------------------------------------------

@@ -33,10 +33,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from HLFDSegmentLib.atomic import atomic_path, atomic_write
+from HLFDSegmentLib.devices import autocast_dtype
 from HLFDSegmentLib.errors import ModelError
 from HLFDSegmentLib.modelpackage import load_package
 from HLFDSegmentLib.nets import build_network
-from HLFDSegmentLib.pipeline import Segmenter, cpu_has_fast_bf16
+from HLFDSegmentLib.pipeline import Segmenter
 
 from .cards import N_CLASSES, card_for, load_weights, package_from_state, state_bytes
 from .config import ConfigError, load_config, save_config
@@ -80,19 +81,6 @@ def pick_device(name: str, rank: int) -> torch.device:
             raise ConfigError(f"config key 'device' = {name!r}: no CUDA device here")
         torch.cuda.set_device(device)
     return device
-
-
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: fp16/bf16 on CUDA, bf16 on CPUs with native bf16 (else fp32)."""
-    if mode == "off":
-        return None
-    if device.type == "cuda":
-        if mode == "fp16" or not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
-    if mode == "bf16" or (mode == "auto" and device.type == "cpu" and cpu_has_fast_bf16()):
-        return torch.bfloat16
-    return None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -465,7 +453,7 @@ def train(cfg: Mapping[str, Any], role: str = "student", progress: bool = True) 
     params = [p for p in step_module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, tcfg)
     total = int(tcfg["steps"])
-    dtype = amp_dtype(tcfg["amp"], device)
+    dtype = autocast_dtype(device, tcfg["amp"])
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
 
     start, best, elapsed = 0, {"val.mean": -1.0, "step": 0}, 0.0
