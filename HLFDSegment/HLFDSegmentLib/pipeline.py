@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,17 +22,9 @@ from .devices import autocast_dtype, select_device
 from .errors import InputError
 from .io import check_image, label_counts
 from .modelpackage import ModelPackage
-
-Progress = Callable[[str, float], None]
-"""Progress callback: (stage name, fraction of the whole run done in [0, 1])."""
+from .progress import SEGMENT_SPANS, StageProgress, within
 
 _AXIS_OF_LETTER = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
-_STAGES = {
-    "preprocess": (0.0, 0.1),
-    "infer": (0.1, 0.85),
-    "postprocess": (0.85, 0.92),
-    "resample": (0.92, 1.0),
-}
 
 
 @dataclass(frozen=True)
@@ -253,7 +245,7 @@ class Segmenter:
                 total = p if total is None else total + p
         return total / len(flips)
 
-    def infer(self, arr: np.ndarray, progress: Progress | None = None) -> np.ndarray:
+    def infer(self, arr: np.ndarray, progress: StageProgress | None = None) -> np.ndarray:
         """uint8 labels (z, y, x) on the model grid for a normalised (z, y, x) array.
 
         Only the box around the body (voxels above the window's low end, plus a margin) is
@@ -268,7 +260,7 @@ class Segmenter:
             out[box] = run(np.ascontiguousarray(arr[box]), progress)
         return out
 
-    def _infer_2d(self, arr: np.ndarray, progress: Progress | None) -> np.ndarray:
+    def _infer_2d(self, arr: np.ndarray, progress: StageProgress | None) -> np.ndarray:
         z, h, w = arr.shape
         m = self.size_divisible
         ph, pw = (-h) % m, (-w) % m
@@ -285,7 +277,7 @@ class Segmenter:
                 progress("infer", min(z, start + batch) / z)
         return out
 
-    def _infer_3d(self, arr: np.ndarray, progress: Progress | None) -> np.ndarray:
+    def _infer_3d(self, arr: np.ndarray, progress: StageProgress | None) -> np.ndarray:
         from monai.inferers import sliding_window_inference
 
         cfg = self.card["inference"]
@@ -348,15 +340,14 @@ class Segmenter:
 
     # -- whole run ------------------------------------------------------------------------------
     def __call__(
-        self, image: sitk.Image, where: str = "input image", progress: Progress | None = None
+        self, image: sitk.Image, where: str = "input image", progress: StageProgress | None = None
     ) -> Result:
         timings: dict[str, float] = {}
         warnings = [*self.notes, *check_image(image, where)]
 
         def report(stage: str, fraction: float) -> None:
             if progress:
-                lo, hi = _STAGES[stage]
-                progress(stage, lo + (hi - lo) * fraction)
+                within(progress, *SEGMENT_SPANS[stage])(stage, fraction)
 
         t = time.perf_counter()
         report("preprocess", 0.0)

@@ -31,15 +31,14 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from .progress import RUN_SPANS, within
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_MEMORY = 3
 EXIT_INTERNAL = 4
 
-# overall fraction of the run at the start of each stage; the pipeline's own stages fill the
-# span between "preprocess" and "write"
-_SPAN = {"read": 0.0, "model": 0.03, "segment": 0.08, "write": 0.97}
 OOM_HINT = "try the CPU device (Device: CPU) or a smaller model"
 
 
@@ -109,12 +108,12 @@ def run(args: argparse.Namespace, emit: Emitter) -> dict[str, Any]:
     if not suffix:
         raise InputError(f"{args.output}: unknown output type; use .nrrd, .nii.gz, .nii or .mha")
     t0 = time.perf_counter()
-    emit.progress("read", _SPAN["read"])
+    emit.progress("read", RUN_SPANS["read"][0])
     image = read_image(args.input)
     check_image(image, args.input)  # fail fast, before the model is loaded
     read_s = time.perf_counter() - t0
 
-    emit.progress("model", _SPAN["model"])
+    emit.progress("model", RUN_SPANS["model"][0])
     from .registry import resolve_model
 
     model_path = resolve_model(args.model, offline=args.offline)  # before torch is imported
@@ -135,17 +134,13 @@ def run(args: argparse.Namespace, emit: Emitter) -> dict[str, Any]:
         runtimes=package.card.get("runtimes", []),
     )
 
-    lo, hi = _SPAN["segment"], _SPAN["write"]
-
-    def progress(stage: str, fraction: float) -> None:
-        emit.progress(stage, lo + (hi - lo) * fraction)
-
+    progress = within(emit.progress, *RUN_SPANS["segment"])
     result = segmenter(image, where=str(args.input), progress=progress)
     del image
     for warning in result.warnings:
         emit("warning", message=warning)
 
-    emit.progress("write", hi)
+    emit.progress("write", RUN_SPANS["write"][0])
     t = time.perf_counter()
     import SimpleITK as sitk
 
