@@ -36,7 +36,7 @@ from HLFDSegmentLib.atomic import atomic_path, atomic_write
 from HLFDSegmentLib.devices import autocast_dtype
 from HLFDSegmentLib.errors import ModelError
 from HLFDSegmentLib.modelpackage import load_package
-from HLFDSegmentLib.nets import build_network
+from HLFDSegmentLib.nets import build_network, tap_paths
 from HLFDSegmentLib.pipeline import Segmenter
 
 from .cards import N_CLASSES, card_for, load_weights, package_from_state, state_bytes
@@ -197,7 +197,7 @@ def make_network(spec: Mapping[str, Any], dims: int, classes: int) -> nn.Module:
 
 def taps_of(net: nn.Module, spec: Mapping[str, Any]) -> dict[str, str]:
     """The network's declared taps, with the config's ``taps`` added or replacing them."""
-    return {**dict(getattr(net, "taps", {})), **dict(spec.get("taps") or {})}
+    return {**tap_paths(net), **dict(spec.get("taps") or {})}
 
 
 def check_taps(role: str, arch: str, taps: Mapping[str, str], needed: tuple[str, ...]) -> None:

@@ -20,7 +20,6 @@ from .registry import (
     UnknownArchitectureError,
     build_network,
     get_spec,
-    tap_modules,
     tap_paths,
 )
 
@@ -35,6 +34,5 @@ __all__ = [
     "count_parameters",
     "fold_batchnorm",
     "get_spec",
-    "tap_modules",
     "tap_paths",
 ]
