@@ -11,6 +11,7 @@ from .datasets import EvalSliceDataset, PreparedData, SliceDataset, VolumeDatase
 from .labels import (
     CYST_OPTIONS,
     LABELSETS,
+    LAYOUT_LABELS,
     DataError,
     label_map,
     lookup_table,
@@ -19,7 +20,6 @@ from .labels import (
     tumour_value,
 )
 from .layouts import (
-    LAYOUT_LABELS,
     LAYOUTS,
     Case,
     detect_layout,

@@ -37,8 +37,8 @@ from HLFDSegmentLib.io import write_json
 from HLFDSegmentLib.modelpackage import make_card
 from HLFDSegmentLib.pipeline import background_value, body_box, model_grid, normalise
 
-from .labels import DataError, label_map, lookup_table, role_of, target_labels
-from .layouts import LAYOUT_TASK, Case, discover, load_case
+from .labels import LAYOUT_TASK, DataError, label_map, lookup_table, role_of, target_labels
+from .layouts import Case, discover, load_case
 
 FORMAT_VERSION = 1
 POINTS_PER_LABEL = 1000
