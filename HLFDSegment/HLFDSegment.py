@@ -456,7 +456,7 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
     def modelChoices(extra: Optional[list[str]] = None) -> list[tuple[str, str]]:
         """(title, MODEL argument) pairs: registry, cache, then ``extra`` paths."""
         try:
-            from HLFDSegmentLib.registry import builtin_models, cached_models, load_registry
+            from HLFDSegmentLib.model_registry import builtin_models, cached_models, load_registry
         except ImportError:  # dependencies not installed yet: only explicit paths
             return slicerjob.model_choices([], [], extra or [])
         try:

@@ -9,8 +9,8 @@ import pytest
 import SimpleITK as sitk
 
 from HLFDSegmentLib import deps, samples
+from HLFDSegmentLib.model_registry import RegistryEntry
 from HLFDSegmentLib.modelpackage import standard_labels
-from HLFDSegmentLib.registry import RegistryEntry
 from HLFDSegmentLib.slicerjob import (
     describe_failure,
     device_argument,

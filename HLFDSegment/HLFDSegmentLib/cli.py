@@ -82,8 +82,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _list_models() -> None:
+    from .model_registry import builtin_models, cached_models, load_registry
     from .modelpackage import load_package
-    from .registry import builtin_models, cached_models, load_registry
 
     builtin = builtin_models()
     print(f"{len(builtin)} built-in model(s)")
@@ -134,9 +134,9 @@ def _run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from .model_registry import resolve_model, tqdm_progress
     from .modelpackage import load_package
     from .pipeline import Segmenter
-    from .registry import resolve_model, tqdm_progress
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, emit: Emitter) -> dict[str, Any]:
     read_s = time.perf_counter() - t0
 
     emit.progress("model", RUN_SPANS["model"][0])
-    from .registry import resolve_model
+    from .model_registry import resolve_model
 
     model_path = resolve_model(args.model, offline=args.offline)  # before torch is imported
     import torch

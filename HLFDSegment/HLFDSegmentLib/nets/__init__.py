@@ -11,10 +11,7 @@ each network's module for the scales).
 
 from __future__ import annotations
 
-from .blocks import TAP_NAMES, SegmentationNet
-from .fuse import fold_batchnorm
-from .profile import count_macs, count_parameters
-from .registry import (
+from .architectures import (
     ARCHITECTURES,
     ArchitectureSpec,
     UnknownArchitectureError,
@@ -22,6 +19,9 @@ from .registry import (
     get_spec,
     tap_paths,
 )
+from .blocks import TAP_NAMES, SegmentationNet
+from .fuse import fold_batchnorm
+from .profile import count_macs, count_parameters
 
 __all__ = [
     "ARCHITECTURES",

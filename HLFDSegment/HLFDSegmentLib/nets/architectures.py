@@ -1,4 +1,4 @@
-"""The architecture registry: names -> builders, argument checking, tap resolution."""
+"""The network architectures by name: builders, argument checking, declared taps."""
 
 from __future__ import annotations
 
