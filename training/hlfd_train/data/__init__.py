@@ -7,7 +7,7 @@ train = SliceDataset(data, "train", crop=(160, 160), augment={"flip": 0.5})
 """
 
 from .augment import make_augment
-from .datasets import EvalSliceDataset, PreparedData, SliceDataset, VolumeDataset
+from .datasets import PreparedData, SliceDataset, VolumeDataset
 from .labels import (
     CYST_OPTIONS,
     LABELSETS,
@@ -44,7 +44,6 @@ __all__ = [
     "LAYOUT_LABELS",
     "Case",
     "DataError",
-    "EvalSliceDataset",
     "PreparedData",
     "SliceDataset",
     "VolumeDataset",

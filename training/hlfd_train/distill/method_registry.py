@@ -169,10 +169,6 @@ class DistillMethod(nn.Module):
         """Whether :meth:`forward` uses the student and teacher logits."""
         return False
 
-    def num_adapter_parameters(self) -> int:
-        """Number of trainable adapter parameters (left out of the exported student)."""
-        return sum(p.numel() for p in self.parameters())
-
     def forward(
         self,
         student: Mapping[str, torch.Tensor],
