@@ -1,9 +1,13 @@
-"""Import structure: no import cycles between the project's modules (lazy imports included)."""
+"""Import structure: no import cycles between the project's modules (lazy imports included);
+the runtime needs nothing from the training extra; pyproject declares what the runtime needs."""
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,3 +77,50 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path, monkeypatch):
     (package / "b.py").write_text("B = 2\n\ndef f():\n    from .a import A\n    return A\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGES", (package,))
     assert import_cycles() == [["pkg.a", "pkg.b", "pkg.a"]]
+
+
+TRAIN_ONLY = ("matplotlib", "yaml", "scipy", "tensorboard", "onnx", "slicerio", "hlfd_train")
+
+
+def test_runtime_runs_without_the_training_dependencies(tmp_path):
+    """``hlfd-segment`` with a built-in model segments a CT in a process where every module of
+    the ``[train]`` extra is unimportable, and imports none of them."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        for name in {TRAIN_ONLY!r}:
+            sys.modules[name] = None  # importing it now raises ImportError
+        from HLFDSegmentLib.cli import main
+        from HLFDSegmentLib.io import write_image
+        from HLFDSegmentLib.phantom import PhantomConfig, make_phantom
+
+        config = PhantomConfig(shape=(12, 64, 64), spacing=(3.0, 3.0, 5.0))
+        image, _ = make_phantom(config).to_sitk()
+        write_image(image, {str(tmp_path / "ct.nii.gz")!r})
+        code = main([{str(tmp_path / "ct.nii.gz")!r}, "-o", {str(tmp_path / "ct.seg.nrrd")!r},
+                     "-m", "kidney", "--offline", "--quiet", "--device", "cpu"])
+        loaded = [m for m in sys.modules if m.split(".")[0] in {TRAIN_ONLY!r} and sys.modules[m]]
+        print(code, loaded)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["0", "[]"], done.stdout + done.stderr[-2000:]
+    assert (tmp_path / "ct.seg.nrrd").stat().st_size > 0
+
+
+def test_package_declares_torch_like_the_slicer_path():
+    """pyproject's runtime dependencies hold the Slicer install's torch range and packages."""
+    import tomllib
+
+    from HLFDSegmentLib import deps
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    runtime = project["dependencies"]
+    assert f"torch{deps.TORCH_REQUIREMENT}" in runtime
+    assert {req for _, req in deps.REQUIREMENTS} <= set(runtime)
+    assert not {r for r in runtime if r.split(">")[0].split("=")[0].lower() in TRAIN_ONLY}
+    assert "hlfd-segment[train]" in project["optional-dependencies"]["dev"]
