@@ -22,7 +22,7 @@ from HLFDSegmentLib.io import write_json
 from HLFDSegmentLib.modelpackage import standard_labels
 from HLFDSegmentLib.segfile import write_seg_nrrd
 
-from conftest import make_image
+from conftest import build_package, make_image
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 
@@ -92,25 +92,16 @@ def test_every_writer_uses_the_rule(tmp_path, monkeypatch):
     """JSON reports, .seg.nrrd files, training checkpoints and model packages: new ones get the
     umask's mode (here 027), replaced ones keep theirs."""
     from hlfd_train.engine import atomic_save
-    from HLFDSegmentLib.modelpackage import make_card, save_package
 
     monkeypatch.setattr(atomic, "UMASK", 0o027)
     labels = standard_labels("kidney")
     image = make_image(np.zeros((4, 8, 8), dtype=np.uint8))
-    card = make_card(
-        name="m",
-        version="1",
-        task="kidney",
-        architecture="tiny_unet2d",
-        spatial_dims=2,
-        network_kwargs={"base": 4},
-    )
     writers = {
         "r.json": lambda p: write_json({"a": 1}, p),
         "s.seg.nrrd": lambda p: write_seg_nrrd(image, labels, p),
         "w.safetensors": lambda p: atomic_save(b"weights", p),
         "state.pt": lambda p: atomic_save({"step": torch.tensor(1)}, p),
-        "pkg": lambda p: save_package(p, card, {"w": torch.zeros(1)}),
+        "pkg": build_package,  # save_package
     }
     for name, write in writers.items():
         path = tmp_path / name
