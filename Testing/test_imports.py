@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = (ROOT / "HLFDSegment" / "HLFDSegmentLib", ROOT / "training" / "hlfd_train")
 
@@ -82,6 +84,7 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path, monkeypatch):
 TRAIN_ONLY = ("matplotlib", "yaml", "scipy", "tensorboard", "onnx", "slicerio", "hlfd_train")
 
 
+@pytest.mark.slow
 def test_runtime_runs_without_the_training_dependencies(tmp_path):
     """``hlfd-segment`` with a built-in model segments a CT in a process where every module of
     the ``[train]`` extra is unimportable, and imports none of them."""
