@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from HLFDSegmentLib.devices import CPU_BF16_ENV
 from HLFDSegmentLib.modelpackage import make_card, save_package
 from HLFDSegmentLib.nets import build_network
-from HLFDSegmentLib.pipeline import CPU_BF16_ENV
 
 # Pin the float32 CPU path for the whole suite (and the subprocesses it starts): results must not
 # depend on whether this machine's CPU has native bf16. test_pipeline tests the bf16 path itself.

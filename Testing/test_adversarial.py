@@ -199,7 +199,7 @@ def test_a_folder_named_like_a_model_id_does_not_shadow_it(tmp_path, monkeypatch
     import shutil
 
     from HLFDSegmentLib.errors import ModelError
-    from HLFDSegmentLib.registry import BUILTIN_DIR, builtin_models, resolve_model
+    from HLFDSegmentLib.model_registry import BUILTIN_DIR, builtin_models, resolve_model
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(tiny_package, tmp_path / "liver")

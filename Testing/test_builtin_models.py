@@ -11,8 +11,8 @@ from hlfd_train.synth import SynthConfig, synth_case
 from HLFDSegmentLib import slicerjob
 from HLFDSegmentLib.cli import main
 from HLFDSegmentLib.io import write_image
+from HLFDSegmentLib.model_registry import BUILTIN_DIR, builtin_models, resolve_model
 from HLFDSegmentLib.modelpackage import load_package
-from HLFDSegmentLib.registry import BUILTIN_DIR, builtin_models, resolve_model
 
 TASKS = {"liver": ["Liver", "Liver tumor"], "kidney": ["Kidney", "Kidney tumor"]}
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from HLFDSegmentLib import modelmenu, registry
+from HLFDSegmentLib import model_registry as registry
+from HLFDSegmentLib import modelmenu
 from HLFDSegmentLib.slicerjob import worker_env
 
 MODULE = Path(__file__).resolve().parents[1] / "HLFDSegment"

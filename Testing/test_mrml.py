@@ -16,13 +16,30 @@ from HLFDSegmentLib import mrml  # noqa: E402
 from HLFDSegmentLib.errors import InputError  # noqa: E402
 from HLFDSegmentLib.modelpackage import load_package, standard_labels  # noqa: E402
 from HLFDSegmentLib.pipeline import Segmenter  # noqa: E402
-from HLFDSegmentLib.segfile import parse_terminology_tag, terminology_tag  # noqa: E402
+from HLFDSegmentLib.segfile import terminology_tag  # noqa: E402
 from HLFDSegmentLib.slicerjob import JobState  # noqa: E402
 
 from conftest import block_ct, make_image, oblique_direction  # noqa: E402
 
 SPACING = (0.7, 0.8, 2.5)  # anisotropic
 TAG = "TerminologyEntry"
+
+
+def export_labels(segmentation, reference) -> np.ndarray:
+    """The segments as a uint8 (z, y, x) labelmap on ``reference``'s grid, value = index + 1
+    (Slicer's own export, the oracle for what the runtime put into the node)."""
+    scene = reference.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "test export")
+    try:
+        ids = vtk.vtkStringArray()
+        for segment_id in mrml.segment_ids(segmentation):
+            ids.InsertNextValue(segment_id)
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation, ids, labelmap, reference
+        )
+        return mrml.volume_to_image_array(labelmap)
+    finally:
+        scene.RemoveNode(labelmap)
 
 
 @pytest.fixture
@@ -96,10 +113,10 @@ def test_labels_to_segmentation_names_colours_terminology_geometry(scene, ct, ru
         tag = vtk.reference("")
         assert segment.GetTag(TAG, tag) and str(tag) == terminology_tag(entry)
         assert segment.GetTerminology() == terminology_tag(entry)
-        assert (
-            parse_terminology_tag(segment.GetTerminology())["type"]
-            == (entry["terminology"]["type"])
-        )
+        parsed = slicer.vtkSlicerTerminologyEntry()  # read back by Slicer's own parser
+        logic = slicer.vtkSlicerTerminologiesModuleLogic
+        assert logic.DeserializeTerminologyEntry(segment.GetTerminology(), parsed)
+        assert parsed.GetTypeObject().GetCodeValue() == entry["terminology"]["type"]["code"]
     assert "SCT^108369006^Neoplasm" in segments[1].GetTerminology()
     assert "SCT^64033007^Kidney" in segments[1].GetTerminology()  # anatomic region
     # reference geometry: the CT's IJK-to-RAS and extent, serialised by Slicer
@@ -110,7 +127,7 @@ def test_labels_to_segmentation_names_colours_terminology_geometry(scene, ct, ru
     size = image.GetSize()
     assert [int(v) for v in values[16:]] == [0, size[0] - 1, 0, size[1] - 1, 0, size[2] - 1]
     # exported back onto the CT grid: voxel for voxel the runtime's labels
-    exported = mrml.export_labels(node, volume)
+    exported = export_labels(node, volume)
     assert np.array_equal(exported, sitk.GetArrayFromImage(runtime_labels))
     assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0  # temp nodes gone
 
@@ -123,7 +140,7 @@ def test_empty_label_keeps_its_segment(scene, ct):
     labels.CopyInformation(image)
     node = mrml.labels_to_segmentation(labels, standard_labels("liver"), volume)
     assert [s.GetName() for s in _segments(node)] == ["Liver", "Liver tumor"]
-    assert np.array_equal(mrml.export_labels(node, volume), arr)
+    assert np.array_equal(export_labels(node, volume), arr)
 
 
 def test_seg_nrrd_written_by_mrml_reads_back_with_slicerio(tmp_path, scene, ct, runtime_labels):
@@ -160,7 +177,7 @@ def test_failure_leaves_existing_segmentation_untouched(scene, ct, runtime_label
     existing.GetSegmentation().DeepCopy(manual.GetSegmentation())
     scene.RemoveNode(manual)
     existing.GetSegmentation().GetNthSegment(0).SetName("Hand-drawn")
-    before = mrml.export_labels(existing, volume)
+    before = export_labels(existing, volume)
     nodes = scene.GetNumberOfNodes()
 
     arr = sitk.GetArrayFromImage(runtime_labels).copy()
@@ -182,7 +199,7 @@ def test_failure_leaves_existing_segmentation_untouched(scene, ct, runtime_label
             mrml.labels_to_segmentation(labels, entries, volume, existing)
     assert scene.GetNumberOfNodes() == nodes
     assert [s.GetName() for s in _segments(existing)] == ["Hand-drawn", "Kidney tumor"]
-    assert np.array_equal(mrml.export_labels(existing, volume), before)
+    assert np.array_equal(export_labels(existing, volume), before)
 
 
 def test_failed_run_changes_nothing(tmp_path, scene, ct):
@@ -230,7 +247,7 @@ def test_whole_flow_into_study_with_table_and_3d(scene, ct, tiny_package, runtim
     assert node is existing  # the chosen node: the model's segments added, the user's kept
     assert [s.GetName() for s in _segments(node)] == ["Old", "Kidney", "Kidney tumor"]
     node.GetSegmentation().RemoveSegment("old")
-    assert np.array_equal(mrml.export_labels(node, volume), sitk.GetArrayFromImage(runtime_labels))
+    assert np.array_equal(export_labels(node, volume), sitk.GetArrayFromImage(runtime_labels))
     assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
     assert node.GetSegmentation().ContainsRepresentation("Closed surface")
     assert node.GetDisplayNode().GetVisibility3D()
@@ -264,7 +281,7 @@ def test_rerun_replaces_only_the_model_segments(scene, ct, runtime_labels):
         assert [s.GetName() for s in _segments(node)] == ["My notes", "Kidney", "Kidney tumor"]
     assert node.GetSegmentation().GetSegment(user_id) is not None
     node.GetSegmentation().RemoveSegment(user_id)
-    assert np.array_equal(mrml.export_labels(node, volume), sitk.GetArrayFromImage(runtime_labels))
+    assert np.array_equal(export_labels(node, volume), sitk.GetArrayFromImage(runtime_labels))
 
 
 def _volumes(labels: sitk.Image, entries) -> list[dict]:

@@ -19,10 +19,10 @@ from hlfd_train.export import add_onnx
 from HLFDSegmentLib.backends import resolve_backend
 from HLFDSegmentLib.errors import ModelError
 from HLFDSegmentLib.io import write_image
+from HLFDSegmentLib.model_registry import builtin_models
 from HLFDSegmentLib.modelpackage import ONNX_NAME, load_package
 from HLFDSegmentLib.phantom import PhantomConfig, make_phantom
 from HLFDSegmentLib.pipeline import Segmenter, window_starts
-from HLFDSegmentLib.registry import builtin_models
 
 from conftest import build_package
 
@@ -195,7 +195,7 @@ def test_auto_backend_is_torch_when_installed_else_onnx():
         NO_TORCH
         + "from HLFDSegmentLib.backends import resolve_backend\n"
         + "from HLFDSegmentLib.modelpackage import load_package\n"
-        + "from HLFDSegmentLib.registry import builtin_models\n"
+        + "from HLFDSegmentLib.model_registry import builtin_models\n"
         + "print(resolve_backend('auto', load_package(builtin_models()['kidney'])))\n"
     )
     assert res.returncode == 0, res.stderr

@@ -8,18 +8,16 @@ import SimpleITK as sitk
 import torch
 
 from HLFDSegmentLib.backends import TorchRunner
+from HLFDSegmentLib.devices import CPU_BF16_ENV, autocast_dtype, cpu_has_fast_bf16, select_device
 from HLFDSegmentLib.errors import InputError
 from HLFDSegmentLib.modelpackage import load_package
 from HLFDSegmentLib.pipeline import (
-    CPU_BF16_ENV,
     Grid,
     Segmenter,
     body_box,
-    cpu_has_fast_bf16,
     oriented_grid,
     respaced_grid,
     segment_volumes,
-    select_device,
     softmax,
 )
 
@@ -190,6 +188,18 @@ def test_device_selection_falls_back_with_a_note():
         assert device.type == "cpu" and "no CUDA GPU" in note
     with pytest.raises(InputError, match="unknown device 'tpu'"):
         select_device("tpu")
+
+
+@pytest.mark.parametrize("forced", ["0", "1"])
+def test_autocast_dtype_on_cpu(monkeypatch, forced):
+    """One precision rule for runtime (``auto``, card's ``bf16_cpu``) and training (config
+    ``train.amp``): on a CPU, bf16 only where asked or native and allowed."""
+    monkeypatch.setenv(CPU_BF16_ENV, forced)
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    assert autocast_dtype(cpu) is (bf16 if forced == "1" else None)
+    assert autocast_dtype(cpu, cpu_bf16=False) is None
+    assert autocast_dtype(cpu, "bf16") is bf16
+    assert autocast_dtype(cpu, "off") is None and autocast_dtype(cpu, "fp16") is None
 
 
 def test_body_box_limits_inference_to_the_body():

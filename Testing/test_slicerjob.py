@@ -12,8 +12,8 @@ import pytest
 import SimpleITK as sitk
 
 from HLFDSegmentLib import deps, samples
+from HLFDSegmentLib.model_registry import RegistryEntry
 from HLFDSegmentLib.modelpackage import standard_labels
-from HLFDSegmentLib.registry import RegistryEntry
 from HLFDSegmentLib.slicerjob import (
     JobState,
     SegmentationJob,

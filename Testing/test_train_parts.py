@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from hlfd_train.config import ConfigError, load_config, parse_override
 from hlfd_train.engine import StepSampler, lr_factor
-from hlfd_train.evaluate import axial_axis, label_metrics, summarise, tumour_slices
+from hlfd_train.evaluate import axial_axis, dice, label_metrics, summarise, tumour_slices
 from hlfd_train.logs import RunLog, plot_curves
 
 
@@ -110,6 +110,16 @@ def test_label_metrics_empty_cases():
     false_alarm = label_metrics(some, empty, (1, 1, 1))
     assert false_alarm["dice"] is None and false_alarm["rvd"] is None
     assert false_alarm["fp_ml"] == pytest.approx(0.001)
+
+
+def test_one_dice_for_validation_and_evaluation():
+    """The Dice that training validation uses is the evaluation's, on the same masks."""
+    rng = np.random.default_rng(0)
+    pred, ref = rng.random((2, 6, 16, 16)) > 0.6
+    want = 2 * (pred & ref).sum() / (pred.sum() + ref.sum())
+    assert dice(pred, ref) == pytest.approx(want)
+    assert dice(pred, ref) == label_metrics(pred, ref, (1, 1, 1))["dice"]
+    assert dice(pred[:0], ref[:0]) == 1.0 and dice(pred, np.zeros_like(ref)) == 0.0
 
 
 def test_summary_and_global_dice():

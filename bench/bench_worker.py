@@ -30,8 +30,8 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from HLFDSegmentLib import __version__
+from HLFDSegmentLib.model_registry import builtin_models
 from HLFDSegmentLib.phantom import PhantomConfig, make_phantom
-from HLFDSegmentLib.registry import builtin_models
 from HLFDSegmentLib.slicerjob import JobState, SegmentationJob
 from HLFDSegmentLib.workerpool import WorkerPool
 

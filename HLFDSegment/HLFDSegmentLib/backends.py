@@ -9,7 +9,6 @@ a CPU install needs only onnxruntime; :class:`TorchRunner` imports torch when it
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
 BACKENDS = ("auto", "torch", "onnx")
 SIZE_DIVISIBLE_KEY = "size_divisible"
 """ONNX metadata key: input height/width (and depth) must be multiples of this."""
-CPU_BF16_ENV = "HLFD_CPU_BF16"
 
 
 class NetworkRunner(Protocol):
@@ -78,41 +76,6 @@ def make_runner(
 
 
 # -- PyTorch ------------------------------------------------------------------------------------
-def select_device(name: str = "auto") -> tuple[torch.device, str | None]:
-    """Resolve ``auto|cpu|cuda|mps`` (or ``cuda:N``); fall back to CPU with a note if absent."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu"), None
-    if name.startswith("cuda") and not cuda:
-        return torch.device("cpu"), f"device {name!r} asked but no CUDA GPU is available; using CPU"
-    if name == "mps" and not mps:
-        return torch.device("cpu"), "device 'mps' asked but Apple MPS is not available; using CPU"
-    if name.split(":")[0] not in {"cpu", "cuda", "mps"}:
-        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    return torch.device(name), None
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where oneDNN has native bf16 kernels (AVX-512 BF16 / AMX); elsewhere bf16 is slower.
-
-    ``HLFD_CPU_BF16=0`` or ``=1`` forces the answer, so tests and benchmarks choose the CPU
-    precision path instead of inheriting it from the machine's CPU flags."""
-    forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
-    if forced in {"0", "off", "false", "no"}:
-        return False
-    if forced in {"1", "on", "true", "yes"}:
-        return True
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 class TorchRunner:
     """The package's network in PyTorch: BatchNorm folded, channels-last for 2D, bf16 autocast
     where the device has native bf16 (and the card allows it on CPU)."""
@@ -128,6 +91,7 @@ class TorchRunner:
     ):
         import torch
 
+        from .devices import autocast_dtype, select_device
         from .nets import fold_batchnorm
 
         if threads:
@@ -143,12 +107,7 @@ class TorchRunner:
         self.net = net.to(self._device).eval()
         self.size_divisible = int(getattr(net, "size_divisible", 1))
         allow_bf16 = package.card["inference"].get("bf16_cpu", True)
-        if self._device.type == "cuda":
-            self.amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        elif self._device.type == "cpu" and allow_bf16 and cpu_has_fast_bf16():
-            self.amp = torch.bfloat16
-        else:
-            self.amp = None
+        self.amp = autocast_dtype(self._device, cpu_bf16=allow_bf16)
         self.precision = "float32" if self.amp is None else str(self.amp).removeprefix("torch.")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

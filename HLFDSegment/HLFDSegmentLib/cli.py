@@ -90,8 +90,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _list_models() -> None:
+    from .model_registry import builtin_models, cached_models, load_registry
     from .modelpackage import load_package
-    from .registry import builtin_models, cached_models, load_registry
 
     builtin = builtin_models()
     print(f"{len(builtin)} built-in model(s)")
@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .model_registry import resolve_model, tqdm_progress
     from .modelpackage import load_package
     from .pipeline import Segmenter
-    from .registry import resolve_model, tqdm_progress
 
     inputs = [Path(p) for p in args.inputs]
     output = Path(args.output)

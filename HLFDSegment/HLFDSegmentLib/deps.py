@@ -176,14 +176,9 @@ def detect_device() -> str:
     """One line for the UI: the accelerator torch sees, or why there is none."""
     if torch_missing():
         return "PyTorch not installed yet"
-    import torch
+    from .devices import describe_accelerator
 
-    if torch.cuda.is_available():
-        return f"GPU: {torch.cuda.get_device_name(0)} (CUDA)"
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return "GPU: Apple MPS"
-    return f"CPU only ({torch.get_num_threads()} threads)"
+    return describe_accelerator()
 
 
 if __name__ == "__main__":  # ``python -m HLFDSegmentLib.deps``: the device probe of the panel

@@ -7,21 +7,19 @@ at the end: a failure never leaves a partial file under the final name.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import math
 import os
-import stat
 import struct
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_path, atomic_write
 from .errors import InputError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -258,34 +256,6 @@ def check_geometry(image: sitk.Image, where: str) -> list[str]:
     return []
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same ``suffix``), renamed to ``path`` on success."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f"{path}: output folder {path.parent} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        # the mode a plain write would give (mkstemp makes 0600), or the replaced file's mode
-        mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~UMASK
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-UMASK = _current_umask()
-
-
 def _write_itk(image: sitk.Image, tmp: Path, final: Path, suffix: str) -> None:
     """``sitk.WriteImage`` to ``tmp``, then verified: ITK's NIfTI writer does not report a full
     disk, so a NIfTI is checked to hold all the data its header declares."""
@@ -343,5 +313,4 @@ def write_image(image: sitk.Image, path: str | os.PathLike[str]) -> None:
 
 def write_json(data: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Write ``data`` as indented JSON, atomically."""
-    with atomic_path(path, ".json") as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write(path, json.dumps(data, indent=2) + "\n")

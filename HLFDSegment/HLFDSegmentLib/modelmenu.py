@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import registry
+from . import model_registry as registry
 from .slicerjob import model_choices
 
 REMEMBERED_LIMIT = 20

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from typing import Any
 
 import jsonschema
 
+from .atomic import atomic_folder
 from .errors import ModelError
 
 CARD_NAME = "model.json"
@@ -477,16 +477,8 @@ def save_package(
     if out.exists() and any(out.iterdir()) and not (out / CARD_NAME).is_file():
         raise ModelError(f"{out}: exists and is not a model package; refusing to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    for name, data in blobs.items():
-        (tmp / name).write_bytes(data)
-    (tmp / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
-    from .io import UMASK
-
-    tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes 0700: give the folder a plain mkdir's mode
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_folder(out) as tmp:
+        for name, data in blobs.items():
+            (tmp / name).write_bytes(data)
+        (tmp / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     return out

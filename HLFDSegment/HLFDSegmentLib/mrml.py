@@ -251,24 +251,6 @@ def segment_ids(segmentation: Any) -> list[str]:
     return [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
 
 
-def export_labels(segmentation: Any, reference: Any) -> np.ndarray:
-    """The segments as a uint8 (z, y, x) labelmap on ``reference``'s grid, value = index + 1."""
-    scene = _scene_of(reference)
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "HLFD temp export")
-    try:
-        ids = vtk.vtkStringArray()
-        for segment_id in segment_ids(segmentation):
-            ids.InsertNextValue(segment_id)
-        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            segmentation, ids, labelmap, reference
-        )
-        if not ok:
-            raise RuntimeError("exporting the segments to a labelmap failed")
-        return volume_to_image_array(labelmap)
-    finally:
-        scene.RemoveNode(labelmap)
-
-
 def volume_to_image_array(node: Any) -> np.ndarray:
     """A copy of a volume node's voxels as a (z, y, x) array."""
     return sitk.GetArrayFromImage(volume_to_image(node))

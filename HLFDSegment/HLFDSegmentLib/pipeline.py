@@ -19,27 +19,13 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .backends import (  # noqa: F401  (re-exported: the pipeline's public names)
-    CPU_BF16_ENV,
-    NetworkRunner,
-    cpu_has_fast_bf16,
-    make_runner,
-    select_device,
-)
+from .backends import NetworkRunner, make_runner
 from .errors import InputError
 from .io import check_image, label_counts
 from .modelpackage import ModelPackage
-
-Progress = Callable[[str, float], None]
-"""Progress callback: (stage name, fraction of the whole run done in [0, 1])."""
+from .progress import SEGMENT_SPANS, StageProgress, within
 
 _AXIS_OF_LETTER = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
-_STAGES = {
-    "preprocess": (0.0, 0.1),
-    "infer": (0.1, 0.85),
-    "postprocess": (0.85, 0.92),
-    "resample": (0.92, 1.0),
-}
 
 
 @dataclass(frozen=True)
@@ -336,7 +322,7 @@ class Segmenter:
             total = p if total is None else total + p
         return total / len(flips)
 
-    def infer(self, arr: np.ndarray, progress: Progress | None = None) -> np.ndarray:
+    def infer(self, arr: np.ndarray, progress: StageProgress | None = None) -> np.ndarray:
         """uint8 labels (z, y, x) on the model grid for a normalised (z, y, x) array.
 
         Only the box around the body (voxels above the window's low end, plus a margin) is
@@ -350,7 +336,7 @@ class Segmenter:
         out[box] = run(np.ascontiguousarray(arr[box], dtype=np.float32), progress)
         return out
 
-    def _infer_2d(self, arr: np.ndarray, progress: Progress | None) -> np.ndarray:
+    def _infer_2d(self, arr: np.ndarray, progress: StageProgress | None) -> np.ndarray:
         z, h, w = arr.shape
         m = self.runner.size_divisible
         ph, pw = (-h) % m, (-w) % m
@@ -367,7 +353,7 @@ class Segmenter:
                 progress("infer", min(z, start + batch) / z)
         return out
 
-    def _infer_3d(self, arr: np.ndarray, progress: Progress | None) -> np.ndarray:
+    def _infer_3d(self, arr: np.ndarray, progress: StageProgress | None) -> np.ndarray:
         cfg = self.card["inference"]
         return sliding_window_labels(
             arr,
@@ -405,15 +391,14 @@ class Segmenter:
 
     # -- whole run ------------------------------------------------------------------------------
     def __call__(
-        self, image: sitk.Image, where: str = "input image", progress: Progress | None = None
+        self, image: sitk.Image, where: str = "input image", progress: StageProgress | None = None
     ) -> Result:
         timings: dict[str, float] = {}
         warnings = [*self.notes, *check_image(image, where)]
 
         def report(stage: str, fraction: float) -> None:
             if progress:
-                lo, hi = _STAGES[stage]
-                progress(stage, lo + (hi - lo) * fraction)
+                within(progress, *SEGMENT_SPANS[stage])(stage, fraction)
 
         t = time.perf_counter()
         report("preprocess", 0.0)

@@ -17,7 +17,7 @@ SHAPE = (64, 192, 192)
 
 def samples_dir() -> Path:
     """``$HLFD_CACHE_DIR/../samples`` or the user cache (beside the model cache)."""
-    from .registry import cache_dir
+    from .model_registry import cache_dir
 
     return cache_dir().parent / "samples"
 

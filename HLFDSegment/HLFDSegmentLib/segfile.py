@@ -9,9 +9,7 @@ names) and the data are compressed slab by slab, so no copy of the volume is mad
 
 from __future__ import annotations
 
-import gzip
 import os
-import secrets
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+
+from .atomic import atomic_path
 
 # Slicer's terminology contexts (Modules/Loadable/Terminologies/Resources, Slicer 5.6 to 5.10).
 # The category/type context is the DICOM master list: it holds every code of the 3D Slicer
@@ -35,7 +35,6 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _SLAB_BYTES = 8 << 20
 # gzip level 1: 512x512x1000 labelmap with 2 organs in 0.7 s / 1.5 MB (level 6: 1.7 s / 0.4 MB)
 GZIP_LEVEL = 1
-_NRRD_TYPES = {"unsigned char": np.uint8, "uchar": np.uint8, "uint8": np.uint8, "uint8_t": np.uint8}
 
 
 def _code(terminology: Mapping[str, Any], key: str, where: str) -> str:
@@ -65,21 +64,6 @@ def terminology_tag(entry: Mapping[str, Any]) -> str:
         raise ValueError(f"{where}: terminology 'region_modifier' given without 'region'")
     cat, typ, typ_mod, region, region_mod = (_code(term, k, where) for k in _CODE_KEYS)
     return "~".join((SEGMENT_CONTEXT, cat, typ, typ_mod, REGION_CONTEXT, region, region_mod))
-
-
-def parse_terminology_tag(tag: str) -> dict[str, Any]:
-    """Inverse of :func:`terminology_tag`: the label-entry ``terminology`` object (any context)."""
-    parts = tag.split("~")
-    if len(parts) != 7:
-        raise ValueError(f"terminology tag has {len(parts)} '~' parts, 7 expected: {tag!r}")
-    codes = [parts[i] for i in (1, 2, 3, 5, 6)]
-    out: dict[str, Any] = {}
-    for key, code in zip(_CODE_KEYS, codes, strict=True):
-        fields = code.split("^")
-        if len(fields) != 3:
-            raise ValueError(f"terminology tag: '{key}' is not scheme^code^meaning: {code!r}")
-        out[key] = dict(zip(_CODE_PARTS, fields, strict=True)) if any(fields) else None
-    return out
 
 
 def ijk_to_lps(image: sitk.Image) -> np.ndarray:
@@ -162,21 +146,6 @@ def _header(labels: sitk.Image, segments: Sequence[Mapping[str, Any]], compress:
     return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 
-def _open_temp(path: Path) -> tuple[Path, int]:
-    """Create a new file beside ``path`` (mode 0666 less the umask, unlike ``mkstemp``)."""
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path}: output folder {path.parent} is not an existing folder")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            return tmp, os.open(tmp, flags, 0o666)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise type(exc)(f"{path}: cannot write in {path.parent} ({exc.strerror})") from None
-
-
 def _write_data(fh, array: np.ndarray, allowed: np.ndarray, compress: bool, path: Path) -> None:
     """Write (and gzip) the voxels slab by slab, checking every label value on the way."""
     packer = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS) if compress else None
@@ -219,95 +188,8 @@ def write_seg_nrrd(
     allowed[[0, *(int(s["value"]) for s in segments)]] = True
 
     array = sitk.GetArrayViewFromImage(labels)  # (z, y, x): C order is the NRRD (i, j, k) order
-    tmp, fd = _open_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(header)
-            _write_data(fh, array, allowed, compress, path)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _vector(text: str) -> list[float]:
-    return [float(v) for v in text.strip().strip("()").split(",")]
-
-
-def _segment_from_fields(fields: Mapping[str, str], index: int) -> dict[str, Any]:
-    def get(key: str, default: str = "") -> str:
-        return fields.get(f"Segment{index}_{key}", default)
-
-    tags = dict(t.split(":", 1) for t in get("Tags").split("|") if ":" in t)
-    term = tags.get(TERMINOLOGY_TAG)
-    return {
-        "value": int(get("LabelValue", str(index + 1))),
-        "name": get("Name"),
-        "color": [round(float(c) * 255) for c in get("Color", "0 0 0").split()],
-        "terminology": parse_terminology_tag(term) if term else None,
-        "id": get("ID"),
-        "layer": int(get("Layer", "0")),
-        "extent": [int(v) for v in get("Extent", "0 -1 0 -1 0 -1").split()],
-    }
-
-
-def read_seg_nrrd(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read a single-layer ``.seg.nrrd`` (ours or Slicer's): the labelmap as a read-only (z, y, x)
-    array, and a dict with ``segments`` (label entries: value, name, color 0..255, terminology,
-    id, extent), ``spacing``, ``origin``, ``direction`` (SimpleITK conventions), ``ijk_to_lps``
-    and ``fields`` (every NRRD field and key/value as text)."""
-    path = Path(path)
-    raw = path.read_bytes()
-    end = raw.find(b"\n\n")
-    if not raw.startswith(b"NRRD000") or end < 0:
-        raise ValueError(f"{path}: not an attached-header NRRD file")
-    fields: dict[str, str] = {}
-    for line in raw[:end].decode("utf-8").splitlines()[1:]:
-        if line.startswith("#"):
-            continue
-        kv, fd = line.find(":="), line.find(": ")  # "key:=value" or "field: value"
-        cut = kv if kv >= 0 and (fd < 0 or kv < fd) else fd
-        if cut < 0:
-            raise ValueError(f"{path}: malformed header line {line!r}")
-        fields[line[:cut]] = line[cut + 2 :]
-    dtype = _NRRD_TYPES.get(fields.get("type", ""))
-    if dtype is None or fields.get("dimension") != "3":
-        raise ValueError(
-            f"{path}: only 3D uint8 single-layer segmentations are read "
-            f"(type {fields.get('type')!r}, dimension {fields.get('dimension')!r})"
-        )
-    sizes = [int(v) for v in fields["sizes"].split()]
-    data = raw[end + 2 :]
-    encoding = fields.get("encoding", "raw")
-    if encoding in ("gzip", "gz"):
-        data = gzip.decompress(data)
-    elif encoding != "raw":
-        raise ValueError(f"{path}: unsupported NRRD encoding {encoding!r}")
-    array = np.frombuffer(data, dtype=dtype, count=int(np.prod(sizes))).reshape(sizes[::-1])
-
-    space = fields.get("space", "left-posterior-superior")
-    flip = {"left-posterior-superior": 1.0, "right-anterior-superior": -1.0}.get(space)
-    if flip is None:
-        raise ValueError(f"{path}: unsupported space {space!r}")
-    lps = np.eye(4)
-    lps[:3, :3] = np.array([_vector(v) for v in fields["space directions"].split()]).T
-    lps[:3, 3] = _vector(fields.get("space origin", "(0,0,0)"))
-    lps[:2] *= flip
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-
-    segments = []
-    while f"Segment{len(segments)}_ID" in fields:
-        segments.append(_segment_from_fields(fields, len(segments)))
-    if any(s["layer"] != 0 for s in segments):
-        raise ValueError(f"{path}: segments in several layers (overlapping); one layer is read")
-    meta = {
-        "segments": segments,
-        "spacing": tuple(spacing.tolist()),
-        "origin": tuple(lps[:3, 3].tolist()),
-        "direction": tuple((lps[:3, :3] / spacing).ravel().tolist()),
-        "ijk_to_lps": lps,
-        "fields": fields,
-    }
-    return array, meta
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        fh.write(header)
+        _write_data(fh, array, allowed, compress, path)
+        fh.flush()
+        os.fsync(fh.fileno())

@@ -45,15 +45,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from .progress import RUN_SPANS, within
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_MEMORY = 3
 EXIT_INTERNAL = 4
 
-# overall fraction of the run at the start of each stage; the pipeline's own stages fill the
-# span between "preprocess" and "write"
-_SPAN = {"read": 0.0, "model": 0.03, "segment": 0.08, "write": 0.97}
 OOM_HINT = "try the CPU device (Device: CPU) or a smaller model"
 
 
@@ -157,7 +156,7 @@ class LoadedModel:
     ) -> tuple[Any, Any]:
         """``(package, segmenter)`` for ``args.model`` on ``args.device``, TTA per ``args.tta``;
         ``progress(done, total)`` follows a registry download."""
-        from .registry import resolve_model
+        from .model_registry import resolve_model
 
         # before torch is imported
         model_path = resolve_model(args.model, offline=args.offline, progress=progress)
@@ -194,19 +193,20 @@ def run(
 ) -> dict[str, Any]:
     """Read, segment and write; return the ``done`` event's fields. ``models`` keeps the model
     loaded across calls (serve mode); without it the model is loaded for this run only."""
+    from .atomic import atomic_path
     from .errors import InputError
-    from .io import LABELMAP_SUFFIXES, atomic_path, check_image, full_suffix, read_image
+    from .io import LABELMAP_SUFFIXES, check_image, full_suffix, read_image
 
     suffix = full_suffix(args.output, LABELMAP_SUFFIXES[1:])
     if not suffix:
         raise InputError(f"{args.output}: unknown output type; use .nrrd, .nii.gz, .nii or .mha")
     t0 = time.perf_counter()
-    emit.progress("read", _SPAN["read"])
+    emit.progress("read", RUN_SPANS["read"][0])
     image = read_image(args.input)
     check_image(image, args.input)  # fail fast, before the model is loaded
     read_s = time.perf_counter() - t0
 
-    emit.progress("model", _SPAN["model"])
+    emit.progress("model", RUN_SPANS["model"][0])
     # a registry download reports its bytes
     package, segmenter = (models or LoadedModel()).get(args, progress=emit.download)
     from .deps import describe_device
@@ -220,17 +220,13 @@ def run(
         runtimes=package.card.get("runtimes", []),
     )
 
-    lo, hi = _SPAN["segment"], _SPAN["write"]
-
-    def progress(stage: str, fraction: float) -> None:
-        emit.progress(stage, lo + (hi - lo) * fraction)
-
+    progress = within(emit.progress, *RUN_SPANS["segment"])
     result = segmenter(image, where=str(args.input), progress=progress)
     del image
     for warning in result.warnings:
         emit("warning", message=warning)
 
-    emit.progress("write", hi)
+    emit.progress("write", RUN_SPANS["write"][0])
     t = time.perf_counter()
     import SimpleITK as sitk
 

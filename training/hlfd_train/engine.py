@@ -1,6 +1,6 @@
 """The training loop shared by teacher training and distillation.
 
-``train(cfg, role)`` runs one run folder ``<output>/<name>``:
+``train(cfg, role)`` runs one run folder ``<output>/<name>`` with a :class:`Trainer`:
 
 - data prepared once (rank 0) with the runtime's own preprocessing, then sampled by a
   step-indexed sampler, so a run killed at any step and resumed draws the very same batches;
@@ -32,10 +32,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from HLFDSegmentLib.atomic import atomic_path, atomic_write
+from HLFDSegmentLib.devices import autocast_dtype
 from HLFDSegmentLib.errors import ModelError
+from HLFDSegmentLib.io import write_json
 from HLFDSegmentLib.modelpackage import load_package
-from HLFDSegmentLib.nets import build_network
-from HLFDSegmentLib.pipeline import Segmenter, cpu_has_fast_bf16
+from HLFDSegmentLib.nets import build_network, tap_paths
+from HLFDSegmentLib.pipeline import Segmenter
 
 from .cards import N_CLASSES, card_for, load_weights, package_from_state, state_bytes
 from .config import ConfigError, load_config, save_config
@@ -47,6 +50,7 @@ from .distill import (
     run_with_taps,
     segmentation_loss,
 )
+from .evaluate import dice
 from .logs import RunLog, plot_curves
 
 STATE = "state.pt"
@@ -78,19 +82,6 @@ def pick_device(name: str, rank: int) -> torch.device:
             raise ConfigError(f"config key 'device' = {name!r}: no CUDA device here")
         torch.cuda.set_device(device)
     return device
-
-
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: fp16/bf16 on CUDA, bf16 on CPUs with native bf16 (else fp32)."""
-    if mode == "off":
-        return None
-    if device.type == "cuda":
-        if mode == "fp16" or not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
-    if mode == "bf16" or (mode == "auto" and device.type == "cpu" and cpu_has_fast_bf16()):
-        return torch.bfloat16
-    return None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -233,7 +224,7 @@ def make_network(spec: Mapping[str, Any], dims: int, classes: int) -> nn.Module:
 
 def taps_of(net: nn.Module, spec: Mapping[str, Any]) -> dict[str, str]:
     """The network's declared taps, with the config's ``taps`` added or replacing them."""
-    return {**dict(getattr(net, "taps", {})), **dict(spec.get("taps") or {})}
+    return {**tap_paths(net), **dict(spec.get("taps") or {})}
 
 
 def check_taps(role: str, arch: str, taps: Mapping[str, str], needed: tuple[str, ...]) -> None:
@@ -361,16 +352,6 @@ def make_optimizer(params, tcfg: Mapping[str, Any]) -> torch.optim.Optimizer:
 
 
 # -- validation --------------------------------------------------------------------------------
-def dice_scores(pred: np.ndarray, truth: np.ndarray, labels: int) -> list[float]:
-    """Dice of labels 1..labels (1.0 when both are empty)."""
-    out = []
-    for v in range(1, labels + 1):
-        p, t = pred == v, truth == v
-        denom = int(p.sum()) + int(t.sum())
-        out.append(1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom)
-    return out
-
-
 def validate(
     cfg: Mapping[str, Any],
     role: str,
@@ -391,7 +372,8 @@ def validate(
     for case in cases:
         image, label = prepared.arrays(case)
         pred = seg.infer(np.asarray(image, dtype=np.float32))
-        scores.append(dice_scores(pred, np.asarray(label), len(names)))
+        label = np.asarray(label)
+        scores.append([dice(pred == v, label == v) for v in range(1, len(names) + 1)])
     mean = np.mean(scores, axis=0)
     out = {f"val.{n}": float(m) for n, m in zip(names, mean)}
     out["val.mean"] = float(mean.mean())
@@ -400,12 +382,12 @@ def validate(
 
 # -- checkpoints -------------------------------------------------------------------------------
 def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Bytes as they are, anything else through ``torch.save``, atomically."""
     if isinstance(obj, bytes):
-        tmp.write_bytes(obj)
-    else:
+        atomic_write(path, obj)
+        return
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -438,203 +420,287 @@ def comparable(cfg: Mapping[str, Any]) -> dict[str, Any]:
 # -- the loop ----------------------------------------------------------------------------------
 def train(cfg: Mapping[str, Any], role: str = "student", progress: bool = True) -> Path:
     """Train the run's ``role`` network; returns the run folder. Resumes from ``state.pt``."""
-    if role not in ("teacher", "student"):
-        raise ValueError(f"role must be 'teacher' or 'student', not {role!r}")
-    rank, world = distributed()
-    device = pick_device(cfg["device"], rank)
-    folder = run_folder(cfg, role)
-    tcfg, dims = cfg["train"], cfg["model"]["spatial_dims"]
-    classes = N_CLASSES[cfg["data"]["labelset"]]
-    method_name = cfg["distill"]["method"] if role == "student" else "none"
+    return Trainer(cfg, role, progress).run()
 
-    state = None
-    if (folder / STATE).is_file():
-        state = load_state(folder / STATE)
-        if comparable(state["config"]) != comparable(cfg):
+
+class Trainer:
+    """One run of ``role`` (teacher or student): built ready to go (folder, data, networks,
+    method, optimizer, resume state, DDP, loader), then :meth:`run` repeats :meth:`step`,
+    :meth:`validate` and :meth:`checkpoint` until the steps or the time budget are spent, and
+    :meth:`finish` writes the final weights, curves and summary."""
+
+    def __init__(self, cfg: Mapping[str, Any], role: str = "student", progress: bool = True):
+        if role not in ("teacher", "student"):
+            raise ValueError(f"role must be 'teacher' or 'student', not {role!r}")
+        self.cfg, self.role = cfg, role
+        self.rank, self.world = distributed()
+        self.device = pick_device(cfg["device"], self.rank)
+        self.folder = run_folder(cfg, role)
+        self.tcfg = cfg["train"]
+        self.method_name = cfg["distill"]["method"] if role == "student" else "none"
+        state = self._saved_state()
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.folder / "config.yaml")
+        seed_everything(int(cfg["seed"]), bool(cfg["deterministic"]))
+
+        from .data import PreparedData
+
+        self.prepared = PreparedData(prepare_data(cfg, self.rank))
+        self._build_networks()
+        self.step_module = StudentStep(self.student, self.method, self.s_taps).to(self.device)
+        self.params = [p for p in self.step_module.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, self.tcfg)
+        self.total = int(self.tcfg["steps"])
+        self.dtype = autocast_dtype(self.device, self.tcfg["amp"])
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
+        self.start, self.best, elapsed = 0, {"val.mean": -1.0, "step": 0}, 0.0
+        if state is not None:
+            self.step_module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.start, self.best = int(state["step"]), dict(state["best"])
+            elapsed = float(state["elapsed"])
+            torch.set_rng_state(state["rng"])
+        self.model: nn.Module = self.step_module
+        if self.world > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.step_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            )
+        self.loader = self._loader()
+        self.log = (
+            RunLog(self.folder, self.start, bool(self.tcfg["tensorboard"]))
+            if self.rank == 0
+            else None
+        )
+        self.n_adapters = sum(p.numel() for p in self.method.parameters())
+        self.n_student = sum(p.numel() for p in self.student.parameters())
+        if self.rank == 0:
+            self._announce()
+        self.budget = self.tcfg["minutes"] * 60 if self.tcfg["minutes"] else math.inf
+        self.t0 = time.perf_counter() - elapsed
+        self.bar = None
+        if progress and self.rank == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.start, unit="step", dynamic_ncols=True)
+        self.step_no = self.start
+        self.running: dict[str, list[float]] = {}
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _saved_state(self) -> dict[str, Any] | None:
+        """The resume checkpoint of this run folder, if any (refused for another config)."""
+        if not (self.folder / STATE).is_file():
+            return None
+        state = load_state(self.folder / STATE)
+        if comparable(state["config"]) != comparable(self.cfg):
             raise ConfigError(
-                f"{folder}: holds a run with a different configuration; choose another "
+                f"{self.folder}: holds a run with a different configuration; choose another "
                 "'name' or delete the folder"
             )
-    if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, folder / "config.yaml")
-    seed_everything(int(cfg["seed"]), bool(cfg["deterministic"]))
+        return state
 
-    from .data import PreparedData
+    def _build_networks(self) -> None:
+        """Student, frozen teacher (distillation only), the method and the taps each needs."""
+        cfg, dims = self.cfg, self.cfg["model"]["spatial_dims"]
+        classes = N_CLASSES[cfg["data"]["labelset"]]
+        self.spec = spec = cfg["model"][self.role]
+        self.student = initial_network(spec, cfg, classes, self.role)
+        self.teacher, t_taps, self.teacher_name = None, {}, None
+        if self.method_name != "none":
+            teacher, t_spec, self.teacher_name = load_teacher(cfg, classes)
+            self.teacher = teacher.to(self.device)
+            t_taps = taps_of(self.teacher, t_spec)
+        s_taps = taps_of(self.student, spec)
 
-    prepared = PreparedData(prepare_data(cfg, rank))
-    spec = cfg["model"][role]
-    student = initial_network(spec, cfg, classes, role)
-    teacher, t_taps, t_name = None, {}, None
-    if method_name != "none":
-        teacher, t_spec, t_name = load_teacher(cfg, classes)
-        teacher = teacher.to(device)
-        t_taps = taps_of(teacher, t_spec)
-    s_taps = taps_of(student, spec)
-
-    crop = cfg["data"]["crop"] if dims == 2 else cfg["data"]["patch"]
-    example = torch.zeros(1, 1, *crop)
-    s_channels = probe_channels(student, s_taps, example)
-    t_channels = probe_channels(teacher, t_taps, example.to(device)) if teacher else {}
-    try:
-        method = build_method(
-            method_name, t_channels, s_channels, dims, **cfg["distill"]["options"]
+        crop = cfg["data"]["crop"] if dims == 2 else cfg["data"]["patch"]
+        example = torch.zeros(1, 1, *crop)
+        s_channels = probe_channels(self.student, s_taps, example)
+        t_channels = (
+            probe_channels(self.teacher, t_taps, example.to(self.device)) if self.teacher else {}
         )
-    except MissingTapError as exc:
-        net = spec if exc.side == "student" else cfg["model"]["teacher"]
-        check_taps(exc.side, net["architecture"], {k: "" for k in exc.known}, (exc.tap,))
-        raise
-    except ValueError as exc:
-        raise ConfigError(f"distill.options: {exc}") from None
-    need_s, need_t = method.required_taps()
-    check_taps("student", spec["architecture"], s_taps, need_s)
-    if teacher is not None:
-        check_taps("teacher", cfg["model"]["teacher"]["architecture"], t_taps, need_t)
-    s_taps = {k: s_taps[k] for k in need_s}
-    t_taps = {k: t_taps[k] for k in need_t}
-    needs_t_logits = teacher is not None and method.needs_logits()
+        try:
+            self.method = build_method(
+                self.method_name, t_channels, s_channels, dims, **cfg["distill"]["options"]
+            )
+        except MissingTapError as exc:
+            net = spec if exc.side == "student" else cfg["model"]["teacher"]
+            check_taps(exc.side, net["architecture"], {k: "" for k in exc.known}, (exc.tap,))
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"distill.options: {exc}") from None
+        need_s, need_t = self.method.required_taps()
+        check_taps("student", spec["architecture"], s_taps, need_s)
+        if self.teacher is not None:
+            check_taps("teacher", cfg["model"]["teacher"]["architecture"], t_taps, need_t)
+        self.s_taps = {k: s_taps[k] for k in need_s}
+        self.t_taps = {k: t_taps[k] for k in need_t}
+        self.needs_t_logits = self.teacher is not None and self.method.needs_logits()
 
-    step_module = StudentStep(student, method, s_taps).to(device)
-    params = [p for p in step_module.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, tcfg)
-    total = int(tcfg["steps"])
-    dtype = amp_dtype(tcfg["amp"], device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-
-    start, best, elapsed = 0, {"val.mean": -1.0, "step": 0}, 0.0
-    if state is not None:
-        step_module.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start, best, elapsed = int(state["step"]), dict(state["best"]), float(state["elapsed"])
-        torch.set_rng_state(state["rng"])
-    model: nn.Module = step_module
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None
+    def _loader(self) -> DataLoader:
+        """Batches in step order from ``start`` (a resumed run draws the very same ones)."""
+        batch = int(self.tcfg["batch_size"])
+        dataset = training_set(
+            self.cfg, self.prepared, samples=max(1, self.total * batch * self.world)
+        )
+        return DataLoader(
+            dataset,
+            batch_size=batch,
+            sampler=StepSampler(len(dataset), batch, self.start, self.rank, self.world),
+            num_workers=int(self.cfg["data"]["workers"]),
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=False,
         )
 
-    batch = int(tcfg["batch_size"])
-    dataset = training_set(cfg, prepared, samples=max(1, total * batch * world))
-    loader = DataLoader(
-        dataset,
-        batch_size=batch,
-        sampler=StepSampler(len(dataset), batch, start, rank, world),
-        num_workers=int(cfg["data"]["workers"]),
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-        persistent_workers=False,
-    )
-    log = RunLog(folder, start, bool(tcfg["tensorboard"])) if rank == 0 else None
-    n_adapters = sum(p.numel() for p in method.parameters())
-    n_student = sum(p.numel() for p in student.parameters())
-    if rank == 0:
+    def _announce(self) -> None:
+        dtype, world = self.dtype, self.world
         print(
-            f"{role} {spec['architecture']} ({n_student / 1e6:.2f} M params) method "
-            f"{method_name} (adapters {n_adapters / 1e3:.1f} k params) on {device}"
-            f"{f' x{world}' if world > 1 else ''}, steps {start}->{total}, batch {batch}"
+            f"{self.role} {self.spec['architecture']} ({self.n_student / 1e6:.2f} M params) "
+            f"method {self.method_name} (adapters {self.n_adapters / 1e3:.1f} k params) on "
+            f"{self.device}{f' x{world}' if world > 1 else ''}, steps {self.start}->"
+            f"{self.total}, batch {int(self.tcfg['batch_size'])}"
             f"{', ' + str(dtype).removeprefix('torch.') if dtype else ''}",
             flush=True,
         )
 
-    budget = tcfg["minutes"] * 60 if tcfg["minutes"] else math.inf
-    warmup = int(tcfg["warmup_steps"])
-    t0 = time.perf_counter() - elapsed
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Steps until ``train.steps`` or the time budget; validation, logs and checkpoints on
+        their schedules; then :meth:`finish`."""
+        tcfg, total = self.tcfg, self.total
+        stopped = "steps"
+        batches = iter(self.loader)
+        self.student.train()
+        while self.step_no < total:
+            spent = _budget_spent(time.perf_counter() - self.t0, self.budget, self.world)
+            if spent >= 1.0:
+                stopped = "time budget"
+                break
+            self.step(next(batches), spent)
+            step = self.step_no
+            if self.rank == 0 and (step % int(tcfg["log_every"]) == 0 or step == total):
+                self._log_running()
+            if step % int(tcfg["val_every"]) == 0 or step == total:
+                self.validate()
+            if step % int(tcfg["checkpoint_every"]) == 0 or step == total:
+                self.checkpoint()
+        if stopped == "time budget":
+            self.validate()
+            self.checkpoint()
+        return self.finish(stopped)
 
-        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-    def validate_and_keep() -> dict:  # at the current step
-        return _validate_and_keep(
-            cfg, role, student, prepared, device, folder, step, best, log, rank
-        )
-
-    def checkpoint() -> None:  # the current step, for resume
-        _checkpoint(
-            folder, cfg, step_module, optimizer, scaler, step, best, time.perf_counter() - t0, rank
-        )
-
-    running: dict[str, list[float]] = {}
-    stopped = "steps"
-    step = start
-    batches = iter(loader)
-    student.train()
-    while step < total:
-        spent = _budget_spent(time.perf_counter() - t0, budget, world)
-        if spent >= 1.0:
-            stopped = "time budget"
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = float(tcfg["lr"]) * lr_factor(step, warmup, total, spent)
-        b = next(batches)
-        x = b["image"].to(device, non_blocking=True)
-        y = b["label"].to(device, non_blocking=True)
+    def step(self, batch: Mapping[str, torch.Tensor], spent: float = 0.0) -> None:
+        """One optimizer step on ``batch`` at the learning rate of the schedule."""
+        tcfg, device, dtype = self.tcfg, self.device, self.dtype
+        factor = lr_factor(self.step_no, int(tcfg["warmup_steps"]), self.total, spent)
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(tcfg["lr"]) * factor
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             t_logits, t_feats = None, {}
-            if teacher is not None:
-                t_logits, t_feats = run_with_taps(teacher, t_taps, x, teacher=True)
-            terms = model(x, y, t_feats, t_logits if needs_t_logits else None)
+            if self.teacher is not None:
+                t_logits, t_feats = run_with_taps(self.teacher, self.t_taps, x, teacher=True)
+            terms = self.model(x, y, t_feats, t_logits if self.needs_t_logits else None)
         loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
         if tcfg["grad_clip"]:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, float(tcfg["grad_clip"]))
-        scaler.step(optimizer)
-        scaler.update()
-        step += 1
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, float(tcfg["grad_clip"]))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step_no += 1
         for k, v in {"loss": loss, **{f"loss.{k}": t for k, t in terms.items()}}.items():
-            running.setdefault(k, []).append(float(v.detach()))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(
-                {k.removeprefix("loss."): f"{np.mean(v[-20:]):.3f}" for k, v in running.items()},
+            self.running.setdefault(k, []).append(float(v.detach()))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                {
+                    k.removeprefix("loss."): f"{np.mean(v[-20:]):.3f}"
+                    for k, v in self.running.items()
+                },
                 refresh=False,
             )
-        if rank == 0 and (step % int(tcfg["log_every"]) == 0 or step == total):
-            row = {k: float(np.mean(v)) for k, v in running.items()}
-            row["lr"] = optimizer.param_groups[0]["lr"]
-            row["seconds"] = time.perf_counter() - t0
-            log.log(step, row)
-            running = {}
-        if step % int(tcfg["val_every"]) == 0 or step == total:
-            best = validate_and_keep()
-        if step % int(tcfg["checkpoint_every"]) == 0 or step == total:
-            checkpoint()
-    if stopped == "time budget":
-        best = validate_and_keep()
-        checkpoint()
-    if bar is not None:
-        bar.close()
-    if rank == 0:
-        log.close()
-        atomic_save(state_bytes(student.state_dict()), folder / "last.safetensors")
-        plot_curves(folder / "log.csv", folder / "curves.png", f"{cfg['name']} ({role})")
-        summary = {
-            "role": role,
-            "architecture": spec["architecture"],
-            "method": method_name,
-            "teacher": t_name,
-            "steps": step,
-            "stopped_by": stopped,
-            "seconds": round(time.perf_counter() - t0, 1),
-            "parameters": n_student,
-            "adapter_parameters": n_adapters,
-            "best": best,
-            "device": str(device),
-            "world_size": world,
-            "precision": "float32" if dtype is None else str(dtype).removeprefix("torch."),
-        }
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(
-            f"done: {step} steps in {summary['seconds']:.0f} s; best val mean Dice "
-            f"{best['val.mean']:.3f} at step {best['step']}; {folder}",
-            flush=True,
-        )
-    barrier()
-    return folder
+
+    def _log_running(self) -> None:
+        row = {k: float(np.mean(v)) for k, v in self.running.items()}
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        row["seconds"] = time.perf_counter() - self.t0
+        self.log.log(self.step_no, row)
+        self.running = {}
+
+    def validate(self) -> None:
+        """Validate on rank 0; keep ``best.safetensors`` when the mean Dice improves."""
+        if self.rank == 0:
+            student, folder = self.student, self.folder
+            student.eval()
+            with torch.no_grad():
+                scores = validate(
+                    self.cfg, self.role, student.state_dict(), self.prepared, self.device, folder
+                )
+            student.train()
+            self.log.log(self.step_no, scores)
+            if scores["val.mean"] > self.best["val.mean"]:
+                self.best = {**scores, "step": self.step_no}
+                atomic_save(state_bytes(student.state_dict()), folder / "best.safetensors")
+                write_json(self.best, folder / "best.json")
+        barrier()
+
+    def checkpoint(self) -> None:
+        """``state.pt`` at the current step, for resume."""
+        if self.rank == 0:
+            atomic_save(
+                {
+                    "model": self.step_module.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "step": self.step_no,
+                    "best": self.best,
+                    "elapsed": time.perf_counter() - self.t0,
+                    "rng": torch.get_rng_state(),
+                    "config": json.loads(json.dumps(self.cfg)),
+                },
+                self.folder / STATE,
+            )
+        barrier()
+
+    def finish(self, stopped: str) -> Path:
+        """Last weights, curves and ``summary.json`` (rank 0); returns the run folder."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.rank == 0:
+            folder, best, dtype = self.folder, self.best, self.dtype
+            self.log.close()
+            atomic_save(state_bytes(self.student.state_dict()), folder / "last.safetensors")
+            plot_curves(
+                folder / "log.csv", folder / "curves.png", f"{self.cfg['name']} ({self.role})"
+            )
+            summary = {
+                "role": self.role,
+                "architecture": self.spec["architecture"],
+                "method": self.method_name,
+                "teacher": self.teacher_name,
+                "steps": self.step_no,
+                "stopped_by": stopped,
+                "seconds": round(time.perf_counter() - self.t0, 1),
+                "parameters": self.n_student,
+                "adapter_parameters": self.n_adapters,
+                "best": best,
+                "device": str(self.device),
+                "world_size": self.world,
+                "precision": "float32" if dtype is None else str(dtype).removeprefix("torch."),
+            }
+            write_json(summary, folder / "summary.json")
+            print(
+                f"done: {self.step_no} steps in {summary['seconds']:.0f} s; best val mean Dice "
+                f"{best['val.mean']:.3f} at step {best['step']}; {folder}",
+                flush=True,
+            )
+        barrier()
+        return self.folder
 
 
 def _budget_spent(elapsed: float, budget: float, world: int) -> float:
@@ -646,37 +712,3 @@ def _budget_spent(elapsed: float, budget: float, world: int) -> float:
     if world > 1:
         dist.broadcast(spent, 0)
     return float(spent.item())
-
-
-def _validate_and_keep(cfg, role, student, prepared, device, folder, step, best, log, rank):
-    """Validate on rank 0; keep ``best.safetensors`` when the mean Dice improves."""
-    if rank == 0:
-        student.eval()
-        with torch.no_grad():
-            scores = validate(cfg, role, student.state_dict(), prepared, device, folder)
-        student.train()
-        log.log(step, scores)
-        if scores["val.mean"] > best["val.mean"]:
-            best = {**scores, "step": step}
-            atomic_save(state_bytes(student.state_dict()), folder / "best.safetensors")
-            (folder / "best.json").write_text(json.dumps(best, indent=2) + "\n")
-    barrier()
-    return best
-
-
-def _checkpoint(folder, cfg, module, optimizer, scaler, step, best, elapsed, rank):
-    if rank == 0:
-        atomic_save(
-            {
-                "model": module.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step,
-                "best": best,
-                "elapsed": elapsed,
-                "rng": torch.get_rng_state(),
-                "config": json.loads(json.dumps(cfg)),
-            },
-            folder / STATE,
-        )
-    barrier()

@@ -54,6 +54,17 @@ def _box(mask: np.ndarray, margin: int = 2) -> tuple[slice, ...]:
     return tuple(slice(max(0, int(i.min()) - margin), int(i.max()) + margin + 1) for i in idx)
 
 
+def dice_of_counts(inter: int, pred: int, ref: int) -> float:
+    """Dice from voxel counts |P & R|, |P|, |R|; 1.0 when both masks are empty (training's
+    validation; :func:`label_metrics` scores no empty reference)."""
+    return 1.0 if pred + ref == 0 else 2.0 * inter / (pred + ref)
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two binary masks; 1.0 when both are empty."""
+    return dice_of_counts(int(np.logical_and(pred, ref).sum()), int(pred.sum()), int(ref.sum()))
+
+
 def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
     """Length of the diagonal of the volume (the HD95/ASSD penalty of a missed label)."""
     return float(np.sqrt(sum((n * float(sp)) ** 2 for n, sp in zip(shape, spacing, strict=True))))
@@ -88,8 +99,15 @@ def label_metrics(
     )
     if r == 0:
         return out
-    dice, iou = 2.0 * inter / (p + r), inter / union
-    out.update(dice=dice, iou=iou, voe=1.0 - iou, rvd=(p - r) / r, hd95=penalty, assd=penalty)
+    iou = inter / union
+    out.update(
+        dice=dice_of_counts(inter, p, r),
+        iou=iou,
+        voe=1.0 - iou,
+        rvd=(p - r) / r,
+        hd95=penalty,
+        assd=penalty,
+    )
     if p:
         warnings.filterwarnings("ignore", "monai.metrics.utils get_mask_edges", FutureWarning)
         box = _box(pred | ref)  # distances do not change when the empty margin is cut away

@@ -51,9 +51,9 @@ def render(out: Path, model: str = "liver", seed: int = 3) -> Path:
     import matplotlib.pyplot as plt
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
+    from HLFDSegmentLib.model_registry import resolve_model
     from HLFDSegmentLib.modelpackage import load_package
     from HLFDSegmentLib.pipeline import Segmenter
-    from HLFDSegmentLib.registry import resolve_model
 
     from .synth import SynthConfig, synth_case
 

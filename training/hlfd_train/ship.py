@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from HLFDSegmentLib.registry import BUILTIN_DIR
+from HLFDSegmentLib.model_registry import BUILTIN_DIR
 
 from .config import load_config
 from .export import export

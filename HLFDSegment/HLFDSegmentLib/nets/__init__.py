@@ -20,18 +20,17 @@ from typing import TYPE_CHECKING, Any
 from .names import ARCHITECTURE_NAMES
 
 if TYPE_CHECKING:
-    from .blocks import TAP_NAMES, SegmentationNet
-    from .fuse import fold_batchnorm
-    from .profile import count_macs, count_parameters
-    from .registry import (
+    from .architectures import (
         ARCHITECTURES,
         ArchitectureSpec,
         UnknownArchitectureError,
         build_network,
         get_spec,
-        tap_modules,
         tap_paths,
     )
+    from .blocks import TAP_NAMES, SegmentationNet
+    from .fuse import fold_batchnorm
+    from .profile import count_macs, count_parameters
 
 _MODULE_OF = {
     "TAP_NAMES": "blocks",
@@ -39,13 +38,12 @@ _MODULE_OF = {
     "fold_batchnorm": "fuse",
     "count_macs": "profile",
     "count_parameters": "profile",
-    "ARCHITECTURES": "registry",
-    "ArchitectureSpec": "registry",
-    "UnknownArchitectureError": "registry",
-    "build_network": "registry",
-    "get_spec": "registry",
-    "tap_modules": "registry",
-    "tap_paths": "registry",
+    "ARCHITECTURES": "architectures",
+    "ArchitectureSpec": "architectures",
+    "UnknownArchitectureError": "architectures",
+    "build_network": "architectures",
+    "get_spec": "architectures",
+    "tap_paths": "architectures",
 }
 
 
@@ -67,6 +65,5 @@ __all__ = [
     "count_parameters",
     "fold_batchnorm",
     "get_spec",
-    "tap_modules",
     "tap_paths",
 ]

@@ -13,26 +13,20 @@ import itertools
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _fold_pair(conv: nn.Module, bn: nn.Module) -> None:
+    """Fold ``bn`` into ``conv`` in place (``torch.nn.utils.fusion`` does the arithmetic)."""
     assert isinstance(conv, _CONV) and isinstance(bn, _BN)
+    assert bn.running_var is not None and bn.running_mean is not None
     with torch.no_grad():
-        assert bn.running_var is not None and bn.running_mean is not None
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
-        if conv.bias is not None:
-            shift = shift + conv.bias * scale
-        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
-        conv.weight.copy_(conv.weight * scale.reshape(shape).to(conv.weight.dtype))
-        conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=False)
+        conv.weight, conv.bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
 
 
 def fold_batchnorm(net: nn.Module, inplace: bool = False) -> nn.Module:

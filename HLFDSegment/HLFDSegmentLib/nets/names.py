@@ -1,5 +1,5 @@
 """The registered architecture names, importable without torch (card validation on the ONNX
-path checks them); :mod:`.registry` refuses to load if its builders disagree with this list."""
+path checks them); :mod:`.architectures` refuses to load if its builders disagree with this list."""
 
 ARCHITECTURE_NAMES = (
     "unetpp2d",

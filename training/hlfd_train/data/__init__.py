@@ -7,10 +7,11 @@ train = SliceDataset(data, "train", crop=(160, 160), augment={"flip": 0.5})
 """
 
 from .augment import make_augment
-from .datasets import EvalSliceDataset, PreparedData, SliceDataset, VolumeDataset
+from .datasets import PreparedData, SliceDataset, VolumeDataset
 from .labels import (
     CYST_OPTIONS,
     LABELSETS,
+    LAYOUT_LABELS,
     DataError,
     label_map,
     lookup_table,
@@ -19,7 +20,6 @@ from .labels import (
     tumour_value,
 )
 from .layouts import (
-    LAYOUT_LABELS,
     LAYOUTS,
     Case,
     detect_layout,
@@ -44,7 +44,6 @@ __all__ = [
     "LAYOUT_LABELS",
     "Case",
     "DataError",
-    "EvalSliceDataset",
     "PreparedData",
     "SliceDataset",
     "VolumeDataset",

@@ -1,6 +1,6 @@
 """Torch datasets over a prepared cache (see :mod:`.prepare`): 2D slices and 3D patches.
 
-Random samples are a pure function of (seed, epoch, index): every DataLoader worker, every
+Random samples are a pure function of (seed, index): every DataLoader worker, every
 ``DistributedSampler`` rank and every rerun draws the same crop for the same index. Arrays are
 memory-mapped (``np.load(mmap_mode="r")``) and only the crop is read, unless the whole cache is
 small (``cache_bytes``), in which case each process keeps it in memory.
@@ -163,7 +163,7 @@ class _Sampled(Dataset):
         self.foreground_fraction = float(foreground_fraction)
         self.tumour_fraction = float(tumour_fraction)
         self.samples = samples_per_epoch
-        self.seed, self.epoch = int(seed), 0
+        self.seed = int(seed)
         tv = str(self.prepared.tumour) if self.prepared.tumour is not None else None
         self.fg_cases, self.tumour_cases = [], []
         for cid in self.case_ids:
@@ -172,10 +172,6 @@ class _Sampled(Dataset):
                 self.fg_cases.append(cid)
             if tv is not None and m["points"].get(tv):
                 self.tumour_cases.append(cid)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw a different (still reproducible) set of samples in each epoch."""
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return int(self.samples) if self.samples else self._default_length()
@@ -195,7 +191,9 @@ class _Sampled(Dataset):
         return finish_sample(self.augment, image, label, rng)
 
     def _rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, int(index)])
+        # the middle 0 keeps the key of the first runs (it held an epoch number that was never
+        # set), so every recorded run draws the same samples
+        return np.random.default_rng([self.seed, 0, int(index)])
 
 
 class SliceDataset(_Sampled):
@@ -313,46 +311,3 @@ class VolumeDataset(_Sampled):
         lab = window(label, start, self.size, 0).astype(np.uint8)
         out = self._finish(img, lab, rng)
         return {**out, "case": case, "start": torch.tensor(start, dtype=torch.int64)}
-
-
-class EvalSliceDataset(Dataset):
-    """Every ``every``-th axial slice of ``split``'s cases, deterministic, for validation.
-
-    Slices keep their size unless ``size`` is given (then centre-padded/cropped to it, so they
-    batch). Items: {"image": float32 (1, H, W), "label": int64 (1, H, W), "case", "slice"}."""
-
-    def __init__(
-        self,
-        prepared: PreparedData | str | os.PathLike[str],
-        split: str = "val",
-        *,
-        cases: Sequence[str] | None = None,
-        every: int = 1,
-        size: Sequence[int] | None = None,
-    ):
-        self.prepared = prepared if isinstance(prepared, PreparedData) else PreparedData(prepared)
-        ids = list(cases) if cases is not None else self.prepared.cases(split)
-        self.size = tuple(size) if size else None
-        self.items = [
-            (cid, z)
-            for cid in ids
-            for z in range(0, self.prepared.meta(cid)["shape"][0], max(1, int(every)))
-        ]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        case, z = self.items[index]
-        image, label = self.prepared.arrays(case)
-        img, lab = np.asarray(image[z], dtype=np.float32), np.asarray(label[z])
-        if self.size:
-            start = [-((s - n) // 2) for s, n in zip(self.size, img.shape)]
-            img = window(img, start, self.size, self.prepared.background)
-            lab = window(lab, start, self.size, 0)
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(img))[None],
-            "label": torch.from_numpy(lab.astype(np.int64))[None],
-            "case": case,
-            "slice": z,
-        }

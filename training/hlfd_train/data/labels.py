@@ -31,6 +31,18 @@ _TARGET = {
 }
 
 
+# the fixed label values of the public dataset layouts (the other layouts say theirs in a file)
+_KITS = {0: "background", 1: "kidney", 2: "tumor"}
+LAYOUT_LABELS: dict[str, dict[int, str]] = {
+    "kits19": _KITS,
+    "kits21": {**_KITS, 3: "cyst"},
+    "kits23": {**_KITS, 3: "cyst"},
+    "lits": {0: "background", 1: "liver", 2: "tumor"},
+    "folder": {0: "background", 1: "organ", 2: "tumour"},
+}
+LAYOUT_TASK = {"kits19": "kidney", "kits21": "kidney", "kits23": "kidney", "lits": "liver"}
+
+
 class DataError(InputError):
     """A dataset that cannot be used for training; the message names the folder or case."""
 
@@ -58,8 +70,6 @@ def label_map(
     source: str | Mapping[int, str], labelset: str = "organ+tumour", cyst: str = "organ"
 ) -> dict[int, int]:
     """Source value -> target value for a layout name (e.g. "kits23") or a {value: name} dict."""
-    from .layouts import LAYOUT_LABELS
-
     _check_options(labelset, cyst)
     if isinstance(source, str):
         if source not in LAYOUT_LABELS:

@@ -32,18 +32,9 @@ import SimpleITK as sitk
 from HLFDSegmentLib.errors import InputError
 from HLFDSegmentLib.io import IMAGE_SUFFIXES, check_image, full_suffix, read_image
 
-from .labels import DataError
+from .labels import LAYOUT_LABELS, DataError
 
 LAYOUTS = ("kits19", "kits21", "kits23", "lits", "msd", "nnunet", "folder")
-_KITS = {0: "background", 1: "kidney", 2: "tumor"}
-LAYOUT_LABELS: dict[str, dict[int, str]] = {
-    "kits19": _KITS,
-    "kits21": {**_KITS, 3: "cyst"},
-    "kits23": {**_KITS, 3: "cyst"},
-    "lits": {0: "background", 1: "liver", 2: "tumor"},
-    "folder": {0: "background", 1: "organ", 2: "tumour"},
-}
-LAYOUT_TASK = {"kits19": "kidney", "kits21": "kidney", "kits23": "kidney", "lits": "liver"}
 
 
 @dataclass(frozen=True)

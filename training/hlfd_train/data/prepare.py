@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -33,12 +32,13 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from HLFDSegmentLib.atomic import atomic_folder
 from HLFDSegmentLib.io import write_json
 from HLFDSegmentLib.modelpackage import make_card
 from HLFDSegmentLib.pipeline import background_value, body_box, model_grid, normalise
 
-from .labels import DataError, label_map, lookup_table, role_of, target_labels
-from .layouts import LAYOUT_TASK, Case, discover, load_case
+from .labels import LAYOUT_TASK, DataError, label_map, lookup_table, role_of, target_labels
+from .layouts import Case, discover, load_case
 
 FORMAT_VERSION = 1
 POINTS_PER_LABEL = 1000
@@ -247,16 +247,10 @@ def prepare_case(case: Case, job: Mapping[str, Any]) -> dict[str, Any]:
         **_label_index(lab8, case.case_id),
     }
     folder = Path(job["out"]) / case.case_id
-    tmp = Path(tempfile.mkdtemp(prefix=f".{case.case_id}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         np.save(tmp / "image.npy", img16)
         np.save(tmp / "label.npy", lab8)
         (tmp / "meta.json").write_text(json.dumps(meta, default=_plain) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 

@@ -10,8 +10,7 @@ from .losses import (
     resize_to,
     segmentation_loss,
 )
-from .methods import HLFD
-from .registry import (
+from .method_registry import (
     METHODS,
     DistillMethod,
     MissingTapError,
@@ -19,6 +18,7 @@ from .registry import (
     method_defaults,
     register_method,
 )
+from .methods import HLFD
 from .taps import FeatureTaps, probe_channels, run_with_taps
 
 __all__ = [

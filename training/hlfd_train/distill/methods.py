@@ -43,7 +43,7 @@ from .losses import (
     normalize_map,
     resize_to,
 )
-from .registry import DistillMethod, register_method
+from .method_registry import DistillMethod, register_method
 
 ENCODER = ("e1", "e2", "e3", "e4", "e5")
 DECODER = ("d5", "d4", "d3", "d2")

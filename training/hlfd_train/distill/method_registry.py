@@ -32,17 +32,12 @@ def register_method(name: str) -> Callable[[type[DistillMethod]], type[DistillMe
     return decorator
 
 
-def _ensure_builtin_methods() -> None:
-    from . import methods  # noqa: F401  (importing registers the built-in methods)
-
-
 def method_defaults(name: str) -> dict[str, Any]:
     """Default configuration of a registered method."""
     return dict(_lookup(name).defaults)
 
 
 def _lookup(name: str) -> type[DistillMethod]:
-    _ensure_builtin_methods()
     if name not in METHODS:
         raise ValueError(
             f"unknown distillation method {name!r}; known methods: {', '.join(sorted(METHODS))}"
@@ -173,10 +168,6 @@ class DistillMethod(nn.Module):
     def needs_logits(self) -> bool:
         """Whether :meth:`forward` uses the student and teacher logits."""
         return False
-
-    def num_adapter_parameters(self) -> int:
-        """Number of trainable adapter parameters (left out of the exported student)."""
-        return sum(p.numel() for p in self.parameters())
 
     def forward(
         self,

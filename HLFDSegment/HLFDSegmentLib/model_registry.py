@@ -46,7 +46,7 @@ DEADLINE_S = 3600.0  # a whole download (and a wait for another downloader's loc
 MIN_RATE_BPS = 4096.0  # slower than this on average after GRACE_S: give up (resumable)
 GRACE_S = 30.0
 
-Progress = Callable[[int, int], None]
+ByteProgress = Callable[[int, int], None]
 """``progress(done_bytes, total_bytes)``; ``total_bytes`` is 0 when unknown."""
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ def resolve_model(
     *,
     registry: str | os.PathLike[str] | None = None,
     offline: bool = False,
-    progress: Progress | None = None,
+    progress: ByteProgress | None = None,
 ) -> Path:
     """Local path of the package named by ``spec`` (a path, ``ID`` or ``ID@VERSION``).
 
@@ -384,7 +384,7 @@ class Limits:
 
 
 def _fetch(
-    url: str, part: Path, size: int | None, progress: Progress | None, limits: Limits
+    url: str, part: Path, size: int | None, progress: ByteProgress | None, limits: Limits
 ) -> tuple[str, int, int]:
     """Complete ``part`` from ``url``; return (sha256, byte count, offset it resumed from)."""
     if part.is_symlink():
@@ -471,7 +471,7 @@ def download(
     dest: str | os.PathLike[str],
     sha256: str,
     size: int | None = None,
-    progress: Progress | None = None,
+    progress: ByteProgress | None = None,
     timeout: float = 30,
     limits: Limits | None = None,
 ) -> Path:
@@ -513,7 +513,7 @@ def download(
     )
 
 
-def tqdm_progress(desc: str = "download", **tqdm_kwargs: Any) -> Progress:
+def tqdm_progress(desc: str = "download", **tqdm_kwargs: Any) -> ByteProgress:
     """A progress callback that draws a tqdm byte counter (created on first call)."""
     from tqdm import tqdm
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from HLFDSegmentLib import registry
+from HLFDSegmentLib import model_registry as registry
 from HLFDSegmentLib.errors import HLFDError, ModelError
-from HLFDSegmentLib.registry import (
+from HLFDSegmentLib.model_registry import (
     ChecksumError,
     DownloadError,
     ModelNotFoundError,

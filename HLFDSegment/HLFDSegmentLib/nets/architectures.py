@@ -1,11 +1,11 @@
-"""The architecture registry: names -> builders, argument checking, tap resolution."""
+"""The network architectures by name: builders, argument checking, declared taps."""
 
 from __future__ import annotations
 
 import functools
 import importlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -257,15 +257,3 @@ def build_network(
 def tap_paths(net: nn.Module) -> dict[str, str]:
     """Tap name -> dotted module path declared by ``net`` (empty for a net that declares none)."""
     return dict(getattr(net, "taps", {}))
-
-
-def tap_modules(net: nn.Module, paths: Mapping[str, str] | None = None) -> dict[str, nn.Module]:
-    """Resolve ``paths`` (default: the net's own taps) to modules, for forward hooks."""
-    paths = tap_paths(net) if paths is None else paths
-    resolved = {}
-    for name, path in paths.items():
-        try:
-            resolved[name] = net.get_submodule(path)
-        except AttributeError:
-            raise ValueError(f"tap {name!r}: no module {path!r} in {type(net).__name__}") from None
-    return resolved
