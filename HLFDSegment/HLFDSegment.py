@@ -39,7 +39,16 @@ UNSUPPORTED_MESSAGE = (
 )
 
 if SUPPORTED:
-    from HLFDSegmentLib import background, deps, modelmenu, mrml, samples, slicerjob, workerpool
+    from HLFDSegmentLib import (
+        background,
+        deps,
+        modelmenu,
+        mrml,
+        progress,
+        samples,
+        slicerjob,
+        workerpool,
+    )
     from HLFDSegmentLib.mrml import SegmentationRun
 
 
@@ -567,7 +576,7 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     done=done / 1e6, total=total / 1e6, percent=int(100 * done / total)
                 )
             return _("Downloading the model: {done:.1f} MB").format(done=done / 1e6)
-        stage = slicerjob.STAGE_NAMES.get(job.stage, job.stage)
+        stage = progress.STAGE_NAMES.get(job.stage, job.stage)
         return _("{stage}... {percent}%").format(
             stage=_(stage) if stage else _("Starting"), percent=int(100 * job.fraction)
         )

@@ -30,6 +30,17 @@ RUN_SPANS = _spans(_RUN_SHARES)
 """Worker stage -> (start, end) fraction of one run; ``segment`` holds :data:`SEGMENT_SPANS`."""
 STAGES = ("read", "model", *SEGMENT_SPANS, "write")
 """Every stage name a worker reports, in order (the Slicer panel names each)."""
+STAGE_NAMES = {
+    "read": "Reading the volume",
+    "model": "Loading the model",
+    "download": "Downloading the model",
+    "preprocess": "Preprocessing",
+    "infer": "Running the network",
+    "postprocess": "Postprocessing",
+    "resample": "Resampling to the CT grid",
+    "write": "Writing the result",
+}
+"""What the panel says for each stage (``download``: while ``model`` fetches the package)."""
 
 
 def within(progress: StageProgress, start: float, end: float) -> StageProgress:

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from .progress import STAGE_NAMES
+
 LIB_PARENT = Path(__file__).resolve().parents[1]
 """The folder that holds ``HLFDSegmentLib`` (put on the worker's PYTHONPATH)."""
 
@@ -56,16 +58,6 @@ class JobState(enum.Enum):
 
 EOF_GRACE_S = 5.0  # a worker that closed stdout gets this long to exit before it is killed
 KEEP_LOGS = 10  # worker logs kept in a job's ``log_dir`` (the newest ones)
-STAGE_NAMES = {
-    "read": "Reading the volume",
-    "model": "Loading the model",
-    "download": "Downloading the model",
-    "preprocess": "Preprocessing",
-    "infer": "Running the network",
-    "postprocess": "Postprocessing",
-    "resample": "Resampling to the CT grid",
-    "write": "Writing the result",
-}
 
 
 def worker_command(
