@@ -4,8 +4,8 @@
 
 Reads ``training/configs/synth-<task>.yaml`` (or ``--recipe``), takes its student run
 (``<method>-seed<seed>``) and its teacher's validation figures, and writes ``<dest>/<task>/``
-as a float16 package whose card says what the model is: trained on synthetic CT only, not for
-diagnosis.
+as a float16 package with its ONNX graph, whose card says what the model is: trained on
+synthetic CT only, not for diagnosis.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def ship(
         student,
         Path(dest) / task,
         half=True,
+        onnx=True,  # the CPU path without PyTorch (--backend onnx)
         card_fields={
             "name": f"synth-{task}-student",
             "version": version,
