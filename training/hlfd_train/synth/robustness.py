@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .generator import SynthConfig, synth_case
+from .generator import SynthConfig, SynthError, synth_case
 
 # held-out conditions: each is a set of generator keys over the task's default stream
 CONDITIONS: dict[str, dict[str, Any]] = {
@@ -91,9 +91,11 @@ def write_robustness(
     models = {}
     for path in model_paths:
         package = load_package(path)
-        models[f"{package.name} ({package.card['network']['architecture']})"] = Segmenter(
-            package, "cpu"
-        )
+        arch = package.card["network"]["architecture"]
+        name = f"{package.name} {package.version} ({arch})"
+        if name in models:
+            raise SynthError(f"{path}: the same model as another of --models ({name})")
+        models[name] = Segmenter(package, "cpu")
     results = evaluate_conditions(task, models, cases, seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
