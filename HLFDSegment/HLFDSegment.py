@@ -79,7 +79,7 @@ class HLFDSegment(ScriptedLoadableModule):
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = _("HLFD Segment")
+        self.parent.title = _("Kidney and Liver Tumor Segmentation (HLFD)")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["HLFDSegment contributors"]

@@ -236,7 +236,7 @@ slicer.app = mock.MagicMock()
 import HLFDSegment as module
 parent = mock.MagicMock()
 module.HLFDSegment(parent)
-assert parent.title == "HLFD Segment", parent.title
+assert parent.title == "Kidney and Liver Tumor Segmentation (HLFD)", parent.title
 assert parent.categories == ["Segmentation"]
 assert "ISBI" in parent.acknowledgementText
 slicer.app.connect.assert_called_once()
