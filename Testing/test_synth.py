@@ -156,22 +156,28 @@ def stream(workers=0, **kw):
 
     s = stream_settings({"synth": {"max_slices": 24, "inplane_mm": [2.5, 3.0]}}, "kidney")
     pre = {"orientation": "LPS", "spacing": [3.0, 3.0, None], "window": [-200.0, 300.0]}
-    args = dict(crop=(64, 64), samples=10**6, crops_per_case=8, batch=4, seed=3)
+    args = dict(crop=(64, 64), samples=10**6, crops_per_case=8, pool=2, batch=4, seed=3)
     return SynthSliceStream(
         s["config"], {**pre, "normalize": {"mode": "minmax"}}, **{**args, **kw}, workers=workers
     )
 
 
-def test_stream_lays_cases_out_per_worker():
-    """With W workers, batch b goes to worker b mod W: each case is made by one worker and
-    serves crops_per_case crops (two batches of 4 here), then the worker makes a new one."""
-    one, two = stream(0), stream(2)
-    seeds1 = [one.case_seed(4 * b) for b in range(6)]
-    assert seeds1[0] == seeds1[1] != seeds1[2] == seeds1[3] != seeds1[4]
-    seeds2 = [two.case_seed(4 * b) for b in range(8)]
-    assert seeds2[0] == seeds2[2] and seeds2[1] == seeds2[3] and seeds2[0] != seeds2[1]
-    assert len({seeds2[0], seeds2[1], seeds2[4], seeds2[5]}) == 4
-    assert all(two.case_seed(4 * b + i) == seeds2[b] for b in range(4) for i in range(4))
+def test_stream_mixes_cases_in_every_batch_and_renews_them_in_turn():
+    """Every batch draws from `pool` cases (BatchNorm sees several patients per step); each
+    case serves crops_per_case crops, then its slot gets a new case, one slot at a time; each
+    worker (batch b -> worker b mod W) makes its own cases."""
+    from collections import Counter
+
+    one = stream(0, pool=4)  # batch 4, 8 crops per case: a case lives 8 batches
+    seeds = [[one.case_seed(4 * b + j) for j in range(4)] for b in range(64)]
+    assert all(len(set(batch)) == 4 for batch in seeds)
+    uses = Counter(s for batch in seeds for s in batch)
+    assert sorted(set(uses.values()))[-1] == 8  # a whole life serves crops_per_case crops
+    new = [len(set(seeds[b]) - set(seeds[b - 1])) for b in range(1, 64)]
+    assert set(new) == {0, 1} and sum(new) == 63 // 2  # one new case every 2 batches
+    two = stream(2, pool=4)
+    lanes = [{two.case_seed(4 * b + j) for b in range(w, 32, 2) for j in range(4)} for w in (0, 1)]
+    assert not lanes[0] & lanes[1]  # no case is made by both workers
 
 
 def test_stream_items_are_reproducible_and_workers_do_not_change_them():
@@ -208,6 +214,7 @@ def test_stream_settings_are_checked():
     for bad, word in [
         ({"crop_per_case": 3}, "data.stream.crop_per_case"),
         ({"crops_per_case": 0}, "crops_per_case"),
+        ({"pool": 0}, "pool"),
         ({"seed": "x"}, "seed"),
         ({"synth": {"noise_hu": [5, 1]}}, "noise_hu"),
     ]:

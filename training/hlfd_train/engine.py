@@ -211,6 +211,7 @@ def synth_stream(cfg: Mapping[str, Any], prepared: Any, samples: int):
         tumour_fraction=d["tumour_fraction"],
         samples=samples,
         crops_per_case=settings["crops_per_case"],
+        pool=settings["pool"],
         batch=int(cfg["train"]["batch_size"]),
         workers=int(d["workers"]),
         world=distributed()[1],

@@ -2,11 +2,14 @@
 
 No dataset on disk: sample ``i`` is a pure function of (seed, i), like the prepared datasets, so
 a resumed run sees the batches an uninterrupted run would have seen. Making a case costs seconds
-(``synth_case``), so each case serves ``crops_per_case`` crops, and the cases are laid out so that
-every DataLoader worker makes its own: with ``W`` workers, batch ``b`` goes to worker ``b mod W``
-(PyTorch's round robin), and the case of batch ``b`` depends only on ``b mod W`` and
-``b // (W * batches_per_case)``. A worker therefore keeps one case in memory and makes the next
-when its batches move on; no case is made twice.
+(``synth_case``), so each case serves ``crops_per_case`` crops. A batch of crops from one case
+would give BatchNorm one patient's statistics per step (it measurably unlearns: a fine-tune on
+such batches lost 0.1-0.3 organ Dice), so every DataLoader worker keeps a rolling pool of
+``pool`` cases, each batch draws its crops from all of them, and the pool renews one case at a
+time: with ``W`` workers, batch ``b`` goes to worker ``b mod W`` (PyTorch's round robin), and
+slot ``k`` of that worker's pool depends only on ``b mod W``, ``k`` and the worker's batch count.
+No case is made twice, and each worker makes a new case every
+``crops_per_case / batch`` batches (after its first ``pool`` cases).
 
 The case is preprocessed exactly as the prepared cache and the runtime do (``model_grid``,
 ``normalise``), and crops are drawn as :class:`~hlfd_train.data.SliceDataset` draws them
@@ -30,7 +33,7 @@ from ..data.augment import make_augment
 from ..data.datasets import finish_sample, window, window_start
 from .generator import SynthConfig, SynthError, synth_case
 
-STREAM_KEYS = {"crops_per_case": 32, "seed": 1, "synth": {}}
+STREAM_KEYS = {"crops_per_case": 32, "pool": 8, "seed": 1, "synth": {}}
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,8 @@ class StreamCase:
 
 
 def stream_settings(values: Mapping[str, Any] | None, task: str) -> dict[str, Any]:
-    """``data.stream`` checked: crops_per_case (int > 0), seed (int), synth (generator keys)."""
+    """``data.stream`` checked: crops_per_case, pool (ints > 0), seed (int), synth (generator
+    keys)."""
     values = dict(values or {})
     unknown = sorted(set(values) - set(STREAM_KEYS))
     if unknown:
@@ -53,9 +57,9 @@ def stream_settings(values: Mapping[str, Any] | None, task: str) -> dict[str, An
             f"{', '.join(sorted(STREAM_KEYS))})"
         )
     out = {**STREAM_KEYS, **values}
-    for key in ("crops_per_case", "seed"):
+    for key in ("crops_per_case", "pool", "seed"):
         v = out[key]
-        if not isinstance(v, int) or isinstance(v, bool) or (key == "crops_per_case" and v < 1):
+        if not isinstance(v, int) or isinstance(v, bool) or (key != "seed" and v < 1):
             raise ConfigError(f"config key 'data.stream.{key}': a positive int, got {v!r}")
     if not isinstance(out["synth"], Mapping):
         raise ConfigError(f"config key 'data.stream.synth': a mapping, got {out['synth']!r}")
@@ -93,6 +97,7 @@ class SynthSliceStream(Dataset):
         tumour_fraction: float = 0.5,
         samples: int = 2**31,
         crops_per_case: int = 32,
+        pool: int = 8,
         batch: int = 8,
         workers: int = 0,
         world: int = 1,
@@ -106,31 +111,35 @@ class SynthSliceStream(Dataset):
         self.foreground_fraction, self.tumour_fraction = foreground_fraction, tumour_fraction
         self.samples, self.batch = int(samples), max(1, int(batch))
         self.workers, self.world, self.seed = max(1, int(workers)), max(1, int(world)), int(seed)
-        self.batches_per_case = max(1, round(crops_per_case / self.batch))
+        self.pool = max(1, min(int(pool), self.batch))  # a batch draws from at most `batch`
+        # a case lives `life` of its worker's batches, serving batch / pool crops in each
+        self.life = max(self.pool, round(crops_per_case * self.pool / self.batch))
         self.background = background_value(self.pre)
-        self._cached: tuple[int, StreamCase] | None = None
+        self._cached: dict[int, tuple[int, StreamCase]] = {}  # pool slot -> (seed, case)
 
     def __len__(self) -> int:
         return self.samples
 
     def case_seed(self, index: int) -> int:
         """The generator seed of sample ``index``'s case (distinct from ``write``'s seeds)."""
-        b = int(index) // self.batch
+        b, j = divmod(int(index), self.batch)
         step, rank = divmod(b, self.world)
-        lane, cycle = step % self.workers, step // (self.workers * self.batches_per_case)
-        words = [self.seed, 0x5EED, rank, lane, cycle]
+        lane, t = step % self.workers, step // self.workers  # t: the worker's batch count
+        slot = j % self.pool
+        generation = (t + slot * self.life // self.pool) // self.life  # slots renew in turn
+        words = [self.seed, 0x5EED, rank, lane, slot, generation]
         return int(np.random.SeedSequence(words).generate_state(1)[0])
 
-    def case(self, seed: int) -> StreamCase:
-        """The preprocessed case of ``seed`` (the last one is kept)."""
-        if self._cached is None or self._cached[0] != seed:
-            self._cached = None  # free the old case before making the next
-            self._cached = (seed, stream_case(self.config, seed, self.pre))
-        return self._cached[1]
+    def case(self, index: int) -> tuple[int, StreamCase]:
+        """(seed, preprocessed case) of sample ``index``; the worker's pool keeps its cases."""
+        seed, slot = self.case_seed(index), index % self.batch % self.pool
+        if slot not in self._cached or self._cached[slot][0] != seed:
+            self._cached.pop(slot, None)  # free the old case before making the next
+            self._cached[slot] = (seed, stream_case(self.config, seed, self.pre))
+        return self._cached[slot]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        seed = self.case_seed(index)
-        case = self.case(seed)
+        seed, case = self.case(index)
         rng = np.random.default_rng([self.seed, 0xC0, int(index)])
         depth, h, w = case.image.shape
         ch, cw = self.size
