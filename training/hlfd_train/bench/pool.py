@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from HLFDSegmentLib.atomic import atomic_write
 from HLFDSegmentLib.modelpackage import load_package
 
 from ..config import ConfigError
@@ -40,9 +41,7 @@ def evaluate_run(folder: Path, prepared: PreparedData, split: str = "test") -> d
         return json.loads(cached.read_text(encoding="utf-8"))
     package = export(folder, folder / "package", timing=False)
     report = evaluate(load_package(package), prepared.eval_cases(split), prepared.label_lut())
-    partial = cached.with_suffix(".part")
-    partial.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    partial.replace(cached)  # atomic: a killed benchmark never leaves half a file
+    atomic_write(cached, json.dumps(report, indent=2) + "\n")  # never half a file
     return report
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from ..evaluate import dice
 from .generator import SynthConfig, SynthError, synth_case
 
 # held-out conditions: each is a set of generator keys over the task's default stream
@@ -55,10 +56,6 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing) -> dict[str, floa
     """Organ Dice (organ + tumour, as KiTS/LiTS report it), tumour Dice (NaN when the case has
     no tumour), tumour mL called in a tumour-free case, tumour mL within 10 mm of the border."""
     ml = float(np.prod(spacing)) / 1000.0
-
-    def dice(p, t):
-        s = int(p.sum()) + int(t.sum())
-        return 1.0 if s == 0 else 2.0 * int((p & t).sum()) / s
 
     has_tumour = bool((truth == 2).any())
     border = np.zeros(pred.shape[1:], dtype=bool)
