@@ -211,6 +211,12 @@ def time_pipeline(package: Any, image_path: Path | None) -> list[dict[str, Any]]
     ]
 
 
+def _run_name(path: Path) -> str:
+    """``<name>/<run>`` of a run folder or of a weights file inside one (no machine paths)."""
+    folder = path.parent if path.suffix == ".safetensors" else path
+    return f"{folder.parent.name}/{folder.name}"
+
+
 def data_description(cfg: dict, info: dict) -> str:
     """What the run was trained on, without the training machine's paths: a synthetic dataset
     (``synth.json`` beside it) says so, in words a reader cannot take for KiTS or LiTS."""
@@ -257,7 +263,7 @@ def export(
     state = load_weights(weights)
     teacher = summary.get("teacher")
     provenance = {
-        "teacher": Path(teacher).name if teacher else teacher,
+        "teacher": _run_name(Path(teacher)) if teacher else teacher,
         "method": "none (teacher)" if role == "teacher" else cfg["distill"]["method"],
         "data": data_description(cfg, info),
         "seed": cfg["seed"],
