@@ -115,8 +115,12 @@ def test_built_in_card_summary_says_data_accuracy_licence_and_not_for_diagnosis(
     assert "<b>Liver + liver tumor (student, synthetic CT)</b>" in text
     assert "Task: liver CT segmentation: Liver, Liver tumor" in text
     assert "Training data: synthetic CT only" in text
-    assert "Measured accuracy: validation Dice: Liver 0.91, Liver tumor 0.22" in text
-    assert "Measured time: 2.73 s on cpu" in text
+    dice = card["metrics"]["validation_dice"]  # the shipped card's own figures
+    liver, tumour = dice["val.Liver"], dice["val.Liver tumor"]
+    accuracy = f"validation Dice: Liver {liver:.2f}, Liver tumor {tumour:.2f}"
+    assert f"Measured accuracy: {accuracy}" in text
+    seconds = card["runtimes"][0]["seconds"]
+    assert f"Measured time: {seconds:.2f} s on cpu" in text
     assert "Licence: Apache-2.0" in text
     assert text.endswith("<b>Research use only; not for diagnosis.</b>")
     assert "not for diagnosis" in modelmenu.card_summary(None)

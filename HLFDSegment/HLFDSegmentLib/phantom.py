@@ -268,9 +268,13 @@ def make_phantom(config: PhantomConfig | None = None, seed: int = 0) -> Phantom:
             f"{cfg.shape}, spacing {spacing}; enlarge the shape or set tumours=(0, 0)"
         )
 
+    # tumour centres at least a largest radius inside the field of view, or a quarter of its
+    # shortest side where the field is small (a thin slab still shows its tumours)
+    extent = min(n * float(sp_) for n, sp_ in zip(cfg.shape[::-1], spacing))
+    margin = min(cfg.tumour_radius_mm[1], extent / 4)
     tumours = []
     for _ in range(int(rng.integers(cfg.tumours[0], cfg.tumours[1] + 1))):
-        c, r = site(cfg.tumour_radius_mm[1]), u(*cfg.tumour_radius_mm)
+        c, r = site(margin), u(*cfg.tumour_radius_mm)
         blob = sp.full(c, (r * u(0.8, 1.2), r * u(0.8, 1.2), r * u(0.8, 1.2)), (0.25, u(0, 6)))
         for _ in range(rng.integers(0, 3)):  # lobules
             blob |= sp.full(tuple(np.add(c, rng.normal(0, r * 0.5, 3))), (r * 0.6,) * 3)

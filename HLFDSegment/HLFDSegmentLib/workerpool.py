@@ -32,6 +32,7 @@ from .slicerjob import kill_tree, parse_event, popen_launcher
 
 WORKER_MODULE = "HLFDSegmentLib.worker"
 STOP_GRACE_S = 2.0  # a stopped worker gets this long to exit on its own before it is killed
+CANCEL_GRACE_S = 2.0  # longest wait for a cancelled (killed) worker to be gone before reuse
 
 WorkerKey = tuple[tuple[str, ...], str, str, int | None, bool]
 """(command prefix: python and any wrapper, model, device, threads, offline)."""
@@ -236,6 +237,11 @@ class WorkerPool:
         """The live worker for ``key``: the running one, or a new one if none runs."""
         with self._lock:
             current = self._workers.pop(key, None)  # re-inserted last: most recently used
+            if current is not None and current.busy:
+                # a request still open: its job was cancelled (the panel runs one at a time) and
+                # the kill is reaped in the background; let it land before reusing the worker
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    current.process.wait(CANCEL_GRACE_S)
             if current is not None and current.alive:
                 self._workers[key] = current
                 return current

@@ -156,6 +156,7 @@ def run(
         results[name] = {
             label: {k: s[k]["mean"] for k in ("dice", "hd95", "rvd")}
             for label, s in rep["summary"].items()
+            if label != "lesions"  # the summed lesion-detection counts, not a label
         }
 
     print("[7/7] overlay and attention maps")
