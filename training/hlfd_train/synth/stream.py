@@ -4,7 +4,7 @@ No dataset on disk: sample ``i`` is a pure function of (seed, i), like the prepa
 a resumed run sees the batches an uninterrupted run would have seen. Making a case costs seconds
 (``synth_case``), so each case serves ``crops_per_case`` crops. A batch of crops from one case
 would give BatchNorm one patient's statistics per step (it measurably unlearns: a fine-tune on
-such batches lost 0.1-0.3 organ Dice), so every DataLoader worker keeps a rolling pool of
+such batches lost 0.06-0.3 organ Dice), so every DataLoader worker keeps a rolling pool of
 ``pool`` cases, each batch draws its crops from all of them, and the pool renews one case at a
 time: with ``W`` workers, batch ``b`` goes to worker ``b mod W`` (PyTorch's round robin), and
 slot ``k`` of that worker's pool depends only on ``b mod W``, ``k`` and the worker's batch count.
@@ -60,7 +60,8 @@ def stream_settings(values: Mapping[str, Any] | None, task: str) -> dict[str, An
     for key in ("crops_per_case", "pool", "seed"):
         v = out[key]
         if not isinstance(v, int) or isinstance(v, bool) or (key != "seed" and v < 1):
-            raise ConfigError(f"config key 'data.stream.{key}': a positive int, got {v!r}")
+            want = "an int" if key == "seed" else "a positive int"
+            raise ConfigError(f"config key 'data.stream.{key}': {want}, got {v!r}")
     if not isinstance(out["synth"], Mapping):
         raise ConfigError(f"config key 'data.stream.synth': a mapping, got {out['synth']!r}")
     try:
