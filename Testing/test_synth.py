@@ -220,3 +220,14 @@ def test_stream_settings_are_checked():
     ]:
         with pytest.raises(ConfigError, match=word):
             stream_settings(bad, "kidney")
+
+
+def test_a_bad_stream_setting_leaves_no_run_folder(tmp_path, capsys):
+    from pathlib import Path
+
+    recipe = str(Path(__file__).parents[1] / "training/configs/synth-liver-stream.yaml")
+    code = train_cli(
+        ["distill", "-c", recipe, "-q", "--set", f"output={tmp_path}", "data.stream.pool=0"]
+    )
+    assert code == 1 and "data.stream.pool" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

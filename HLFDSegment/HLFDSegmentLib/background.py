@@ -15,7 +15,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .slicerjob import kill_tree, worker_env
+from .slicerjob import kill_tree, new_process_group, worker_env
 
 
 class BackgroundCommand:
@@ -32,13 +32,6 @@ class BackgroundCommand:
         self._eof = False
 
     def start(self) -> BackgroundCommand:
-        kwargs: dict[str, Any] = {}
-        if os.name == "nt":  # pragma: no cover - Windows only
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(
-                subprocess, "CREATE_NO_WINDOW", 0
-            )
-        else:
-            kwargs["start_new_session"] = True
         self._process = subprocess.Popen(
             self.argv,
             env=self.env,
@@ -49,7 +42,7 @@ class BackgroundCommand:
             encoding="utf-8",
             errors="replace",
             bufsize=1,
-            **kwargs,
+            **new_process_group(),
         )
         threading.Thread(
             target=self._read, args=(self._process.stdout,), name="hlfd-background", daemon=True

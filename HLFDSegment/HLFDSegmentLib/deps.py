@@ -96,7 +96,7 @@ def install(
 
 
 def describe_device(device: str) -> str:
-    """One line for the torch device a run uses (``cuda:0`` -> its GPU name); imports torch."""
+    """One line for the torch device a run uses (a CUDA device -> its GPU name); imports torch."""
     import torch
 
     if device.startswith("cuda") and torch.cuda.is_available():

@@ -92,19 +92,22 @@ def worker_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def new_process_group() -> dict[str, Any]:
+    """``Popen`` arguments that start a child in its own session (POSIX) / process group
+    (Windows, without a console window), so :func:`kill_tree` can kill everything it starts."""
+    if os.name == "nt":  # pragma: no cover - Windows only
+        flags = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        return {"creationflags": flags}
+    return {"start_new_session": True}
+
+
 def popen_launcher(
     argv: Sequence[str], env: Mapping[str, str], log_path: Path, *, stdin: int = subprocess.DEVNULL
 ) -> Process:
     """Start ``argv`` in a new session (POSIX) / process group (Windows), so the whole tree
     can be killed at once; stdout is a line-buffered text pipe, stderr goes to ``log_path``
     (``stdin=subprocess.PIPE``: a text pipe too, for the persistent worker's requests)."""
-    kwargs: dict[str, Any] = {}
-    if os.name == "nt":  # pragma: no cover - Windows only
-        kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(
-            subprocess, "CREATE_NO_WINDOW", 0
-        )
-    else:
-        kwargs["start_new_session"] = True
+    kwargs = new_process_group()
     with open(log_path, "wb") as log:
         return subprocess.Popen(
             list(argv),

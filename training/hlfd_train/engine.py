@@ -440,6 +440,10 @@ class Trainer:
         self.tcfg = cfg["train"]
         self.method_name = cfg["distill"]["method"] if role == "student" else "none"
         state = self._saved_state()
+        if cfg["data"]["stream"] is not None:  # a bad stream setting leaves no run folder
+            from .synth.stream import stream_settings
+
+            stream_settings(cfg["data"]["stream"], cfg["data"]["task"])
         if self.rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.folder / "config.yaml")
