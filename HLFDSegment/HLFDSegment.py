@@ -436,8 +436,7 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
         ):
             return
-        torchMissing = deps.torch_missing()
-        missing = deps.missing_requirements()
+        torchMissing, missing = self.logic.requirements(p.model, p.device)
         if torchMissing or missing:
             if not slicer.util.confirmOkCancelDisplay(
                 _(deps.install_question(torchMissing, missing))
@@ -678,13 +677,26 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
         """(title, MODEL argument) pairs: built-in, registry, cache, then ``extra`` paths."""
         return modelmenu.list_models(extra or []).choices
 
-    def installDependencies(self, askConfirmation: bool = True) -> bool:
-        """Install torch (PyTorch extension) and the rest (pip, Slicer's packages pinned), and
-        wait (for scripts; the panel installs in a followed background process instead).
+    @staticmethod
+    def requirements(model: str, device: str = "auto") -> tuple[bool, list]:
+        """(torch needed and missing, missing pip requirements) to run ``model`` on ``device``:
+        on the CPU a model with an ONNX graph needs onnxruntime only, no PyTorch."""
+        return deps.requirements_for(
+            slicerjob.device_argument(device), modelmenu.has_onnx_graph(model)
+        )
+
+    def installDependencies(
+        self, model: Optional[str] = None, device: str = "auto", askConfirmation: bool = True
+    ) -> bool:
+        """Install what running ``model`` on ``device`` needs (torch through the PyTorch
+        extension, the rest with pip, Slicer's packages pinned) and wait (for scripts; the panel
+        installs in a followed background process instead). Without a model: the torch path.
 
         Returns False if the user declined; raises RuntimeError with a clear message on failure."""
-        torchMissing = deps.torch_missing()
-        missing = deps.missing_requirements()
+        if model is None:
+            torchMissing, missing = deps.torch_missing(), deps.missing_requirements()
+        else:
+            torchMissing, missing = self.requirements(model, device)
         if not torchMissing and not missing:
             return True
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(
@@ -769,12 +781,14 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
         """Segment ``volumeNode`` and wait; returns the segmentation node (raises on failure).
 
         ``model``: package folder/.zip or registry id (default: the first available model)."""
-        self.installDependencies(askConfirmation=not slicer.app.commandOptions().noMainWindow)
         if model is None:
             choices = self.modelChoices()
             if not choices:
                 raise ValueError(_("No model available: pass model='path/to/package'."))
             model = choices[0][1]
+        self.installDependencies(
+            model, device, askConfirmation=not slicer.app.commandOptions().noMainWindow
+        )
         run = mrml.segment_volume(
             volumeNode,
             model,
@@ -819,7 +833,7 @@ class HLFDSegmentTest(ScriptedLoadableModuleTest):
     def test_SegmentSampleWithBuiltInModel(self) -> None:
         self.delayDisplay(_("Installing dependencies if needed"))
         logic = HLFDSegmentLogic()
-        logic.installDependencies(askConfirmation=False)
+        logic.installDependencies("kidney", askConfirmation=False)
         self.delayDisplay(_("Segmenting the sample kidney CT with the built-in kidney model"))
         volumeNode = self._sampleVolume()
         segmentation = logic.segment(volumeNode, model="kidney", show3D=True, timeout=600)

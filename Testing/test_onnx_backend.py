@@ -143,6 +143,43 @@ def test_onnx_path_segments_with_torch_unimportable(tmp_path, phantom_ct):
     assert labels.shape[1:] == (96, 96) and labels.any()
 
 
+def test_slicer_worker_on_the_cpu_runs_onnx_and_never_imports_torch(tmp_path, phantom_ct):
+    """The persistent Slicer worker with torch installed: a built-in model on the CPU runs in
+    ONNX Runtime, and torch (2 s to import) is never loaded, for the first request or later."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from HLFDSegmentLib import worker
+        code = worker.main(sys.argv[1:])
+        print("torch loaded:", "torch" in sys.modules, file=sys.stderr)
+        sys.exit(code)
+        """
+    )
+    requests = "".join(
+        json.dumps({"id": i, "input": str(phantom_ct), "output": str(tmp_path / f"{i}.nrrd")})
+        + "\n"
+        for i in (1, 2)
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", script, "--serve", "--model", "liver", "--device", "cpu"],
+        input=requests,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "torch loaded: False" in res.stderr
+    events = [json.loads(line) for line in res.stdout.splitlines()]
+    device = [e for e in events if e["event"] == "device"]
+    assert [e["backend"] for e in device] == ["onnx", "onnx"]
+    assert "ONNX Runtime" in device[0]["description"] and device[0]["precision"] == "float32"
+    assert [e["status"] for e in events if e["event"] == "end"] == [0, 0]
+    first, second = (sitk.ReadImage(str(tmp_path / f"{i}.nrrd")) for i in (1, 2))
+    assert sitk.GetArrayFromImage(first).any()
+    assert (sitk.GetArrayFromImage(first) == sitk.GetArrayFromImage(second)).all()
+
+
 def test_help_and_model_listing_import_no_torch():
     script = textwrap.dedent(
         """
@@ -188,15 +225,26 @@ def test_onnx_backend_on_a_package_without_onnx_is_one_clear_line(tiny_package, 
     assert not (tmp_path / "s.nii.gz").exists()
 
 
-def test_auto_backend_is_torch_when_installed_else_onnx():
+def test_auto_backend_is_onnx_on_the_cpu_and_torch_for_a_gpu(tiny_package, monkeypatch):
+    from HLFDSegmentLib import backends
+
     package = load_package(builtin_models()["kidney"])
+    assert resolve_backend("auto", package, "cpu") == "onnx"  # faster there, no torch import
+    assert resolve_backend("auto", package, "cuda") == "torch"
+    assert resolve_backend("auto", package, "mps") == "torch"
+    assert resolve_backend("torch", package, "cpu") == "torch"  # asked for: kept
+    assert resolve_backend("auto", load_package(tiny_package), "cpu") == "torch"  # no graph
+    # device auto: the CPU path unless a GPU driver is found (decided without importing torch)
+    monkeypatch.setattr(backends, "accelerator_possible", lambda: False)
+    assert resolve_backend("auto", package) == "onnx"
+    monkeypatch.setattr(backends, "accelerator_possible", lambda: True)
     assert resolve_backend("auto", package) == "torch"
-    res = _python(
+    res = _python(  # no torch at all: ONNX Runtime even where a GPU is asked for
         NO_TORCH
         + "from HLFDSegmentLib.backends import resolve_backend\n"
         + "from HLFDSegmentLib.modelpackage import load_package\n"
         + "from HLFDSegmentLib.model_registry import builtin_models\n"
-        + "print(resolve_backend('auto', load_package(builtin_models()['kidney'])))\n"
+        + "print(resolve_backend('auto', load_package(builtin_models()['kidney']), 'cuda'))\n"
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "onnx"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from HLFDSegmentLib import deps, samples
+from HLFDSegmentLib import deps, modelmenu, samples
 from HLFDSegmentLib.model_registry import RegistryEntry
 from HLFDSegmentLib.modelpackage import standard_labels
 from HLFDSegmentLib.slicerjob import (
@@ -256,6 +256,34 @@ def test_install_question_says_the_real_download_size():
     assert deps.torch_build("darwin") == "torch-macos"
     assert deps.has_nvidia_gpu(which=lambda name: "/usr/bin/" + name)
     assert not deps.has_nvidia_gpu(which=lambda name: None)
+
+
+def test_cpu_users_need_no_torch_for_a_model_with_an_onnx_graph(tmp_path):
+    def present(*modules: str):
+        return lambda m: object() if m in modules else None
+
+    none = present()
+    assert deps.requirements_for("cpu", True, none) == (False, list(deps.ONNX_REQUIREMENTS))
+    assert deps.requirements_for("auto", True, none, gpu=False)[0] is False
+    for device, graph, gpu in [("cuda", True, False), ("mps", True, True), ("cpu", False, False)]:
+        assert deps.requirements_for(device, graph, none, gpu=gpu) == (
+            True,
+            list(deps.REQUIREMENTS),
+        )
+    assert deps.requirements_for("auto", True, none, gpu=True)[0] is True  # the GPU is faster
+    ready = present("onnxruntime", "safetensors", "jsonschema")
+    assert deps.requirements_for("cpu", True, ready) == (False, [])
+    assert "about 17 MB" in deps.install_question(False, deps.ONNX_REQUIREMENTS)
+    assert deps.accelerator_possible(which=lambda name: None, system="linux") is False
+    rocm = lambda name: "/opt/rocm/bin/rocm-smi" if name == "rocm-smi" else None  # noqa: E731
+    assert deps.accelerator_possible(which=rocm, system="linux") is True
+    assert deps.accelerator_possible(which=lambda n: None, system="darwin", machine="arm64")
+    assert not deps.accelerator_possible(which=lambda n: None, system="darwin", machine="x86_64")
+    # the panel asks the model's card whether it has a graph (no torch, no jsonschema)
+    assert modelmenu.has_onnx_graph("liver") and modelmenu.has_onnx_graph("kidney")
+    (tmp_path / "model.json").write_text('{"name": "m", "task": "liver"}')
+    assert not modelmenu.has_onnx_graph(str(tmp_path))
+    assert not modelmenu.has_onnx_graph(str(tmp_path / "absent"))
 
 
 def test_pip_runs_in_a_background_process_whose_lines_are_shown(tmp_path):

@@ -1,6 +1,8 @@
 """What the worker needs in Slicer's Python, and how to install it without breaking Slicer.
 
-torch comes from the PyTorch extension (``PyTorchUtils``, which picks the right CUDA build);
+Two paths: on the CPU a model with an ONNX graph runs in ONNX Runtime (``onnxruntime``, about
+15 MB: no PyTorch at all, see :func:`needs_torch`); a GPU, or a model without a graph, needs
+torch. torch comes from the PyTorch extension (``PyTorchUtils``, which picks the right CUDA build);
 the rest is installed with pip under a constraints file that pins the packages Slicer ships
 (numpy, scipy, SimpleITK, vtk) and the extension's torch to their installed versions, so they
 are never replaced (e.g. monai 1.6 requires torch>=2.8: without the pin pip would swap the
@@ -12,6 +14,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import platform
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -24,11 +27,19 @@ REQUIREMENTS: tuple[tuple[str, str], ...] = (
     ("safetensors", "safetensors>=0.4"),
     ("jsonschema", "jsonschema>=4"),
 )
+"""The torch path's requirements (besides torch)."""
+ONNX_REQUIREMENTS: tuple[tuple[str, str], ...] = (
+    ("onnxruntime", "onnxruntime>=1.17"),
+    ("safetensors", "safetensors>=0.4"),
+    ("jsonschema", "jsonschema>=4"),
+)
+"""The CPU path's requirements: no torch, no monai."""
 DOWNLOAD_MB = {"torch-cuda": 3000, "torch-cpu": 200, "torch-macos": 80, "other": 1}
 """Approximate download sizes (MB): a CUDA torch with its NVIDIA libraries is ~2.5-4 GB (the
 wheel and the nvidia-* packages, PyTorch 2.x, Linux/Windows), a CPU one ~200 MB, macOS ~80 MB;
-monai ~3 MB; safetensors and jsonschema (with its dependencies) ~1 MB each."""
-REQUIREMENT_MB = {"monai": 3}
+monai ~3 MB; onnxruntime ~15 MB (CPU wheel, 1.2x); safetensors and jsonschema (with its
+dependencies) ~1 MB each."""
+REQUIREMENT_MB = {"monai": 3, "onnxruntime": 15}
 PROTECTED = ("numpy", "scipy", "SimpleITK", "vtk", "torch")
 """Distributions bundled with Slicer (and torch, installed by the PyTorch extension) that an
 install must never upgrade or downgrade."""
@@ -44,6 +55,29 @@ def missing_requirements(
 
 def torch_missing(find_spec: Callable[[str], object] = importlib.util.find_spec) -> bool:
     return find_spec("torch") is None
+
+
+def needs_torch(device: str, has_onnx_graph: bool, gpu: bool | None = None) -> bool:
+    """Whether a run on ``device`` (auto, cpu, cuda, cuda:N, mps) of a model with or without an
+    ONNX graph needs torch: for a GPU (asked, or ``auto`` where a GPU driver is found,
+    :func:`accelerator_possible`) or for a model without a graph. The CPU path needs only
+    :data:`ONNX_REQUIREMENTS`."""
+    if not has_onnx_graph or device.split(":")[0] in {"cuda", "mps"}:
+        return True
+    return device == "auto" and (accelerator_possible() if gpu is None else gpu)
+
+
+def requirements_for(
+    device: str,
+    has_onnx_graph: bool,
+    find_spec: Callable[[str], object] = importlib.util.find_spec,
+    gpu: bool | None = None,
+) -> tuple[bool, list[tuple[str, str]]]:
+    """``(torch missing and needed, missing (module, requirement) pairs)`` for a run on
+    ``device`` (see :func:`needs_torch`)."""
+    if needs_torch(device, has_onnx_graph, gpu):
+        return torch_missing(find_spec), missing_requirements(REQUIREMENTS, find_spec)
+    return False, missing_requirements(ONNX_REQUIREMENTS, find_spec)
 
 
 def constraints(
@@ -113,6 +147,16 @@ def has_nvidia_gpu(which=shutil.which) -> bool:
     return which("nvidia-smi") is not None
 
 
+def accelerator_possible(
+    which=shutil.which, system: str = sys.platform, machine: str | None = None
+) -> bool:
+    """A GPU torch could use may be here: an NVIDIA or AMD (ROCm) driver, or Apple silicon
+    (MPS). False means CPU for sure, decided without importing torch (2 s)."""
+    if system == "darwin":
+        return (machine or platform.machine()) == "arm64"
+    return has_nvidia_gpu(which) or which("rocm-smi") is not None
+
+
 def torch_build(platform: str = sys.platform, nvidia: bool | None = None) -> str:
     """Which torch the PyTorch extension will install here: torch-cuda, torch-cpu, torch-macos."""
     if platform == "darwin":
@@ -175,7 +219,9 @@ def write_constraints(folder: str | os.PathLike[str]) -> Path:
 def detect_device() -> str:
     """One line for the UI: the accelerator torch sees, or why there is none."""
     if torch_missing():
-        return "PyTorch not installed yet"
+        if accelerator_possible():
+            return "GPU driver found; PyTorch (for the GPU) not installed yet"
+        return f"CPU only ({os.cpu_count()} cores; ONNX Runtime, no PyTorch needed)"
     from .devices import describe_accelerator
 
     return describe_accelerator()

@@ -134,6 +134,13 @@ def read_card(spec: str | os.PathLike[str]) -> dict[str, Any] | None:
     }
 
 
+def has_onnx_graph(spec: str | os.PathLike[str]) -> bool:
+    """The MODEL argument's card names an ONNX graph, so it runs on the CPU without PyTorch
+    (registry entries are not known to have one until downloaded)."""
+    card = read_card(spec)
+    return bool(card and card.get("onnx"))
+
+
 def _as_card(data: Any) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 

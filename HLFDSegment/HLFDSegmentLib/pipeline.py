@@ -297,6 +297,11 @@ class Segmenter:
         return self.runner.precision
 
     @property
+    def description(self) -> str:
+        """One line for the UI: the device and how the network runs on it."""
+        return self.runner.description
+
+    @property
     def backend(self) -> str:
         return self.runner.backend
 

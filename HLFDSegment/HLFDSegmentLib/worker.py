@@ -1,15 +1,17 @@
 """Subprocess entry point that 3D Slicer (or any caller) launches to segment one CT volume.
 
     python -m HLFDSegmentLib.worker --input IN.nrrd --output OUT.nrrd --model MODEL
-                                    [--device auto|cpu|cuda|mps] [--tta] [--threads N] [--offline]
+                                    [--device auto|cpu|cuda|mps] [--backend auto|torch|onnx]
+                                    [--tta] [--threads N] [--offline]
 
 Protocol: every line on stdout is one JSON object (an *event*); anything else goes to stderr.
 
 - ``{"event": "start", "pid": 123, "version": "0.1.0"}`` as soon as the process runs
 - ``{"event": "progress", "stage": S, "fraction": F}``: S in read, model, preprocess, infer,
   postprocess, resample, write; F in [0, 1] is the share of the whole run done (monotonic)
-- ``{"event": "device", "device": "cpu", "description": "CPU (8 threads)", "precision":
-  "bfloat16", "model": {...}, "runtimes": [...the card's measured run times...]}``
+- ``{"event": "device", "device": "cpu", "description": "CPU (8 threads, ONNX Runtime)",
+  "precision": "float32", "backend": "onnx", "model": {...}, "runtimes": [...the card's
+  measured run times...]}``
 - ``{"event": "download", "done": BYTES, "total": BYTES}`` while a registry model downloads
   (every 1% or 1 MiB; total 0 when the server does not say)
 - ``{"event": "warning", "message": M}``
@@ -45,6 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from .backends import BACKENDS
 from .progress import RUN_SPANS, within
 
 EXIT_OK = 0
@@ -100,8 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="labelmap to write (.nrrd, .nii.gz, .mha)")
     p.add_argument("--model", required=True, help="model package folder/.zip or registry id")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="network runtime; auto: ONNX Runtime on the CPU when the package has a graph, "
+        "else PyTorch",
+    )
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--threads", type=int, help="CPU threads for the network")
     p.add_argument("--offline", action="store_true", help="never download a registry model")
     p.add_argument(
         "--serve",
@@ -145,7 +155,8 @@ OOM_PHRASES = (
 
 class LoadedModel:
     """The model package and its :class:`Segmenter`, kept between requests of the serve mode and
-    loaded again only when the model argument, the device or the package's files change."""
+    loaded again only when the model argument, the device, the backend or the package's files
+    change. torch is imported only if the package runs on the torch backend."""
 
     def __init__(self) -> None:
         self._key: tuple[Any, ...] | None = None
@@ -160,18 +171,17 @@ class LoadedModel:
 
         # before torch is imported
         model_path = resolve_model(args.model, offline=args.offline, progress=progress)
-        key = (str(model_path), args.device, files_signature(model_path))
+        key = (str(model_path), args.device, args.backend, files_signature(model_path))
         if key != self._key or self._loaded is None:
             self._key, self._loaded = None, None  # free the previous model before loading
-            import torch
-
             from .modelpackage import load_package
             from .pipeline import Segmenter
 
-            if args.threads:
-                torch.set_num_threads(args.threads)
             package = load_package(model_path)
-            self._loaded = (package, Segmenter(package, device=args.device))
+            segmenter = Segmenter(
+                package, device=args.device, backend=args.backend, threads=args.threads
+            )
+            self._loaded = (package, segmenter)
             self._key = key
         package, segmenter = self._loaded
         segmenter.tta = bool(args.tta)
@@ -209,13 +219,12 @@ def run(
     emit.progress("model", RUN_SPANS["model"][0])
     # a registry download reports its bytes
     package, segmenter = (models or LoadedModel()).get(args, progress=emit.download)
-    from .deps import describe_device
-
     emit(
         "device",
         device=str(segmenter.device),
-        description=describe_device(str(segmenter.device)),
+        description=segmenter.description,
         precision=segmenter.precision,
+        backend=segmenter.backend,
         model={"name": package.name, "version": package.version, "task": package.card["task"]},
         runtimes=package.card.get("runtimes", []),
     )

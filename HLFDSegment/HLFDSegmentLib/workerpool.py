@@ -34,8 +34,8 @@ WORKER_MODULE = "HLFDSegmentLib.worker"
 STOP_GRACE_S = 2.0  # a stopped worker gets this long to exit on its own before it is killed
 CANCEL_GRACE_S = 2.0  # longest wait for a cancelled (killed) worker to be gone before reuse
 
-WorkerKey = tuple[tuple[str, ...], str, str, int | None, bool]
-"""(command prefix: python and any wrapper, model, device, threads, offline)."""
+WorkerKey = tuple[tuple[str, ...], str, str, str, int | None, bool]
+"""(command prefix: python and any wrapper, model, device, backend, threads, offline)."""
 
 
 def split_worker_command(argv: Sequence[str]) -> tuple[list[str], Any]:
@@ -55,10 +55,17 @@ def split_worker_command(argv: Sequence[str]) -> tuple[list[str], Any]:
     return argv[: at - 1], args
 
 
+def worker_key(prefix: Sequence[str], args: Any) -> WorkerKey:
+    """The pool key of a one-shot command's parsed ``args`` (see :func:`split_worker_command`):
+    requests that differ only in input, output and TTA share a worker."""
+    return (tuple(prefix), args.model, args.device, args.backend, args.threads, args.offline)
+
+
 def serve_command(prefix: Sequence[str], key: WorkerKey) -> list[str]:
     """The command line of the persistent worker for ``key``."""
-    _, model, device, threads, offline = key
+    _, model, device, backend, threads, offline = key
     argv = [*prefix, "-m", WORKER_MODULE, "--serve", "--model", model, "--device", device]
+    argv += ["--backend", backend]
     if threads:
         argv += ["--threads", str(threads)]
     if offline:
@@ -260,7 +267,7 @@ class WorkerPool:
         """A slicerjob launcher: run the one-shot command ``argv`` as a request on the persistent
         worker for its model and device (started, or restarted, as needed)."""
         prefix, args = split_worker_command(argv)
-        key: WorkerKey = (tuple(prefix), args.model, args.device, args.threads, args.offline)
+        key = worker_key(prefix, args)
         try:
             return self.worker_for(key, env).submit(args, Path(log_path))
         except BrokenPipeError:  # it died between the check and the request: once more
