@@ -230,6 +230,8 @@ def test_card_values_without_sense_are_refused_at_load(tmp_path):
         (("preprocessing", "normalize"), {"mode": "zscore", "mean": 0, "std": 1e-300}, "std"),
         (("postprocessing", "min_island_ml"), 1e9, "min_island_ml"),
         (("inference", "tta_flips"), [["x"]] * 200, "tta_flips"),
+        (("inference", "logit_offsets"), [0.0, -3.0], "logit_offsets.*2 numbers for 3"),
+        (("inference", "logit_offsets"), [0.0, 0.0, -1e6], "logit_offsets.*within"),
         (("labels", 0, "name"), "Kidney\nrm -rf", "labels/0/name"),
     ]
     for i, (keys, value, field) in enumerate(cases):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -103,3 +105,57 @@ def test_a_few_percent_stray_volume_far_away_sets_hd95():
 def test_mean_sd_is_the_sample_sd():
     assert mean_sd([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
     assert mean_sd([4.0]) == (4.0, None) and mean_sd([]) == (None, None)
+
+
+def test_calibration_picks_the_best_tumour_dice_within_the_false_tumour_limit():
+    from hlfd_train.calibrate import choose
+
+    rows = [
+        {"offset": -4.0, "tumour_dice": 0.50, "fp_ml": 1.0},
+        {"offset": -2.0, "tumour_dice": 0.70, "fp_ml": 4.0},
+        {"offset": -1.0, "tumour_dice": 0.70, "fp_ml": 4.5},  # a tie: the smaller shift wins
+        {"offset": 0.0, "tumour_dice": 0.72, "fp_ml": 20.0},
+    ]
+    assert choose(rows, 5.0)["offset"] == -1.0
+    assert choose(rows, 0.5)["offset"] == -4.0  # none within the limit: the least false tumour
+    assert choose(rows, 50.0)["offset"] == 0.0
+    no_free = [{**r, "fp_ml": None} for r in rows]  # no tumour-free case: Dice alone decides
+    assert choose(no_free, 0.0)["offset"] == 0.0
+
+
+def test_calibrate_sweeps_through_the_runtime_and_writes_the_card(tmp_path):
+    """The built-in kidney student on two small phantoms (one tumour-free): -20 removes every
+    tumour voxel; the chosen offsets land in a card that loads and drives the pipeline."""
+    import shutil
+
+    import SimpleITK as sitk
+
+    from hlfd_train.calibrate import choose, sweep, write_offsets
+    from hlfd_train.evaluate import EvalCase
+    from HLFDSegmentLib.model_registry import builtin_models
+    from HLFDSegmentLib.modelpackage import load_package
+    from HLFDSegmentLib.phantom import PhantomConfig, make_phantom
+    from HLFDSegmentLib.pipeline import Segmenter
+
+    cases = []
+    for i, tumours in enumerate([(1, 1), (0, 0)]):
+        cfg = PhantomConfig(shape=(16, 128, 128), spacing=(2.5, 2.5, 5.0), tumours=tumours)
+        image, labels = make_phantom(cfg, seed=i).to_sitk()
+        paths = tmp_path / f"ct{i}.nii.gz", tmp_path / f"seg{i}.nii.gz"
+        sitk.WriteImage(image, str(paths[0]))
+        sitk.WriteImage(labels, str(paths[1]))
+        cases.append(EvalCase(f"case{i}", *paths))
+    folder = Path(shutil.copytree(builtin_models()["kidney"], tmp_path / "kidney"))
+    package = load_package(folder)
+    rows = sweep(package, cases, np.arange(256), offsets=(-20.0, 0.0), device="cpu")
+    assert [r["offset"] for r in rows] == [-20.0, 0.0]
+    assert rows[0]["tumour_dice"] == 0.0 and rows[0]["fp_ml"] == 0.0
+    assert rows[0]["tumour_cases"] == 1 and rows[0]["tumour_free_cases"] == 1
+    assert rows[1]["tumour_dice"] > 0.0  # the phantom's tumour is found without a shift
+    chosen = choose(rows, max_fp_ml=0.0)
+    card = write_offsets(package, chosen, 0.0, "two phantoms")
+    assert card["inference"]["logit_offsets"] == [0.0, 0.0, chosen["offset"]]
+    assert card["metrics"]["calibration"]["tumour logit offset"] == chosen["offset"]
+    reloaded = load_package(folder)  # the card still validates and the checksums hold
+    offsets = Segmenter(reloaded, device="cpu").logit_offsets
+    assert offsets is not None and offsets.tolist() == [0.0, 0.0, chosen["offset"]]

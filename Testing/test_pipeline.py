@@ -47,9 +47,14 @@ def expected_threshold(arr: np.ndarray) -> np.ndarray:
     return np.where(x > 0.6, 2, np.where(x > 0.3, 1, 0)).astype(np.uint8)
 
 
-def threshold_segmenter(tmp_path, spatial_dims: int, orientation: str, tta=False) -> Segmenter:
+def threshold_segmenter(
+    tmp_path, spatial_dims: int, orientation: str, tta=False, offsets=None
+) -> Segmenter:
     arch = "tiny_unet2d" if spatial_dims == 2 else "monai_unet3d"
     kwargs = {"base": 4} if spatial_dims == 2 else {"channels": [4, 8, 16], "strides": [2, 2]}
+    inference = {"roi_size": [16, 16, 8]} if spatial_dims == 3 else {}
+    if offsets is not None:
+        inference["logit_offsets"] = offsets
     pkg = build_package(
         tmp_path / "pkg",
         arch,
@@ -57,7 +62,7 @@ def threshold_segmenter(tmp_path, spatial_dims: int, orientation: str, tta=False
         network_kwargs=kwargs,
         preprocessing={"orientation": orientation, "spacing": [None, None, None]},
         postprocessing={"enabled": False},
-        inference={"roi_size": [16, 16, 8]} if spatial_dims == 3 else {},
+        inference=inference,
     )
     package = load_package(pkg)
     seg = Segmenter(package, device="cpu", tta=tta, backend="torch")
@@ -121,6 +126,21 @@ def test_tta_of_a_pointwise_net_changes_nothing(tmp_path):
     np.testing.assert_array_equal(
         sitk.GetArrayViewFromImage(tta.labels), sitk.GetArrayViewFromImage(plain.labels)
     )
+
+
+@pytest.mark.parametrize(("dims", "tta"), [(2, False), (2, True), (3, False)])
+def test_card_logit_offsets_move_the_tumour_threshold(tmp_path, dims, tta):
+    """A tumour offset of -0.2 moves ThresholdNet's label-2 threshold from 0.6 to 0.7 (x =
+    normalised HU), in one pass, with TTA (probabilities) and in the 3D sliding window."""
+    arr = block_ct((6, 24, 20))
+    arr[:, 4:20, 3:9] = 125  # x = 0.65: tumour without offsets, organ with them
+    arr[:, 4:20, 12:17] = 200  # x = 0.8: tumour either way
+    image = make_image(arr)
+    result = threshold_segmenter(tmp_path, dims, "LPS", tta, offsets=[0.0, 0.0, -0.2])(image)
+    x = (np.clip(arr.astype(np.float32), -200, 300) + 200) / 500
+    expected = np.where(x > 0.7, 2, np.where(x > 0.3, 1, 0))
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(result.labels), expected)
+    assert not np.array_equal(expected, expected_threshold(arr))  # the offset mattered
 
 
 def test_volume_smaller_than_the_3d_patch_is_padded(tmp_path):

@@ -287,6 +287,10 @@ class Segmenter:
         self.tta = tta
         self.runner: NetworkRunner = make_runner(package, backend, device, threads)
         self.notes = list(self.runner.notes)
+        offsets = package.card["inference"].get("logit_offsets")
+        self.logit_offsets = None if offsets is None else np.asarray(offsets, np.float32)
+        """Per-class numbers added to the logits before the argmax (the card's calibrated
+        decision thresholds; None: plain argmax)."""
 
     @property
     def device(self) -> str:
@@ -308,7 +312,8 @@ class Segmenter:
     # -- stages ---------------------------------------------------------------------------------
     def _scores(self, x: np.ndarray, probabilities: bool = False) -> np.ndarray:
         """(N, C, *spatial) scores whose argmax over C is the label: the logits of one pass, or
-        softmax probabilities (averaged over the card's TTA flips when enabled)."""
+        softmax probabilities (averaged over the card's TTA flips when enabled); the card's
+        ``logit_offsets`` are applied to either."""
         flips: list[tuple[int, ...]] = [()]
         if self.tta:
             axis_of = {"x": x.ndim - 1, "y": x.ndim - 2, "z": x.ndim - 3}
@@ -317,15 +322,20 @@ class Segmenter:
                 tuple(axis_of[a] for a in f)
                 for f in self.card["inference"].get("tta_flips", default)
             ]
+        shift = None
+        if self.logit_offsets is not None:
+            shift = self.logit_offsets.reshape(-1, *([1] * (x.ndim - 2)))
         if len(flips) == 1 and not probabilities:
-            return self.runner(x)
+            logits = self.runner(x)
+            return logits if shift is None else logits + shift
         total = None
         for dims in flips:
             xi = np.ascontiguousarray(np.flip(x, dims)) if dims else x
             p = softmax(self.runner(xi))
             p = np.flip(p, dims) if dims else p
             total = p if total is None else total + p
-        return total / len(flips)
+        mean = total / len(flips)  # argmax(log p + offset) = argmax(p * exp(offset)); blends too
+        return mean if shift is None else mean * np.exp(shift)
 
     def infer(self, arr: np.ndarray, progress: StageProgress | None = None) -> np.ndarray:
         """uint8 labels (z, y, x) on the model grid for a normalised (z, y, x) array.

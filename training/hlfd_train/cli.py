@@ -24,12 +24,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from HLFDSegmentLib.cli import positive_int
 from HLFDSegmentLib.errors import HLFDError
 
 from .config import ConfigError, load_config
 from .synth.generator import SynthError
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    """``"-3,-2,0"`` -> ``(-3.0, -2.0, 0.0)``; argparse turns the ValueError into a usage error."""
+    return tuple(float(v) for v in text.split(",") if v.strip())
 
 
 def _config(args: argparse.Namespace, extra: list[str] = ()) -> dict:
@@ -102,20 +108,26 @@ def cmd_distill(args: argparse.Namespace) -> None:
     train(_config(args, extra), role="student", progress=not args.quiet)
 
 
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    from HLFDSegmentLib.modelpackage import load_package
-
+def _eval_data(args: argparse.Namespace) -> Any:
+    """The prepared dataset that ``--run RUN`` or ``--config C`` (with ``--set``) names."""
     from .data import PreparedData
     from .engine import prepare_data
-    from .evaluate import evaluate
 
     if args.run:
         cfg = load_config(Path(args.run) / "config.yaml", args.set or [])
     elif args.config:
         cfg = _config(args)
     else:
-        raise ConfigError("evaluate needs --run RUN or --config C (which dataset and split)")
-    prepared = PreparedData(prepare_data(cfg, rank=0))
+        raise ConfigError(f"{args.command} needs --run RUN or --config C (which dataset and split)")
+    return PreparedData(prepare_data(cfg, rank=0))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from HLFDSegmentLib.modelpackage import load_package
+
+    from .evaluate import evaluate
+
+    prepared = _eval_data(args)
     package = load_package(args.model)
     out = args.out or (Path(args.run) / "evaluation" if args.run else Path("evaluation"))
     if args.protocol == "paper":
@@ -131,6 +143,28 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     )
     print((out / "metrics.md").read_text(encoding="utf-8"))
     print(f"metrics in {out}/metrics.{{csv,json,md}} ({report['protocol_description']})")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from HLFDSegmentLib.modelpackage import load_package
+
+    from .calibrate import DEFAULT_OFFSETS, choose, markdown, sweep, write_offsets
+
+    prepared = _eval_data(args)
+    package = load_package(args.model)
+    cases = prepared.eval_cases(args.split)
+    offsets = args.offsets or DEFAULT_OFFSETS
+    rows = sweep(package, cases, prepared.label_lut(), offsets, args.device, print)
+    chosen = choose(rows, args.max_fp_ml)
+    print(markdown(rows, chosen))
+    print(
+        f"chosen tumour logit offset {chosen['offset']:+.1f} on {len(cases)} {args.split} cases "
+        f"(best tumour Dice with at most {args.max_fp_ml:g} mL of false tumour)"
+    )
+    if args.write:
+        source = f"{args.split} split of {args.config or args.run}"
+        write_offsets(package, chosen, args.max_fp_ml, source)
+        print(f"written to {package.path / 'model.json'} (inference.logit_offsets)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -266,6 +300,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", "-o", type=Path)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="choose the tumour decision threshold on held-out cases")
+    p.add_argument("model", type=Path, help="model package (folder; .zip without --write)")
+    p.add_argument("--run", type=Path, help="run folder whose config names the data")
+    with_config(p, required=False)
+    p.add_argument("--split", default="val", choices=["train", "val", "test", "all"])
+    p.add_argument(
+        "--offsets",
+        type=_numbers,
+        help="tumour logit offsets to try, comma-separated (default: -6 to 1 in steps of 1)",
+    )
+    p.add_argument("--max-fp-ml", type=float, default=5.0, help="false tumour limit (mL)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--write", action="store_true", help="write the choice into the card")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("export", help="write the model package of a run")
     p.add_argument("run", type=Path)

@@ -1,0 +1,141 @@
+"""Decision thresholds of a model package, chosen on held-out cases.
+
+A segmentation network's argmax is a decision rule with one implicit threshold per class. A
+student trained on synthetic CT over-calls tumour (false tumour on healthy kidneys, spleen and
+bowel); shifting the tumour logit by a constant trades sensitivity for false positives. This
+module measures that trade-off through the runtime pipeline (the same code the CLI and Slicer
+run, post-processing included) for a grid of offsets, and picks the offset with the best mean
+tumour Dice on tumour-bearing cases among those whose mean false tumour volume on tumour-free
+cases stays within ``max_fp_ml`` (the least false tumour when none does). Choose it on
+validation cases and report test figures separately.
+
+    hlfd-train calibrate MODEL -c CONFIG [--split val] [--max-fp-ml 5] [--write]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from HLFDSegmentLib.atomic import atomic_write
+from HLFDSegmentLib.modelpackage import CARD_NAME, ModelPackage
+from HLFDSegmentLib.pipeline import Segmenter
+
+from .evaluate import COMPOSITE_SUFFIX, EvalCase, evaluate_case, summarise
+
+DEFAULT_OFFSETS = (-6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0)
+DEFAULT_MAX_FP_ML = 5.0
+
+
+def tumour_label(package: ModelPackage) -> dict[str, Any]:
+    """The card's tumour label (the one whose name says tumour/tumor)."""
+    for lab in package.card["labels"]:
+        if "tumo" in lab["name"].lower():
+            return lab
+    raise ValueError(f"{package.path}: the card has no tumour label to calibrate")
+
+
+def offset_vector(package: ModelPackage, tumour_offset: float) -> list[float]:
+    """Per-class logit offsets (background first): ``tumour_offset`` on the tumour class."""
+    offsets = [0.0] * (len(package.card["labels"]) + 1)
+    offsets[tumour_label(package)["value"]] = float(tumour_offset)
+    return offsets
+
+
+def sweep(
+    package: ModelPackage,
+    cases: Sequence[EvalCase],
+    label_lut: np.ndarray,
+    offsets: Iterable[float] = DEFAULT_OFFSETS,
+    device: str = "auto",
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per tumour offset: mean tumour Dice (tumour-bearing cases), mean false tumour
+    mL (tumour-free cases) and mean organ-including-tumour Dice, through the runtime pipeline."""
+    if not cases:
+        raise ValueError("no cases to calibrate on")
+    seg = Segmenter(package, device=device)
+    tumour = tumour_label(package)["name"]
+    organs = [lab["name"] for lab in package.card["labels"] if lab["name"] != tumour]
+    composite = organs[0] + COMPOSITE_SUFFIX if len(organs) == 1 else None
+    rows = []
+    for offset in offsets:
+        seg.logit_offsets = np.asarray(offset_vector(package, offset), np.float32)
+        summary = summarise([evaluate_case(seg, case, label_lut) for case in cases])
+        entry = summary[tumour]
+        row = {
+            "offset": float(offset),
+            "tumour_dice": entry["dice"]["mean"],
+            "tumour_cases": entry["dice"]["n"],
+            "fp_ml": entry["fp_ml"]["mean"],
+            "tumour_free_cases": entry["fp_ml"]["n"],
+            "organ_dice": summary[composite]["dice"]["mean"] if composite else None,
+        }
+        rows.append(row)
+        if progress:
+            progress(
+                f"offset {offset:+.1f}: tumour Dice {_fmt(row['tumour_dice'])}, "
+                f"false tumour {_fmt(row['fp_ml'], 1)} mL, organ Dice {_fmt(row['organ_dice'])}"
+            )
+    return rows
+
+
+def choose(rows: Sequence[dict[str, Any]], max_fp_ml: float = DEFAULT_MAX_FP_ML) -> dict[str, Any]:
+    """The row with the best tumour Dice among those within ``max_fp_ml`` of false tumour (the
+    least false tumour when none is); ties go to the offset closest to 0."""
+    if not rows:
+        raise ValueError("nothing to choose from")
+
+    def fp(row: dict[str, Any]) -> float:
+        return 0.0 if row["fp_ml"] is None else row["fp_ml"]
+
+    within = [r for r in rows if fp(r) <= max_fp_ml]
+    if not within:
+        return min(rows, key=lambda r: (fp(r), abs(r["offset"])))
+    return max(within, key=lambda r: (r["tumour_dice"] or 0.0, -abs(r["offset"])))
+
+
+def write_offsets(
+    package: ModelPackage, row: dict[str, Any], max_fp_ml: float, data: str
+) -> dict[str, Any]:
+    """Write the chosen offsets into the package folder's card (atomically), with a
+    ``metrics.calibration`` record of what they were chosen on; returns the new card."""
+    if not package.path.is_dir():
+        raise ValueError(f"{package.path}: --write needs a package folder, not an archive")
+    card = json.loads((package.path / CARD_NAME).read_text(encoding="utf-8"))
+    card["inference"]["logit_offsets"] = offset_vector(package, row["offset"])
+    card.setdefault("metrics", {})["calibration"] = {
+        "tumour logit offset": row["offset"],
+        "tumour Dice": _round(row["tumour_dice"]),
+        "false tumour mL": _round(row["fp_ml"], 1),
+        "limit mL": max_fp_ml,
+        "cases": f"{row['tumour_cases']} with tumour, {row['tumour_free_cases']} without ({data})",
+    }
+    atomic_write(package.path / CARD_NAME, json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def markdown(rows: Sequence[dict[str, Any]], chosen: dict[str, Any]) -> str:
+    """The sweep as a table, the chosen row marked."""
+    lines = [
+        "| tumour logit offset | tumour Dice | false tumour (mL) | organ incl. tumour Dice |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        mark = " (chosen)" if r is chosen else ""
+        lines.append(
+            f"| {r['offset']:+.1f}{mark} | {_fmt(r['tumour_dice'])} | {_fmt(r['fp_ml'], 1)} "
+            f"| {_fmt(r['organ_dice'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
