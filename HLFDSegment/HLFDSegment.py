@@ -9,8 +9,8 @@ import importlib
 import logging
 import os
 import shutil
+import subprocess
 import sys
-import tempfile
 from typing import Any, Optional
 
 import qt
@@ -167,9 +167,8 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._loadModelMenu = None
         self._lastInput = None
         self._loggedStage = None
-        self._installing = False  # the PyTorch extension installs (blocking, with repaints)
-        self._install = None  # the pip process of an install in the background
-        self._installMissing: list = []
+        self._install = None  # the install process (torch and pip) in the background
+        self._installNeeds: tuple = (False, [])  # (torch needed, missing pip requirements)
         self._probe = None  # the device probe process (torch is never imported in Slicer's)
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
@@ -301,7 +300,7 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._syncComboBoxes()
         self._showVolumesTable()
         self._showModelCard()
-        if self._installing or self._install is not None:
+        if self._install is not None:
             self.ui.applyButton.text = _("Installing...")
             self.ui.applyButton.toolTip = _("Installing the Python packages the model needs.")
             self.ui.applyButton.enabled = False
@@ -419,7 +418,7 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- run ------------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
-        if self._installing or self._install is not None:
+        if self._install is not None:
             return  # the button is disabled meanwhile: never two installs or runs
         if self._run is not None:
             self.onCancel()
@@ -442,45 +441,23 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 _(deps.install_question(torchMissing, missing))
             ):
                 return
-            if torchMissing and not self._installTorch():
-                return
-            if missing:
-                self._startPipInstall(missing)
-                return
+            self._startInstall(torchMissing, missing)
+            return
         self._startRun()
 
-    def _installTorch(self) -> bool:
-        """The PyTorch extension's install (blocking; Slicer repaints between pip's lines)."""
-        size = deps.size_text(deps.download_megabytes(True, []))
-        self._installing = True
-        self._checkCanApply()
-        self.ui.statusLabel.text = _(
-            "Installing PyTorch ({size}); pip's progress is shown in the Python console..."
-        ).format(size=size)
-        slicer.app.processEvents()
-        try:
-            with slicer.util.tryWithErrorDisplay(_("Failed to install PyTorch.")):
-                self.logic.installTorch()
-            self.ui.statusLabel.text = _("PyTorch installed.")
-            return True
-        except Exception:
-            self.ui.statusLabel.text = _("PyTorch could not be installed.")
-            return False
-        finally:
-            self._installing = False
-            self.startDeviceProbe()
-            self._checkCanApply()
-
-    def _startPipInstall(self, missing: list) -> None:
+    def _startInstall(self, torchMissing: bool, missing: list) -> None:
+        """Install in a followed background process: its lines go to the Log panel, Slicer
+        stays responsive, Segment is disabled until it ends; the run starts after it."""
+        names = (["torch"] if torchMissing else []) + [module for module, _req in missing]
         try:  # tryWithErrorDisplay shows the error, then re-raises it
             with slicer.util.tryWithErrorDisplay(_("Failed to start the installation.")):
-                self._install = self.logic.startPipInstall(missing)
-                self._installMissing = missing
+                self._install = self.logic.startInstall(torchMissing, missing)
+                self._installNeeds = (torchMissing, missing)
                 self.ui.logTextEdit.clear()
                 self.ui.logCollapsibleButton.collapsed = False
                 self.ui.statusLabel.text = _("Installing {names} ({size})...").format(
-                    names=", ".join(module for module, _req in missing),
-                    size=deps.size_text(deps.download_megabytes(False, missing)),
+                    names=", ".join(names),
+                    size=deps.size_text(deps.download_megabytes(torchMissing, missing)),
                 )
                 self._timer.start()
         finally:
@@ -496,7 +473,9 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._install = None
         importlib.invalidate_caches()
-        still = deps.missing_requirements(self._installMissing)
+        torchNeeded, missing = self._installNeeds
+        still = [m for m, _req in deps.missing_requirements(missing)]
+        still += ["torch"] if torchNeeded and deps.torch_missing() else []
         if command.ok and not still:
             self.ui.statusLabel.text = _("Installed; starting the segmentation...")
             self.startDeviceProbe()
@@ -507,7 +486,7 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Installation failed; see the log below.")
             slicer.util.errorDisplay(
                 _("Installing {names} failed:\n{output}").format(
-                    names=", ".join(module for module, _req in self._installMissing), output=last
+                    names=", ".join(still) or _("the packages"), output=last
                 )
             )
         self._checkCanApply()
@@ -688,9 +667,9 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
     def installDependencies(
         self, model: Optional[str] = None, device: str = "auto", askConfirmation: bool = True
     ) -> bool:
-        """Install what running ``model`` on ``device`` needs (torch through the PyTorch
-        extension, the rest with pip, Slicer's packages pinned) and wait (for scripts; the panel
-        installs in a followed background process instead). Without a model: the torch path.
+        """Install what running ``model`` on ``device`` needs (torch through light-the-torch,
+        the rest with pip, Slicer's packages pinned) and wait (for scripts; the panel follows the
+        same install in a background process). Without a model: the torch path.
 
         Returns False if the user declined; raises RuntimeError with a clear message on failure."""
         if model is None:
@@ -703,33 +682,22 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
             _(deps.install_question(torchMissing, missing))
         ):
             return False
-        if torchMissing:
-            self.installTorch()
-        with tempfile.TemporaryDirectory() as folder:
-            deps.install(missing, slicer.util.pip_install, folder)
+        argv = deps.install_command(self.pythonExecutable(), torchMissing, missing)
+        result = subprocess.run(
+            argv, env=slicerjob.worker_env(), capture_output=True, text=True, check=False
+        )
+        logging.info(result.stdout + result.stderr)
+        if result.returncode != 0:
+            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
+            message = _("Installing the Python packages failed:\n{tail}")
+            raise RuntimeError(message.format(tail=tail))
         return True
 
-    @staticmethod
-    def installTorch() -> None:
-        """torch through the PyTorch extension (it picks the CUDA or CPU build); blocking, its
-        pip output goes to the Python console."""
-        try:
-            import PyTorchUtils
-        except ImportError:
-            raise RuntimeError(
-                _("Install the PyTorch extension from the Extensions Manager, restart Slicer.")
-            ) from None
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-            askConfirmation=False, torchVersionRequirement=deps.TORCH_REQUIREMENT
-        )
-        if torch is None:
-            raise RuntimeError(_("PyTorch could not be installed (PyTorch extension)."))
-
-    def startPipInstall(self, missing: list) -> "background.BackgroundCommand":
-        """pip for ``missing`` in a background process (Slicer's packages pinned): poll it."""
-        folder = os.path.join(slicer.app.temporaryPath, "HLFDSegment")
-        command = deps.pip_command(self.pythonExecutable(), missing, deps.write_constraints(folder))
-        return background.BackgroundCommand(command).start()
+    def startInstall(self, torchNeeded: bool, missing: list) -> "background.BackgroundCommand":
+        """torch (light-the-torch: the build for this computer's driver) if needed, then pip for
+        ``missing`` (Slicer's packages pinned), in a background process: poll it."""
+        argv = deps.install_command(self.pythonExecutable(), torchNeeded, missing)
+        return background.BackgroundCommand(argv).start()
 
     # -- segmentation ---------------------------------------------------------------------------
     def start(

@@ -111,8 +111,7 @@ def test_module_classes_and_template_conventions(tree):
         "from slicer.i18n import tr as _",
         "translate(",
         "QTimer",
-        "PyTorchUtils",
-        "pip_install",
+        "install_command",
         "registerCustomSampleDataSource",
         "Rethinking Intermediate Layers design in Knowledge Distillation for Kidney and Liver",
         "ISBI",
@@ -380,15 +379,17 @@ def test_segment_cannot_be_clicked_during_an_install_and_dialogs_come_before_wai
     dialogs of onApplyButton are not inside a wait cursor."""
     widget = _methods(_classes(tree)["HLFDSegmentWidget"])
     can_apply = ast.unparse(widget["_checkCanApply"])
-    assert "self._installing or self._install is not None" in can_apply
+    assert "self._install is not None" in can_apply
     assert "self.ui.applyButton.enabled = False" in can_apply
     apply = widget["onApplyButton"]
     assert "waitCursor" not in ast.unparse(apply) and "WaitCursor" not in ast.unparse(apply)
     assert "install_question" in ast.unparse(apply)
-    assert "startPipInstall" in ast.unparse(widget["_startPipInstall"])
+    assert "_startInstall" in ast.unparse(apply)  # torch too: no blocking install left
+    assert "self.logic.startInstall" in ast.unparse(widget["_startInstall"])
     logic = _methods(_classes(tree)["HLFDSegmentLogic"])
-    assert "deps.pip_command" in ast.unparse(logic["startPipInstall"])
-    assert "background.BackgroundCommand" in ast.unparse(logic["startPipInstall"])
+    assert "deps.install_command" in ast.unparse(logic["startInstall"])
+    assert "background.BackgroundCommand" in ast.unparse(logic["startInstall"])
+    assert "deps.requirements_for" in ast.unparse(logic["requirements"])  # CPU: no torch
 
 
 def test_self_test_runs_the_headless_tested_flow_on_the_sample_with_the_built_in_model(tree):

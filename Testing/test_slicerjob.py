@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
 
 from HLFDSegmentLib import deps, modelmenu, samples
+from HLFDSegmentLib.background import BackgroundCommand
 from HLFDSegmentLib.model_registry import RegistryEntry
 from HLFDSegmentLib.modelpackage import standard_labels
 from HLFDSegmentLib.slicerjob import (
@@ -119,33 +122,6 @@ def test_missing_requirements_and_constraints_pin_slicer_packages():
     assert f"SimpleITK=={importlib.metadata.version('SimpleITK')}\n" in text
     assert f"torch=={importlib.metadata.version('torch')}\n" in text  # PyTorch extension's build
     assert "monai" not in text
-    args = deps.pip_arguments(["monai>=1.4,<1.7", "safetensors"], "/tmp/c.txt")
-    assert args == ["monai>=1.4,<1.7", "safetensors", "-c", "/tmp/c.txt"]
-
-
-def test_install_passes_constraints_and_reports_failures(tmp_path):
-    calls = []
-    installed: set[str] = set()
-
-    def pip_ok(args: list[str]) -> None:
-        calls.append((args, Path(args[args.index("-c") + 1]).read_text()))
-        installed.add("safetensors")
-
-    def spec(module: str):
-        return object() if module in installed else None
-
-    deps.install([("safetensors", "safetensors>=0.4")], pip_ok, tmp_path, find_spec=spec)
-    assert calls[0][0][:2] == ["safetensors>=0.4", "-c"] and "numpy==" in calls[0][1]
-    assert list(tmp_path.iterdir()) == []  # constraints file removed
-
-    def pip_fails(args: list[str]) -> None:
-        raise RuntimeError("network unreachable")
-
-    with pytest.raises(RuntimeError, match=r"network unreachable.*pip_install"):
-        deps.install([("monai", "monai")], pip_fails, tmp_path, find_spec=spec)
-    with pytest.raises(RuntimeError, match="still cannot be imported"):
-        deps.install([("monai", "monai")], lambda args: None, tmp_path, find_spec=spec)
-    deps.install([], pip_fails, tmp_path)  # nothing to do, nothing called
 
 
 def test_detect_device_names_cpu_here():
@@ -286,19 +262,59 @@ def test_cpu_users_need_no_torch_for_a_model_with_an_onnx_graph(tmp_path):
     assert not modelmenu.has_onnx_graph(str(tmp_path / "absent"))
 
 
-def test_pip_runs_in_a_background_process_whose_lines_are_shown(tmp_path):
-    """The panel installs with a followed process (its output in the log panel, the GUI live)
-    instead of a blocking pip_install; a failure keeps pip's own reason. Offline: --no-index."""
-    from HLFDSegmentLib.background import BackgroundCommand
+def _wheel(folder: Path, name: str) -> None:
+    """A minimal pure-Python wheel ``name-0.1`` in ``folder`` (pip installs it offline)."""
+    info = f"{name}-0.1.dist-info"
+    files = {
+        f"{name}/__init__.py": "VALUE = 1\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+        "Tag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(folder / f"{name}-0.1-py3-none-any.whl", "w") as whl:
+        for path, text in files.items():
+            whl.writestr(path, text)
 
-    constraints = deps.write_constraints(tmp_path)
-    argv = deps.pip_command(sys.executable, [("nothere", "hlfd-no-such-package==1.0")], constraints)
-    assert argv[1:6] == ["-m", "pip", "install", "--progress-bar", "off"]
-    assert argv[-3:] == ["hlfd-no-such-package==1.0", "-c", str(constraints)]
-    assert "numpy==" in constraints.read_text()
-    command = BackgroundCommand([*argv[:4], "--no-index", *argv[4:]]).start()
+
+def _follow(argv: list[str]) -> BackgroundCommand:
+    command = BackgroundCommand(argv).start()
     while not command.finished:
         command.poll()
         time.sleep(0.02)
-    assert command.returncode not in (0, None) and not command.ok
-    assert any("hlfd-no-such-package" in line for line in command.output)
+    return command
+
+
+def test_install_runs_in_one_followed_process_with_slicer_packages_pinned(tmp_path):
+    """The panel follows one background process (its lines in the Log panel, the GUI live):
+    pip under the constraints file; a failure names the step and keeps pip's reason. Offline:
+    ``--no-index`` and a local wheel."""
+    _wheel(tmp_path, "hlfdtestpkg")
+    site = tmp_path / "site"
+    options = ["--no-index", f"--find-links={tmp_path}", f"--target={site}"]
+    argv = deps.install_command(sys.executable, False, [("hlfdtestpkg", "hlfdtestpkg")], options)
+    assert argv[1:4] == ["-m", "HLFDSegmentLib.deps", "install"] and "--torch" not in argv
+    done = _follow(argv)
+    assert done.ok, done.output
+    assert done.output[0] == "[1/1] installing hlfdtestpkg"
+    assert (site / "hlfdtestpkg" / "__init__.py").is_file()
+    # the constraints pin Slicer's numpy: asking for another one fails, and says which step
+    failed = _follow(
+        deps.install_command(sys.executable, False, [("numpy", "numpy==1.0")], options)
+    )
+    assert not failed.ok and failed.returncode not in (0, None)
+    assert failed.output[-1].startswith("installing numpy==1.0 failed (exit status")
+    assert any("numpy" in line for line in failed.output[1:-1])  # pip's own reason
+
+
+def test_torch_is_installed_first_through_light_the_torch():
+    """With torch needed, light-the-torch (the PyTorch extension's way of choosing the CUDA or
+    CPU build) comes first, before the other packages; offline it fails at that first step."""
+    argv = deps.install_command(sys.executable, True, [("monai", "monai>=1.4,<1.7")], ["-q"])
+    assert argv[4:] == ["--torch", "--pip-option=-q", "monai>=1.4,<1.7"]
+    failed = _follow(deps.install_command(sys.executable, True, deps.REQUIREMENTS, ["--no-index"]))
+    assert not failed.ok
+    steps = [line for line in failed.output if line.startswith("[")]
+    have_ltt = importlib.util.find_spec("light_the_torch") is not None
+    first = f"torch{deps.TORCH_REQUIREMENT}" if have_ltt else "light-the-torch"
+    assert len(steps) == 1 and steps[0].startswith(f"[1/{2 + (not have_ltt)}] installing {first}")

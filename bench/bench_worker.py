@@ -12,7 +12,10 @@ Input: a 200x512x512 int16 liver phantom CT written with SimpleITK; model: the b
 student (``HLFDSegment/Resources/Models/liver``). Medians of ``--repeats`` runs, ratios to the
 one-shot median measured in the same run. Usage:
 
-    python bench/bench_worker.py [--repeats 3] [--slices 200] [--device cpu] [--out FILE.md]
+    python bench/bench_worker.py [--repeats 3] [--slices 200] [--device cpu]
+                                 [--backend auto|torch|onnx] [--out FILE.md]
+
+``--backend auto`` is what Slicer runs: ONNX Runtime on the CPU for the built-in models.
 """
 
 from __future__ import annotations
@@ -39,10 +42,19 @@ HEADING = "## Persistent worker (Slicer)"
 GOALS = {"first": 4.0, "later": 1.5}  # seconds, issue 14, on 2 cores
 
 
-def timed_job(ct: Path, model: Path, device: str, pool: WorkerPool | None) -> tuple[float, dict]:
+def timed_job(
+    ct: Path, model: Path, device: str, pool: WorkerPool | None, backend: str = "auto"
+) -> tuple[float, dict]:
     """Seconds from start to DONE of one job, and the worker's stage timings."""
     launcher = {"launcher": pool.launch} if pool is not None else {}
-    job = SegmentationJob(model, device, python=sys.executable, input_suffix=".nrrd", **launcher)
+    job = SegmentationJob(
+        model,
+        device,
+        python=sys.executable,
+        input_suffix=".nrrd",
+        command=lambda argv: [*argv, "--backend", backend],
+        **launcher,
+    )
     try:
         shutil.copyfile(ct, job.input_path)  # the bytes Slicer would have written
         t = time.perf_counter()
@@ -61,6 +73,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--slices", type=int, default=200)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"])
     ap.add_argument("--model", type=Path, default=builtin_models()["liver"])
     ap.add_argument("--out", type=Path, default=Path("docs/results/bench-pipeline.md"))
     args = ap.parse_args()
@@ -80,7 +93,7 @@ def main() -> None:
         stages: list[dict] = []
 
         def measure(key: str, pool: WorkerPool | None) -> None:
-            wall, seconds = timed_job(ct, args.model, args.device, pool)
+            wall, seconds = timed_job(ct, args.model, args.device, pool, args.backend)
             runs[key].append(wall)
             fixed[key].append(wall - sum(v for k, v in seconds.items() if k != "total"))
             if key == "later":
@@ -116,7 +129,7 @@ def report(args, median: dict, runs: dict, fixed: dict, stages: dict) -> str:
         HEADING,
         "",
         f"Command: `python bench/bench_worker.py --repeats {args.repeats} --slices {args.slices} "
-        f"--device {args.device}`  ",
+        f"--device {args.device} --backend {args.backend}`  ",
         f"Code {__version__}, Python {platform.python_version()}, {os.cpu_count()} cores, "
         f"load average {load:.1f} at the end of the run.  ",
         f"{args.slices}x512x512 int16 liver phantom (.nrrd), built-in liver student; time from "

@@ -2,25 +2,34 @@
 
 Two paths: on the CPU a model with an ONNX graph runs in ONNX Runtime (``onnxruntime``, about
 15 MB: no PyTorch at all, see :func:`needs_torch`); a GPU, or a model without a graph, needs
-torch. torch comes from the PyTorch extension (``PyTorchUtils``, which picks the right CUDA build);
-the rest is installed with pip under a constraints file that pins the packages Slicer ships
-(numpy, scipy, SimpleITK, vtk) and the extension's torch to their installed versions, so they
-are never replaced (e.g. monai 1.6 requires torch>=2.8: without the pin pip would swap the
-PyTorch extension's CUDA/CPU build for a PyPI one; with it pip picks an older monai instead).
+torch. Everything is installed by one background process the panel follows line by line
+(``python -m HLFDSegmentLib.deps install``, :func:`install_command`): torch first through
+light-the-torch, which picks the build for the computer's NVIDIA driver (or the CPU build) as the
+PyTorch extension does, then the rest with pip under a constraints file that pins the packages
+Slicer ships (numpy, scipy, SimpleITK, vtk) and the torch just installed, so they are never
+replaced (e.g. monai 1.6 requires torch>=2.8: without the pin pip would swap the CUDA build for
+a PyPI one; with it pip picks an older monai instead).
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import importlib.metadata
 import importlib.util
 import os
 import platform
 import shutil
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 TORCH_REQUIREMENT = ">=2.1"
+LTT_REQUIREMENT = "light-the-torch>=0.5"
+"""Picks the torch build (CUDA version or CPU) for this computer's driver, as the PyTorch
+extension does."""
 # (import name, pip requirement) the runtime needs besides torch and what Slicer ships
 REQUIREMENTS: tuple[tuple[str, str], ...] = (
     ("monai", "monai>=1.4,<1.7"),
@@ -94,41 +103,6 @@ def constraints(
     return "".join(f"{line}\n" for line in lines)
 
 
-def pip_arguments(
-    requirements: Sequence[str], constraints_path: str | os.PathLike[str]
-) -> list[str]:
-    """Arguments for ``slicer.util.pip_install`` (a list: no quoting issues on any platform)."""
-    return [*requirements, "-c", os.fspath(constraints_path)]
-
-
-def install(
-    requirements: Sequence[tuple[str, str]],
-    pip_install: Callable[[list[str]], object],
-    folder: str | os.PathLike[str],
-    find_spec: Callable[[str], object] = importlib.util.find_spec,
-) -> None:
-    """Install (module, requirement) pairs with ``pip_install`` (``slicer.util.pip_install``),
-    pinning :data:`PROTECTED`; a failure is raised as ``RuntimeError`` with a readable message."""
-    if not requirements:
-        return
-    reqs = [req for _, req in requirements]
-    path = write_constraints(folder)
-    try:
-        pip_install(pip_arguments(reqs, path))
-    except Exception as exc:
-        raise RuntimeError(
-            f"Installing {', '.join(reqs)} failed ({exc}). Check the internet connection, "
-            "or install them from the Python console with slicer.util.pip_install."
-        ) from exc
-    finally:
-        path.unlink(missing_ok=True)
-    importlib.invalidate_caches()
-    still = missing_requirements(requirements, find_spec)
-    if still:
-        names = ", ".join(module for module, _ in still)
-        raise RuntimeError(f"Installation finished but {names} still cannot be imported")
-
-
 def describe_device(device: str) -> str:
     """One line for the torch device a run uses (a CUDA device -> its GPU name); imports torch."""
     import torch
@@ -192,20 +166,53 @@ def install_question(
             "torch-cpu": "the CPU build of PyTorch (no NVIDIA GPU found)",
             "torch-macos": "PyTorch for macOS",
         }[build]
-        text += f" ({kind}, through the PyTorch extension)"
+        text += f" ({kind}, chosen by light-the-torch as the PyTorch extension does)"
     return text + "; Slicer's own packages are not changed."
 
 
-def pip_command(
+def install_command(
     python: str | os.PathLike[str],
+    torch_needed: bool,
     requirements: Sequence[tuple[str, str]],
-    constraints_path: str | os.PathLike[str],
+    pip_options: Sequence[str] = (),
 ) -> list[str]:
-    """``python -m pip install ...`` with the constraints file: for a background process whose
-    output the panel shows line by line (instead of a blocking ``pip_install``)."""
-    reqs = [req for _, req in requirements]
-    pip = [os.fspath(python), "-m", "pip", "install", "--progress-bar", "off"]
-    return [*pip, *pip_arguments(reqs, constraints_path)]
+    """``python -m HLFDSegmentLib.deps install ...``: one process that installs torch (if
+    needed) and then ``requirements``, printing pip's lines, for the panel to follow (instead of
+    a blocking ``pip_install``). ``pip_options`` go to every pip call (e.g. ``--no-index``)."""
+    argv = [os.fspath(python), "-m", "HLFDSegmentLib.deps", "install"]
+    argv += ["--torch"] if torch_needed else []
+    argv += [f"--pip-option={option}" for option in pip_options]
+    return argv + [req for _, req in requirements]
+
+
+def run_install(argv: Sequence[str] | None = None) -> int:
+    """The ``install`` command: torch through light-the-torch, then the requirements with pip,
+    Slicer's packages (and the new torch) pinned. Returns the exit status (the failed step's)."""
+    ap = argparse.ArgumentParser(prog="python -m HLFDSegmentLib.deps install")
+    ap.add_argument("--torch", action="store_true", help=f"install torch{TORCH_REQUIREMENT}")
+    ap.add_argument("--pip-option", action="append", default=[], help="passed to pip")
+    ap.add_argument("requirements", nargs="*")
+    args = ap.parse_args(argv)
+    pip = [sys.executable, "-m", "pip", "install", "--progress-bar", "off", *args.pip_option]
+    steps: list[tuple[str, list[str]]] = []
+    if args.torch and importlib.util.find_spec("light_the_torch") is None:
+        steps.append(("light-the-torch (chooses the PyTorch build)", [*pip, LTT_REQUIREMENT]))
+    if args.torch:
+        ltt = [sys.executable, "-m", "light_the_torch", "install", "--progress-bar", "off"]
+        torch = f"torch{TORCH_REQUIREMENT}"
+        steps.append((torch, [*ltt, *args.pip_option, torch]))
+    if args.requirements:
+        steps.append((", ".join(args.requirements), [*pip, *args.requirements]))
+    with tempfile.TemporaryDirectory() as folder:
+        for i, (what, command) in enumerate(steps, 1):
+            print(f"[{i}/{len(steps)}] installing {what}", flush=True)
+            importlib.invalidate_caches()  # the constraints pin what the steps before installed
+            constraints = write_constraints(folder)
+            status = subprocess.run([*command, "-c", os.fspath(constraints)], check=False)
+            if status.returncode != 0:
+                print(f"installing {what} failed (exit status {status.returncode})", flush=True)
+                return status.returncode or 1
+    return 0
 
 
 def write_constraints(folder: str | os.PathLike[str]) -> Path:
@@ -227,5 +234,7 @@ def detect_device() -> str:
     return describe_accelerator()
 
 
-if __name__ == "__main__":  # ``python -m HLFDSegmentLib.deps``: the device probe of the panel
+if __name__ == "__main__":  # the panel's device probe, or ``install ...`` (see run_install)
+    if sys.argv[1:2] == ["install"]:
+        sys.exit(run_install(sys.argv[2:]))
     print(detect_device(), flush=True)
