@@ -46,15 +46,22 @@ def ship(
     base = Path(runs or cfg["output"]) / cfg["name"]
     method = cfg["distill"]["method"]
     student = base / f"{method}-seed{cfg['seed']}"
-    teacher = Path(cfg["distill"]["teacher"] or base / "teacher")  # a run folder or its weights
-    teacher = teacher.parent if teacher.suffix == ".safetensors" else teacher
+    architecture = cfg["model"]["student"]["architecture"]
+    if method == "none":  # a stage trained with the task loss alone
+        what, teacher_figures = f"A {architecture} student, this stage without a teacher.", ""
+    else:
+        teacher = Path(cfg["distill"]["teacher"] or base / "teacher")  # run folder or weights
+        teacher = teacher.parent if teacher.suffix == ".safetensors" else teacher
+        what = (
+            f"A {architecture} student distilled ({method}) from a "
+            f"{cfg['model']['teacher']['architecture']} teacher."
+        )
+        teacher_figures = f"; teacher {_validation(teacher)}"
     description = (
-        f"{TITLES[task]} on CT. A {cfg['model']['student']['architecture']} student distilled "
-        f"({method}) from a {cfg['model']['teacher']['architecture']} teacher. Trained on "
-        "synthetic CT only (hlfd_train.synth, no patient data): its accuracy on real scans is "
-        "not validated. Research use only; not for diagnosis. Dice on held-out synthetic "
-        f"validation cases: student {_validation(student)}; teacher "
-        f"{_validation(teacher)}."
+        f"{TITLES[task]} on CT. {what} Trained on synthetic CT only (hlfd_train.synth, no "
+        "patient data): its accuracy on real scans is not validated. Research use only; not "
+        "for diagnosis. Dice on held-out synthetic validation cases: student "
+        f"{_validation(student)}{teacher_figures}."
     )
     init = cfg["model"]["student"].get("init")
     if init:  # a second stage: say what it started from
