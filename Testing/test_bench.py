@@ -194,6 +194,7 @@ def test_verdict_states_targets_primary_ranking_and_significance():
     assert "the CI includes 0" in lines[1] and "does not beat it" in lines[4]
 
 
+@pytest.mark.slow
 def test_benchmark_phantoms_bear_tumours_inside_the_field_of_view():
     from HLFDSegmentLib.phantom import case_seed, make_phantom
 

@@ -212,33 +212,35 @@ def _write_config(cfg: dict, path: Path) -> Path:
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(dataset, teacher_run, tmp_path):
-    """An uninterrupted distillation and one killed (SIGKILL) after its first checkpoint and
-    then resumed end with identical student weights."""
+    """An uninterrupted distillation (the CLI in this process) and one killed (SIGKILL: the
+    CLI in a process of its own) after its first checkpoint and then resumed end with
+    identical student weights."""
     cfg = json.loads(json.dumps(teacher_run[0]))
     cfg["distill"] = {"method": "hlfd", "teacher": str(teacher_run[1]), "options": {}}
     cfg["train"].update(steps=12, checkpoint_every=4, val_every=4, log_every=2)
     cfg["data"]["prepared"] = str(prepare_data(teacher_run[0], 0))
-    results = {}
+    results, confs = {}, {}
     for label in ("straight", "killed"):
         cfg["output"] = str(tmp_path / label)
-        conf = _write_config(cfg, tmp_path / f"{label}.yaml")
-        folder = tmp_path / label / "t" / "hlfd-seed0"
-        if label == "killed":
-            proc = _run_cli(["distill", "-c", str(conf), "-q"], tmp_path)
-            deadline = time.monotonic() + 120
-            while not (folder / "state.pt").exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            assert proc.returncode == -signal.SIGKILL
-            assert not (folder / "summary.json").exists()  # it really died mid-run
-            assert torch.load(folder / "state.pt", weights_only=True)["step"] < 12
-        proc = _run_cli(["distill", "-c", str(conf), "-q"], tmp_path)
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
-        results[label] = load_weights(folder / "last.safetensors")
-        if label == "killed":
-            assert "steps 4->12" in out or "steps 8->12" in out, out
+        confs[label] = _write_config(cfg, tmp_path / f"{label}.yaml")
+    assert train_cli(["distill", "-c", str(confs["straight"]), "-q"]) == 0
+    results["straight"] = load_weights(tmp_path / "straight/t/hlfd-seed0/last.safetensors")
+
+    folder = tmp_path / "killed" / "t" / "hlfd-seed0"
+    proc = _run_cli(["distill", "-c", str(confs["killed"]), "-q"], tmp_path)
+    deadline = time.monotonic() + 120
+    while not (folder / "state.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (folder / "summary.json").exists()  # it really died mid-run
+    assert torch.load(folder / "state.pt", weights_only=True)["step"] < 12
+    proc = _run_cli(["distill", "-c", str(confs["killed"]), "-q"], tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "steps 4->12" in out or "steps 8->12" in out, out
+    results["killed"] = load_weights(folder / "last.safetensors")
     for key, value in results["straight"].items():
         torch.testing.assert_close(results["killed"][key], value, rtol=0, atol=0, msg=key)
     logs = {k: _log_without_clock(tmp_path / k / "t/hlfd-seed0/log.csv") for k in results}
