@@ -88,6 +88,7 @@ def teacher_run(dataset, tmp_path_factory) -> tuple[dict, Path]:
     return cfg, train(cfg, "teacher", progress=False)
 
 
+@pytest.mark.slow
 def test_teacher_run_folder(teacher_run):
     cfg, folder = teacher_run
     assert folder == Path(cfg["output"]) / "t" / "teacher"
@@ -174,6 +175,7 @@ def test_engine_step_lowers_the_hlfd_loss(dataset, fixed_batch, tmp_path):
     assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow
 def test_distill_3d_engine_with_missing_tap_mapped(dataset, tmp_path):
     cfg = tiny_config(dataset, tmp_path, 3, steps=2, val_every=2, checkpoint_every=2)
     train(cfg, "teacher", progress=False)
@@ -287,6 +289,7 @@ def test_ddp_two_gloo_processes(dataset, teacher_run, tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 4
 
 
+@pytest.mark.slow
 def test_export_runtime_onnx_evaluate(teacher_run, tmp_path):
     cfg, folder = teacher_run
     package_dir = export(folder, tmp_path / "model", onnx=True)
@@ -375,6 +378,7 @@ def test_cli_errors_are_one_line(dataset, tmp_path, capsys):
     assert len(err) == 1 and "case_00001" in err[0]
 
 
+@pytest.mark.slow
 def test_explain_figure(teacher_run, tmp_path):
     cfg, folder = teacher_run
     conf = _write_config(cfg, tmp_path / "c.yaml")
@@ -384,6 +388,7 @@ def test_explain_figure(teacher_run, tmp_path):
     assert np.asarray(__import__("matplotlib.image").image.imread(out)).shape[-1] in (3, 4)
 
 
+@pytest.mark.slow
 def test_half_export_and_fine_tuning_from_a_package(teacher_run, tmp_path):
     """A float16 package predicts what the float32 one does; model.<role>.init starts a run
     from a package's weights (a shipped synthetic-CT model fine-tuned on real data); a package

@@ -122,6 +122,7 @@ def test_cancel_kills_the_work_leaves_the_scene_and_the_next_request_works(
         scene.Clear(1)
 
 
+@pytest.mark.slow
 def test_bad_requests_get_one_error_each_and_the_server_stays_alive(tmp_path, tiny_package):
     ct = tmp_path / "ct.nrrd"
     sitk.WriteImage(make_image(block_ct()), str(ct))
