@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ from hlfd_train.config import ConfigError
 @pytest.mark.slow
 def test_smoke_benchmark_runs_reports_and_resumes(tmp_path, capsys):
     report = tmp_path / "docs" / "kd.md"
-    results = run_bench("smoke", tmp_path / "bench", report)
+    results = run_bench("smoke", tmp_path / "bench", report, workers=1)  # in this process
     task = results["tasks"]["kidney"]
     assert set(task["summary"]) == {"none", "hlfd", "hlfd-pixel-only", "teacher"}
     hlfd = task["summary"]["hlfd"]["Kidney tumor"]["vs_none"]
@@ -50,9 +51,14 @@ def test_smoke_benchmark_runs_reports_and_resumes(tmp_path, capsys):
         assert f"](kd/{png})" in text
     rows = (tmp_path / "bench" / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + (1 + 3 * 2) * 2 * 3  # (teacher + 3 x 2 seeds) x 2 cases x 3 labels
+    # interrupted: two runs lost; resuming redoes those two only, on a pool of two processes
+    # (the default: one per two cores, at least two), to the same weights and figures
+    for run in ("none-seed1", "hlfd-seed1"):
+        shutil.rmtree(tmp_path / "bench" / "runs" / "kidney" / run)
     capsys.readouterr()
     again = run_bench("smoke", tmp_path / "bench", report)
-    assert "training" not in capsys.readouterr().out  # finished runs are not redone
+    out = capsys.readouterr().out
+    assert out.count("training ") == 1 and "training 2 run(s) on 2 process(es)" in out, out
     assert json.dumps(again["tasks"]["kidney"]["summary"]) == json.dumps(task["summary"])
 
     # a benchmark folder of other settings is refused, not silently reused
