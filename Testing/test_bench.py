@@ -32,8 +32,17 @@ from hlfd_train.config import ConfigError
 
 @pytest.mark.slow
 def test_smoke_benchmark_runs_reports_and_resumes(tmp_path, capsys):
+    import torch
+
+    from hlfd_train.bench.pool import cores
+
     report = tmp_path / "docs" / "kd.md"
-    results = run_bench("smoke", tmp_path / "bench", report, workers=1)  # in this process
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, cores() // 2))  # as each process of the pool of two below
+    try:
+        results = run_bench("smoke", tmp_path / "bench", report, workers=1)  # in this process
+    finally:
+        torch.set_num_threads(before)
     task = results["tasks"]["kidney"]
     assert set(task["summary"]) == {"none", "hlfd", "hlfd-pixel-only", "teacher"}
     hlfd = task["summary"]["hlfd"]["Kidney tumor"]["vs_none"]

@@ -163,7 +163,7 @@ def toy(preset: Preset) -> Preset:
     return dataclasses.replace(
         preset,
         seeds=preset.seeds[:1],
-        splits=(2, 1, 2),
+        splits=(1, 1, 1),
         shape=(8, 64, 64),
         teacher_steps=2,
         student_steps=2,
