@@ -157,6 +157,25 @@ def test_bootstrap_ci_covers_seed_spread():
     assert bootstrap_ci(np.full((5, 3), 0.2)) == pytest.approx((0.2, 0.2))
 
 
+def test_bootstrap_ci_is_the_replicate_loop():
+    """The vectorised CI is the plain loop over replicates (the draws in the same order)."""
+
+    def loop(diff, n):
+        rng = np.random.default_rng(0)
+        c, s = diff.shape
+        stats = np.empty(n)
+        for b in range(n):
+            cells = diff[rng.integers(0, c, c)][:, rng.integers(0, s, s)]
+            stats[b] = np.nanmean(cells) if np.isfinite(cells).any() else np.nan
+        return tuple(np.nanpercentile(stats, [2.5, 97.5]))
+
+    rng = np.random.default_rng(1)
+    diff = rng.normal(size=(7, 3))
+    diff[rng.random(diff.shape) < 0.4] = np.nan  # undefined cells, some replicates all NaN
+    diff[0, 0] = 0.3
+    assert bootstrap_ci(diff, n=300) == pytest.approx(loop(diff, 300), rel=0, abs=1e-12)
+
+
 def test_holm_step_down():
     adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None})
     assert adjusted == {

@@ -60,9 +60,9 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     c, s = diff.shape
     rows, cols = np.empty((n, c), np.intp), np.empty((n, s), np.intp)
-    for b in range(n):  # the loop's draws, in its order (cases, then seeds, per replicate)
+    for b in range(n):  # one replicate at a time (cases, then seeds): the CIs reported so far
         rows[b], cols[b] = rng.integers(0, c, c), rng.integers(0, s, s)
-    # every replicate's mean over its defined cells at once (as np.nanmean, up to rounding)
+    # every replicate's mean over its defined cells at once (np.nanmean of each, up to rounding)
     cells = diff[rows[:, :, None], cols[:, None, :]].reshape(n, c * s)
     defined = np.isfinite(cells)
     count = defined.sum(1)
