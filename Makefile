@@ -19,11 +19,14 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/python -m hlfd_train.demo $(OUT)
 
+# Tests run on one process per core (pytest-xdist; each with one torch thread, Testing/conftest.py).
+# On a busy machine (another job holding a core) -n 0 can be quicker: make test XDIST=0.
+XDIST ?= auto
 test: setup          # the full suite (CI); the 10 slowest tests are listed so growth shows
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q -n $(XDIST) --durations=10
 
 test-fast: setup     # the edit loop: everything but the end-to-end tests marked slow
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(XDIST) -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-import math
 import os
+
+# One intra-op thread in the test process and the subprocesses it starts (read when torch is
+# imported, so set before it is): the suite's tensors are tiny, and OpenMP threads spinning on
+# a busy 2-core machine cost far more than they give (the GPU-preset toy benchmark: 180 s with
+# 2 threads, 52 s with 1, at load 4). Always one, whatever the shell says: tests compare
+# weights trained here with weights trained in a subprocess of one thread (kill/resume, the
+# benchmark's pool), bit for bit. A test that needs more threads sets them itself.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import math
 from pathlib import Path
 
 import numpy as np

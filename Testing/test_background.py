@@ -22,6 +22,7 @@ MODULE = Path(__file__).resolve().parents[1] / "HLFDSegment"
 posix_only = pytest.mark.skipif(os.name == "nt", reason="uses POSIX shell tools")
 
 
+@pytest.mark.slow
 def test_device_probe_runs_torch_in_another_process_only():
     """The panel learns the device without importing torch in Slicer's own process."""
     code = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -31,8 +32,17 @@ from hlfd_train.config import ConfigError
 
 @pytest.mark.slow
 def test_smoke_benchmark_runs_reports_and_resumes(tmp_path, capsys):
+    import torch
+
+    from hlfd_train.bench.pool import cores
+
     report = tmp_path / "docs" / "kd.md"
-    results = run_bench("smoke", tmp_path / "bench", report)
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, cores() // 2))  # as each process of the pool of two below
+    try:
+        results = run_bench("smoke", tmp_path / "bench", report, workers=1)  # in this process
+    finally:
+        torch.set_num_threads(before)
     task = results["tasks"]["kidney"]
     assert set(task["summary"]) == {"none", "hlfd", "hlfd-pixel-only", "teacher"}
     hlfd = task["summary"]["hlfd"]["Kidney tumor"]["vs_none"]
@@ -50,9 +60,14 @@ def test_smoke_benchmark_runs_reports_and_resumes(tmp_path, capsys):
         assert f"](kd/{png})" in text
     rows = (tmp_path / "bench" / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + (1 + 3 * 2) * 2 * 3  # (teacher + 3 x 2 seeds) x 2 cases x 3 labels
+    # interrupted: two runs lost; resuming redoes those two only, on a pool of two processes
+    # (the default: one per two cores, at least two), to the same weights and figures
+    for run in ("none-seed1", "hlfd-seed1"):
+        shutil.rmtree(tmp_path / "bench" / "runs" / "kidney" / run)
     capsys.readouterr()
     again = run_bench("smoke", tmp_path / "bench", report)
-    assert "training" not in capsys.readouterr().out  # finished runs are not redone
+    out = capsys.readouterr().out
+    assert out.count("training ") == 1 and "training 2 run(s) on 2 process(es)" in out, out
     assert json.dumps(again["tasks"]["kidney"]["summary"]) == json.dumps(task["summary"])
 
     # a benchmark folder of other settings is refused, not silently reused
@@ -142,6 +157,25 @@ def test_bootstrap_ci_covers_seed_spread():
     assert bootstrap_ci(np.full((5, 3), 0.2)) == pytest.approx((0.2, 0.2))
 
 
+def test_bootstrap_ci_is_the_replicate_loop():
+    """The vectorised CI is the plain loop over replicates (the draws in the same order)."""
+
+    def loop(diff, n):
+        rng = np.random.default_rng(0)
+        c, s = diff.shape
+        stats = np.empty(n)
+        for b in range(n):
+            cells = diff[rng.integers(0, c, c)][:, rng.integers(0, s, s)]
+            stats[b] = np.nanmean(cells) if np.isfinite(cells).any() else np.nan
+        return tuple(np.nanpercentile(stats, [2.5, 97.5]))
+
+    rng = np.random.default_rng(1)
+    diff = rng.normal(size=(7, 3))
+    diff[rng.random(diff.shape) < 0.4] = np.nan  # undefined cells, some replicates all NaN
+    diff[0, 0] = 0.3
+    assert bootstrap_ci(diff, n=300) == pytest.approx(loop(diff, 300), rel=0, abs=1e-12)
+
+
 def test_holm_step_down():
     adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None})
     assert adjusted == {
@@ -194,6 +228,7 @@ def test_verdict_states_targets_primary_ranking_and_significance():
     assert "the CI includes 0" in lines[1] and "does not beat it" in lines[4]
 
 
+@pytest.mark.slow
 def test_benchmark_phantoms_bear_tumours_inside_the_field_of_view():
     from HLFDSegmentLib.phantom import case_seed, make_phantom
 

@@ -20,8 +20,8 @@ def test_demo_writes_a_loadable_model_and_valid_outputs(tmp_path, task):
     summary = run(
         tmp_path,
         task=task,
-        teacher_minutes=0.05,
-        student_minutes=0.05,
+        teacher_minutes=0.02,
+        student_minutes=0.02,
         shape=(20, 96, 96),
         splits=(2, 1, 1),
     )

@@ -132,6 +132,7 @@ def test_only_mrml_and_module_import_slicer_and_nothing_imports_qt():
         assert ("slicer" in imported) == (path.name == "mrml.py"), path
 
 
+@pytest.mark.slow
 def test_module_imports_without_torch_or_monai():
     """Slicer loads the module before the dependencies are installed: no eager heavy import."""
     code = (

@@ -227,6 +227,7 @@ def test_refuses_labelmap_and_missing_input(scene, ct):
         mrml.SegmentationRun(labelmap, "m")
 
 
+@pytest.mark.slow
 def test_whole_flow_into_study_with_table_and_3d(scene, ct, tiny_package, runtime_labels):
     _, volume = ct
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
@@ -331,6 +332,7 @@ def test_one_volume_table_per_segmentation_updated_in_place(scene, ct, runtime_l
     assert float(_cells(table2)[1][3]) > 0  # a tumour: its burden in %
 
 
+@pytest.mark.slow
 def test_self_test_flow_on_the_sample_ct_with_the_built_in_model(tmp_path, scene):
     """What HLFDSegmentTest runs inside Slicer, headless: the sample kidney CT, the built-in
     kidney student, the whole flow into the scene, then the same result checks."""

@@ -126,6 +126,7 @@ def test_state_dict_round_trips_through_safetensors(name):
         assert torch.equal(v, state[k]), k
 
 
+@pytest.mark.slow
 def test_default_dynunet_and_monai_weights_load():
     from monai.networks.nets import DynUNet
 
@@ -251,6 +252,7 @@ def test_channels_last_bf16_and_folding():
     assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())  # original untouched
 
 
+@pytest.mark.slow
 def test_import_does_not_pull_in_monai():
     import subprocess
     import sys

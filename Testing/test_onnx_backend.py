@@ -121,6 +121,7 @@ def test_exported_float32_packages_agree_in_2d_and_3d(
     assert np.mean(torch_labels != _labels(package, "onnx", image)) < MAX_DISAGREEMENT
 
 
+@pytest.mark.slow
 def test_onnx_path_segments_with_torch_unimportable(tmp_path, phantom_ct):
     """The CLI's default backend falls back to ONNX when torch cannot be imported, and nothing
     on that path imports torch or MONAI."""

@@ -41,6 +41,7 @@ def test_liver_hu_follows_the_phase(phase):
     assert case.meta["phase"] == phase
 
 
+@pytest.mark.slow
 def test_organ_volumes_and_lesions_are_plausible():
     """Liver 0.7-3.5 L when the whole liver is in view (SYNTH-REFERENCES 3: medians 1.2-1.7 L,
     505-4504); both kidneys 150-600 mL (KiTS median 395); tumours where asked, none when not."""
@@ -180,6 +181,7 @@ def test_stream_mixes_cases_in_every_batch_and_renews_them_in_turn():
     assert not lanes[0] & lanes[1]  # no case is made by both workers
 
 
+@pytest.mark.slow
 def test_stream_items_are_reproducible_and_workers_do_not_change_them():
     import torch
     from torch.utils.data import DataLoader

@@ -88,6 +88,7 @@ def teacher_run(dataset, tmp_path_factory) -> tuple[dict, Path]:
     return cfg, train(cfg, "teacher", progress=False)
 
 
+@pytest.mark.slow
 def test_teacher_run_folder(teacher_run):
     cfg, folder = teacher_run
     assert folder == Path(cfg["output"]) / "t" / "teacher"
@@ -174,6 +175,7 @@ def test_engine_step_lowers_the_hlfd_loss(dataset, fixed_batch, tmp_path):
     assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow
 def test_distill_3d_engine_with_missing_tap_mapped(dataset, tmp_path):
     cfg = tiny_config(dataset, tmp_path, 3, steps=2, val_every=2, checkpoint_every=2)
     train(cfg, "teacher", progress=False)
@@ -212,33 +214,35 @@ def _write_config(cfg: dict, path: Path) -> Path:
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(dataset, teacher_run, tmp_path):
-    """An uninterrupted distillation and one killed (SIGKILL) after its first checkpoint and
-    then resumed end with identical student weights."""
+    """An uninterrupted distillation (the CLI in this process) and one killed (SIGKILL: the
+    CLI in a process of its own) after its first checkpoint and then resumed end with
+    identical student weights."""
     cfg = json.loads(json.dumps(teacher_run[0]))
     cfg["distill"] = {"method": "hlfd", "teacher": str(teacher_run[1]), "options": {}}
     cfg["train"].update(steps=12, checkpoint_every=4, val_every=4, log_every=2)
     cfg["data"]["prepared"] = str(prepare_data(teacher_run[0], 0))
-    results = {}
+    results, confs = {}, {}
     for label in ("straight", "killed"):
         cfg["output"] = str(tmp_path / label)
-        conf = _write_config(cfg, tmp_path / f"{label}.yaml")
-        folder = tmp_path / label / "t" / "hlfd-seed0"
-        if label == "killed":
-            proc = _run_cli(["distill", "-c", str(conf), "-q"], tmp_path)
-            deadline = time.monotonic() + 120
-            while not (folder / "state.pt").exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            assert proc.returncode == -signal.SIGKILL
-            assert not (folder / "summary.json").exists()  # it really died mid-run
-            assert torch.load(folder / "state.pt", weights_only=True)["step"] < 12
-        proc = _run_cli(["distill", "-c", str(conf), "-q"], tmp_path)
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
-        results[label] = load_weights(folder / "last.safetensors")
-        if label == "killed":
-            assert "steps 4->12" in out or "steps 8->12" in out, out
+        confs[label] = _write_config(cfg, tmp_path / f"{label}.yaml")
+    assert train_cli(["distill", "-c", str(confs["straight"]), "-q"]) == 0
+    results["straight"] = load_weights(tmp_path / "straight/t/hlfd-seed0/last.safetensors")
+
+    folder = tmp_path / "killed" / "t" / "hlfd-seed0"
+    proc = _run_cli(["distill", "-c", str(confs["killed"]), "-q"], tmp_path)
+    deadline = time.monotonic() + 120
+    while not (folder / "state.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (folder / "summary.json").exists()  # it really died mid-run
+    assert torch.load(folder / "state.pt", weights_only=True)["step"] < 12
+    proc = _run_cli(["distill", "-c", str(confs["killed"]), "-q"], tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "steps 4->12" in out or "steps 8->12" in out, out
+    results["killed"] = load_weights(folder / "last.safetensors")
     for key, value in results["straight"].items():
         torch.testing.assert_close(results["killed"][key], value, rtol=0, atol=0, msg=key)
     logs = {k: _log_without_clock(tmp_path / k / "t/hlfd-seed0/log.csv") for k in results}
@@ -285,6 +289,7 @@ def test_ddp_two_gloo_processes(dataset, teacher_run, tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 4
 
 
+@pytest.mark.slow
 def test_export_runtime_onnx_evaluate(teacher_run, tmp_path):
     cfg, folder = teacher_run
     package_dir = export(folder, tmp_path / "model", onnx=True)
@@ -373,6 +378,7 @@ def test_cli_errors_are_one_line(dataset, tmp_path, capsys):
     assert len(err) == 1 and "case_00001" in err[0]
 
 
+@pytest.mark.slow
 def test_explain_figure(teacher_run, tmp_path):
     cfg, folder = teacher_run
     conf = _write_config(cfg, tmp_path / "c.yaml")
@@ -382,6 +388,7 @@ def test_explain_figure(teacher_run, tmp_path):
     assert np.asarray(__import__("matplotlib.image").image.imread(out)).shape[-1] in (3, 4)
 
 
+@pytest.mark.slow
 def test_half_export_and_fine_tuning_from_a_package(teacher_run, tmp_path):
     """A float16 package predicts what the float32 one does; model.<role>.init starts a run
     from a package's weights (a shipped synthetic-CT model fine-tuned on real data); a package

@@ -142,7 +142,9 @@ def test_corrupt_model_is_refused(tmp_path, ct_file, tiny_package):
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
     out = tmp_path / "labels.nrrd"
-    rc, events, _ = run_worker("--input", str(ct_file), "--output", str(out), "--model", str(bad))
+    stream = io.StringIO()  # worker.main in this process: the protocol runs above as a process
+    rc = worker.main(["--input", str(ct_file), "--output", str(out), "--model", str(bad)], stream)
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert rc == worker.EXIT_ERROR
     errors = [e for e in events if e["event"] == "error"]
     assert len(errors) == 1 and errors[0]["kind"] == "model"
@@ -258,6 +260,7 @@ def test_worker_command_line():
     assert worker.build_parser().parse_args(argv[3:]).tta
 
 
+@pytest.mark.slow
 def test_run_warnings_reach_the_job_and_the_kept_log(tmp_path, tiny_package):
     """A real run that asks for a GPU this machine lacks: the warning is an event the panel
     shows (status line and warnings label), and the run's log is kept after the work folder
@@ -281,6 +284,7 @@ def test_run_warnings_reach_the_job_and_the_kept_log(tmp_path, tiny_package):
     assert "result: done" in text and "Running the network..." in text
 
 
+@pytest.mark.slow
 def test_model_download_progress_reaches_the_job(tmp_path, monkeypatch, tiny_package):
     """A registry model fetched by the worker: its bytes arrive as download events, which the
     job turns into the panel's "Downloading the model: x of y MB" state (before: stuck at 3%)."""

@@ -1,11 +1,12 @@
-"""End-to-end CLI benchmark: student (torch and ONNX Runtime) vs teachers on a 512x512x200 CT.
+"""End-to-end CLI benchmark: student vs teachers, each on torch and ONNX Runtime, 512x512x200 CT.
 
 Each row runs the whole ``hlfd-segment`` command (process start and imports, read, preprocess,
 infer, postprocess, resample back, write .seg.nrrd) as a fresh process ``--repeats`` times on
 the same int16 phantom CT; the table gives median wall and CPU time, median peak RSS and each
 row's ratio to the student rows, all measured in this one run, plus the installed size of the
 torch and the onnxruntime stacks. Random weights (timing only); the student's ONNX graph is
-exported with ``hlfd_train.export.add_onnx`` as for the built-in packages. Usage:
+exported with ``hlfd_train.export.add_onnx`` as for the built-in packages (``--backend auto``
+runs that graph on the CPU). Usage:
 
     python bench/bench_pipeline.py [--repeats 3] [--slices 200] [--only student teacher]
 """
@@ -33,8 +34,10 @@ from HLFDSegmentLib.phantom import PhantomConfig, make_phantom
 MODELS = {  # name -> (architecture, spatial dims, kwargs, backend)
     "student (mobilenetv2_unet2d), torch": ("mobilenetv2_unet2d", 2, {}, "torch"),
     "student (mobilenetv2_unet2d), onnx": ("mobilenetv2_unet2d", 2, {}, "onnx"),
-    "demo teacher (resnet18_unet2d)": ("resnet18_unet2d", 2, {}, "torch"),
-    "paper teacher (unetpp2d)": ("unetpp2d", 2, {}, "torch"),
+    "demo teacher (resnet18_unet2d), torch": ("resnet18_unet2d", 2, {}, "torch"),
+    "demo teacher (resnet18_unet2d), onnx": ("resnet18_unet2d", 2, {}, "onnx"),
+    "paper teacher (unetpp2d), torch": ("unetpp2d", 2, {}, "torch"),
+    "paper teacher (unetpp2d), onnx": ("unetpp2d", 2, {}, "onnx"),
     "3D SegResNet (monai_segresnet3d)": ("monai_segresnet3d", 3, {}, "torch"),
 }
 STACKS = {  # runtime stack -> the distributions it installs (besides numpy and SimpleITK)
