@@ -227,7 +227,7 @@ def test_onnx_backend_on_a_package_without_onnx_is_one_clear_line(tiny_package, 
 
 
 def test_auto_backend_is_onnx_on_the_cpu_and_torch_for_a_gpu(tiny_package, monkeypatch):
-    from HLFDSegmentLib import backends
+    from HLFDSegmentLib import deps
 
     package = load_package(builtin_models()["kidney"])
     assert resolve_backend("auto", package, "cpu") == "onnx"  # faster there, no torch import
@@ -236,9 +236,9 @@ def test_auto_backend_is_onnx_on_the_cpu_and_torch_for_a_gpu(tiny_package, monke
     assert resolve_backend("torch", package, "cpu") == "torch"  # asked for: kept
     assert resolve_backend("auto", load_package(tiny_package), "cpu") == "torch"  # no graph
     # device auto: the CPU path unless a GPU driver is found (decided without importing torch)
-    monkeypatch.setattr(backends, "accelerator_possible", lambda: False)
+    monkeypatch.setattr(deps, "accelerator_possible", lambda: False)
     assert resolve_backend("auto", package) == "onnx"
-    monkeypatch.setattr(backends, "accelerator_possible", lambda: True)
+    monkeypatch.setattr(deps, "accelerator_possible", lambda: True)
     assert resolve_backend("auto", package) == "torch"
     res = _python(  # no torch at all: ONNX Runtime even where a GPU is asked for
         NO_TORCH

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .deps import accelerator_possible
+from .deps import runs_on_cpu
 from .errors import InputError, ModelError
 
 if TYPE_CHECKING:
@@ -40,26 +40,20 @@ class NetworkRunner(Protocol):
     def __call__(self, x: np.ndarray) -> np.ndarray: ...
 
 
-def torch_available() -> bool:
-    """True when ``import torch`` would succeed; does not import it."""
+def _importable(module: str) -> bool:
+    """True when ``import module`` would succeed; does not import it."""
     try:
-        return importlib.util.find_spec("torch") is not None
+        return importlib.util.find_spec(module) is not None
     except (ValueError, ImportError):
         return False
+
+
+def torch_available() -> bool:
+    return _importable("torch")
 
 
 def onnxruntime_available() -> bool:
-    """True when ``import onnxruntime`` would succeed; does not import it."""
-    try:
-        return importlib.util.find_spec("onnxruntime") is not None
-    except (ValueError, ImportError):
-        return False
-
-
-def runs_on_cpu(device: str) -> bool:
-    """The device is the CPU whatever torch would say: ``cpu``, or ``auto`` on a machine with no
-    GPU driver (:func:`deps.accelerator_possible`; torch is not imported to decide)."""
-    return device == "cpu" or (device == "auto" and not accelerator_possible())
+    return _importable("onnxruntime")
 
 
 def resolve_backend(name: str, package: ModelPackage, device: str = "auto") -> str:

@@ -66,14 +66,20 @@ def torch_missing(find_spec: Callable[[str], object] = importlib.util.find_spec)
     return find_spec("torch") is None
 
 
+def runs_on_cpu(device: str, gpu: bool | None = None) -> bool:
+    """A run on ``device`` (auto, cpu, cuda, cuda:N, mps) is on the CPU whatever torch would say:
+    ``cpu``, or ``auto`` where no GPU driver is found (``gpu``, default
+    :func:`accelerator_possible`; torch is not imported to decide)."""
+    if device != "auto":
+        return device == "cpu"
+    return not (accelerator_possible() if gpu is None else gpu)
+
+
 def needs_torch(device: str, has_onnx_graph: bool, gpu: bool | None = None) -> bool:
-    """Whether a run on ``device`` (auto, cpu, cuda, cuda:N, mps) of a model with or without an
-    ONNX graph needs torch: for a GPU (asked, or ``auto`` where a GPU driver is found,
-    :func:`accelerator_possible`) or for a model without a graph. The CPU path needs only
+    """Whether a run on ``device`` of a model with or without an ONNX graph needs torch: off the
+    CPU (:func:`runs_on_cpu`) or for a model without a graph. The CPU path needs only
     :data:`ONNX_REQUIREMENTS`."""
-    if not has_onnx_graph or device.split(":")[0] in {"cuda", "mps"}:
-        return True
-    return device == "auto" and (accelerator_possible() if gpu is None else gpu)
+    return not has_onnx_graph or not runs_on_cpu(device, gpu)
 
 
 def requirements_for(
