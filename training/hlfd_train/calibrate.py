@@ -21,9 +21,11 @@ from typing import Any
 import numpy as np
 
 from HLFDSegmentLib.atomic import atomic_write
+from HLFDSegmentLib.errors import ModelError
 from HLFDSegmentLib.modelpackage import CARD_NAME, ModelPackage
 from HLFDSegmentLib.pipeline import Segmenter
 
+from .config import ConfigError
 from .evaluate import COMPOSITE_SUFFIX, EvalCase, evaluate_case, summarise
 
 DEFAULT_OFFSETS = (-6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0)
@@ -35,7 +37,7 @@ def tumour_label(package: ModelPackage) -> dict[str, Any]:
     for lab in package.card["labels"]:
         if "tumo" in lab["name"].lower():
             return lab
-    raise ValueError(f"{package.path}: the card has no tumour label to calibrate")
+    raise ModelError(f"{package.path}: the card has no tumour label to calibrate")
 
 
 def offset_vector(package: ModelPackage, tumour_offset: float) -> list[float]:
@@ -56,7 +58,7 @@ def sweep(
     """One row per tumour offset: mean tumour Dice (tumour-bearing cases), mean false tumour
     mL (tumour-free cases) and mean organ-including-tumour Dice, through the runtime pipeline."""
     if not cases:
-        raise ValueError("no cases to calibrate on")
+        raise ConfigError("no cases to calibrate on: the chosen split is empty")
     seg = Segmenter(package, device=device)
     tumour = tumour_label(package)["name"]
     organs = [lab["name"] for lab in package.card["labels"] if lab["name"] != tumour]
@@ -98,13 +100,18 @@ def choose(rows: Sequence[dict[str, Any]], max_fp_ml: float = DEFAULT_MAX_FP_ML)
     return max(within, key=lambda r: (r["tumour_dice"] or 0.0, -abs(r["offset"])))
 
 
+def require_folder(package: ModelPackage) -> None:
+    """Offsets are written into a package folder's card, not into an archive."""
+    if not package.path.is_dir():
+        raise ModelError(f"{package.path}: --write needs a package folder, not an archive")
+
+
 def write_offsets(
     package: ModelPackage, row: dict[str, Any], max_fp_ml: float, data: str
 ) -> dict[str, Any]:
     """Write the chosen offsets into the package folder's card (atomically), with a
     ``metrics.calibration`` record of what they were chosen on; returns the new card."""
-    if not package.path.is_dir():
-        raise ValueError(f"{package.path}: --write needs a package folder, not an archive")
+    require_folder(package)
     card = json.loads((package.path / CARD_NAME).read_text(encoding="utf-8"))
     card["inference"]["logit_offsets"] = offset_vector(package, row["offset"])
     card.setdefault("metrics", {})["calibration"] = {

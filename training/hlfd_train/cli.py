@@ -148,10 +148,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from HLFDSegmentLib.modelpackage import load_package
 
-    from .calibrate import DEFAULT_OFFSETS, choose, markdown, sweep, write_offsets
+    from .calibrate import DEFAULT_OFFSETS, choose, markdown, require_folder, sweep, write_offsets
 
     prepared = _eval_data(args)
     package = load_package(args.model)
+    if args.write:  # before the sweep's minutes, not after
+        require_folder(package)
     cases = prepared.eval_cases(args.split)
     offsets = args.offsets or DEFAULT_OFFSETS
     rows = sweep(package, cases, prepared.label_lut(), offsets, args.device, print)
