@@ -111,16 +111,28 @@ def test_calibration_picks_the_best_tumour_dice_within_the_false_tumour_limit():
     from hlfd_train.calibrate import choose
 
     rows = [
-        {"offset": -4.0, "tumour_dice": 0.50, "fp_ml": 1.0},
-        {"offset": -2.0, "tumour_dice": 0.70, "fp_ml": 4.0},
-        {"offset": -1.0, "tumour_dice": 0.70, "fp_ml": 4.5},  # a tie: the smaller shift wins
-        {"offset": 0.0, "tumour_dice": 0.72, "fp_ml": 20.0},
+        {"offset": -4.0, "tumour_dice": 0.50, "fp_ml_cases": [1.0, 0.0]},
+        {"offset": -2.0, "tumour_dice": 0.70, "fp_ml_cases": [4.0, 1.0]},
+        {"offset": -1.0, "tumour_dice": 0.70, "fp_ml_cases": [4.5, 2.0]},  # tie: smaller shift
+        {"offset": 0.0, "tumour_dice": 0.72, "fp_ml_cases": [20.0, 3.0]},
     ]
     assert choose(rows, 5.0)["offset"] == -1.0
-    assert choose(rows, 0.5)["offset"] == -4.0  # none within the limit: the least false tumour
+    assert choose(rows, 0.5)["offset"] == -4.0  # none within the limit: the least worst case
     assert choose(rows, 50.0)["offset"] == 0.0
-    no_free = [{**r, "fp_ml": None} for r in rows]  # no tumour-free case: Dice alone decides
+    no_free = [{**r, "fp_ml_cases": []} for r in rows]  # no tumour-free case: Dice decides
     assert choose(no_free, 0.0)["offset"] == 0.0
+
+
+def test_calibration_keeps_the_limit_on_every_tumour_free_case_not_on_their_mean():
+    """One healthy CT with 9.6 mL of false tumour breaks a 5 mL promise even though the mean
+    over three healthy CTs is 3.2 mL (the kidney student's -2 offset on its calibration set)."""
+    from hlfd_train.calibrate import choose
+
+    rows = [
+        {"offset": -3.0, "tumour_dice": 0.280, "fp_ml_cases": [4.2, 0.0, 0.0]},
+        {"offset": -2.0, "tumour_dice": 0.293, "fp_ml_cases": [9.6, 0.0, 0.0]},
+    ]
+    assert choose(rows, 5.0)["offset"] == -3.0
 
 
 def test_calibrate_sweeps_through_the_runtime_and_writes_the_card(tmp_path):
@@ -150,6 +162,7 @@ def test_calibrate_sweeps_through_the_runtime_and_writes_the_card(tmp_path):
     rows = sweep(package, cases, np.arange(256), offsets=(-20.0, 0.0), device="cpu")
     assert [r["offset"] for r in rows] == [-20.0, 0.0]
     assert rows[0]["tumour_dice"] == 0.0 and rows[0]["fp_ml"] == 0.0
+    assert rows[0]["fp_ml_cases"] == [0.0]
     assert rows[0]["tumour_cases"] == 1 and rows[0]["tumour_free_cases"] == 1
     assert rows[1]["tumour_dice"] > 0.0  # the phantom's tumour is found without a shift
     chosen = choose(rows, max_fp_ml=0.0)
