@@ -215,25 +215,37 @@ def test_readme_documents_the_slicer_module():
     assert "HLFDSegmentLogic().segment(" in readme
 
 
-def test_module_script_executes_with_stubbed_slicer_app():
-    """Import HLFDSegment.py against stand-ins for qt and the Slicer application: catches
-    NameErrors, annotations evaluated at definition time and eager heavy imports."""
-    code = (
-        r"""
-import sys, types
-from unittest import mock
-for name in ("torch", "monai", "safetensors", "jsonschema"):
-    sys.modules[name] = None
+def _with_stubbed_slicer_app(body: str, block_heavy: bool = True) -> str:
+    """Python code that imports HLFDSegment.py against slicer-core (real MRML, slicer.util) and
+    stand-ins for qt and the Slicer application (not available headless), then runs ``body``."""
+    block = "for name in ('torch', 'monai', 'safetensors', 'jsonschema'):\n"
+    block += "    sys.modules[name] = None\n"
+    head = "import sys, types\nfrom unittest import mock\n" + (block if block_heavy else "")
+    stubs = r"""
 import slicer  # slicer-core: MRML classes, slicer.util
 sys.modules["qt"] = mock.MagicMock()
 for name in ("slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule"):
     sys.modules[name] = types.ModuleType(name)
 """
-        + TEMPLATE_STUBS
-        + r"""
+    tail = r"""
 slicer.util.VTKObservationMixin = type("VTKObservationMixin", (), {"__init__": lambda s: None})
 slicer.app = mock.MagicMock()
 import HLFDSegment as module
+"""
+    return head + stubs + TEMPLATE_STUBS + tail + body
+
+
+def _run_in_module_folder(code: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=MODULE, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_module_script_executes_with_stubbed_slicer_app():
+    """Import HLFDSegment.py against stand-ins for qt and the Slicer application: catches
+    NameErrors, annotations evaluated at definition time and eager heavy imports."""
+    body = r"""
 parent = mock.MagicMock()
 module.HLFDSegment(parent)
 assert parent.title == "Kidney and Liver Tumor Segmentation (HLFD)", parent.title
@@ -243,11 +255,65 @@ slicer.app.connect.assert_called_once()
 logic = module.HLFDSegmentLogic()
 assert isinstance(logic.modelChoices(["/x/model.zip"]), list)
 """
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=MODULE, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run_in_module_folder(_with_stubbed_slicer_app(body))
+
+
+def test_another_ct_resets_the_output_to_a_new_segmentation():
+    """Issue 12 item 3: after picking another CT the output goes back to "Create new", so the
+    previous patient's (possibly hand-corrected) segmentation is never offered for overwrite;
+    a segmentation chosen for the current CT stays. The widget's own method, on real MRML nodes
+    (the parameter node wrapper needs the Slicer application: a plain namespace stands in)."""
+    body = r"""
+scene = slicer.vtkMRMLScene()
+ct_a = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Patient A CT")
+ct_b = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Patient B CT")
+seg_a = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Patient A CT segmentation")
+with module.mrml.converters():  # as in Slicer: an empty segment needs the conversion rules
+    seg_a.GetSegmentation().AddEmptySegment("drawn", "Hand-corrected tumor")
+seg_b = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Patient B CT segmentation")
+widget = module.HLFDSegmentWidget()
+p = types.SimpleNamespace(inputVolume=ct_a, outputSegmentation=seg_a)
+widget._parameterNode = p
+widget._resetOutputOnNewInput()
+assert p.outputSegmentation is seg_a  # the first CT seen (e.g. a saved scene): choice kept
+widget._resetOutputOnNewInput()
+assert p.outputSegmentation is seg_a  # same CT: kept
+p.inputVolume = ct_b
+widget._resetOutputOnNewInput()
+assert p.outputSegmentation is None, p.outputSegmentation  # another CT: a new segmentation
+p.outputSegmentation = seg_b
+widget._resetOutputOnNewInput()
+assert p.outputSegmentation is seg_b  # chosen for this CT: kept
+p.inputVolume = ct_a
+widget._resetOutputOnNewInput()
+assert p.outputSegmentation is None
+assert seg_a.GetName() == "Patient A CT segmentation"  # nothing renamed or emptied
+assert seg_a.GetSegmentation().GetNumberOfSegments() == 1
+"""
+    _run_in_module_folder(_with_stubbed_slicer_app(body))
+
+
+def test_panel_and_segment_click_never_import_torch():
+    """Issue 12 item 8, with torch installed and importable: loading the module, listing the
+    models, showing a card and everything a Segment click computes before the worker starts
+    (what to install, its size) leave torch unimported in Slicer's process."""
+    body = r"""
+logic = module.HLFDSegmentLogic()
+assert [spec for _, spec in logic.listModels([]).choices][:2] == ["kidney", "liver"]
+module.modelmenu.card_summary(module.modelmenu.read_card("kidney"))
+for model, device in (("kidney", "auto"), ("liver", "cpu"), ("kidney", "gpu")):
+    torch_needed, missing = logic.requirements(model, device)
+    module.deps.install_question(torch_needed, missing)
+    module.deps.size_text(module.deps.download_megabytes(torch_needed, missing))
+    module.slicerjob.device_argument(device)
+heavy = sorted(name for name in ("torch", "monai") if name in sys.modules)
+assert not heavy, heavy
+"""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed here: nothing could import it")
+    _run_in_module_folder(_with_stubbed_slicer_app(body, block_heavy=False))
 
 
 def test_code_runs_on_the_stated_minimum_python():
