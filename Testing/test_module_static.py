@@ -468,3 +468,26 @@ def test_self_test_runs_the_headless_tested_flow_on_the_sample_with_the_built_in
         assert needle in source, needle
     logic = _methods(_classes(tree)["HLFDSegmentLogic"])
     assert "mrml.segment_volume" in ast.unparse(logic["segment"])
+
+
+def test_panel_refreshes_models_and_shows_warnings_and_the_kept_log(tree):
+    """Issue 12 items 2 and 6, the Qt side (no Qt here: checked on the source; the model list,
+    the warnings and the kept log themselves are tested in test_modelmenu and test_slicerjob):
+    the list is rebuilt after an install, a load and a run, with its problems shown; a run's
+    warnings reach the warnings label while it runs, and its kept log fills the Log panel."""
+    widget = _methods(_classes(tree)["HLFDSegmentWidget"])
+    for name in ("_pollInstall", "useModelPath", "onTimer", "setup"):
+        assert "self.refreshModels()" in ast.unparse(widget[name]), name
+    refresh = ast.unparse(widget["refreshModels"])
+    assert "self.logic.listModels(" in refresh and "found.problems" in refresh
+    assert "self.ui.modelProblemsLabel" in refresh
+    on_timer = ast.unparse(widget["onTimer"])
+    assert "self._showWarnings(job.warnings)" in on_timer
+    assert "self._showKeptLog(job)" in on_timer
+    assert "self._showKeptLog(run.job)" in ast.unparse(widget["onCancel"])
+    shown = ast.unparse(widget["_showWarnings"])
+    assert "self.ui.warningsLabel.text" in shown and "self.ui.warningsLabel.visible" in shown
+    kept = ast.unparse(widget["_showKeptLog"])
+    assert "self.ui.logTextEdit.setPlainText" in kept and "job.kept_log" in kept
+    start = ast.unparse(_methods(_classes(tree)["HLFDSegmentLogic"])["start"])
+    assert "log_dir=self.logDirectory()" in start  # without it no log is kept
