@@ -201,6 +201,33 @@ def test_extension_metadata_and_index_entry():
     assert entry["scm_url"].removesuffix(".git") == meta["EXTENSION_HOMEPAGE"]
     assert entry["build_dependencies"] == ["PyTorch"]
     assert entry["tier"] in (1, 3, 5) and entry["scm_revision"]
+    # the catalog entry schema (v1.0.1) allows no other key, so the minimum Slicer cannot be
+    # stated in the entry: the README says so and which index branches it goes to
+    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type"}
+    allowed |= {"build_dependencies", "build_subdirectory", "enabled", "tier"}
+    assert set(entry) <= allowed, set(entry) - allowed
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "`HLFDSegment.json` has no field for it" in readme
+    assert "Needs 3D Slicer 5.10 or later." in meta["EXTENSION_DESCRIPTION"]
+
+
+def test_icon_and_screenshot_urls_name_pngs_of_this_repository():
+    """Issue 12 item 11: the Extensions Manager shows EXTENSION_ICONURL and
+    EXTENSION_SCREENSHOTURLS from the repository's main branch: each names a PNG file that is
+    here; the README says how the screenshot was made (rendered, not a Slicer capture)."""
+    meta = _cmake_vars((ROOT / "CMakeLists.txt").read_text(encoding="utf-8"))
+    base = "https://raw.githubusercontent.com/hlfdsegment/SlicerHLFDSegment/main/"
+    urls = meta["EXTENSION_ICONURL"].split() + meta["EXTENSION_SCREENSHOTURLS"].split()
+    assert len(urls) >= 2
+    for url in urls:
+        assert url.startswith(base), url
+        data = (ROOT / url.removeprefix(base)).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", url
+    screenshot = meta["EXTENSION_SCREENSHOTURLS"].split()[0].removeprefix(base)
+    width, height = struct.unpack(">II", (ROOT / screenshot).read_bytes()[16:24])
+    assert width >= 600 and height >= 300, (width, height)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"(`{screenshot}`) is rendered by" in readme
 
 
 def test_icon_is_a_128px_png():
