@@ -6,6 +6,7 @@ the whole segment flow (mrml), dependency installation (deps) and sample data (s
 """
 
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -823,10 +824,16 @@ class HLFDSegmentTest(ScriptedLoadableModuleTest):
         self.delayDisplay(_("Test passed"))
 
     def test_FailureLeavesTheSceneUnchanged(self) -> None:
+        """A package with the built-in kidney card and no weights: it needs exactly what the
+        first test installed (a missing .zip has no card, so it would need torch), and the
+        worker refuses it."""
         volumeNode = self._sampleVolume()
         nodes = slicer.mrmlScene.GetNumberOfNodes()
-        missing = os.path.join(slicer.app.temporaryPath, "HLFDSegment", "missing.zip")
+        broken = os.path.join(slicer.app.temporaryPath, "HLFDSegment", "broken-model")
+        os.makedirs(broken, exist_ok=True)
+        with open(os.path.join(broken, "model.json"), "w", encoding="utf-8") as card:
+            json.dump(modelmenu.read_card("kidney"), card)
         with self.assertRaises(RuntimeError):
-            HLFDSegmentLogic().segment(volumeNode, model=missing, device="cpu")
+            HLFDSegmentLogic().segment(volumeNode, model=broken)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
         self.delayDisplay(_("Test passed"))

@@ -493,6 +493,9 @@ def test_self_test_runs_the_headless_tested_flow_on_the_sample_with_the_built_in
     source = ast.unparse(test)
     for needle in ("model='kidney'", "samples.sample_ct", "mrml.result_problems", "volumesTable"):
         assert needle in source, needle
+    failure = ast.unparse(_methods(test)["test_FailureLeavesTheSceneUnchanged"])
+    assert "json.dump(modelmenu.read_card('kidney')" in failure  # see test_mrml: no install
+    assert "device=" not in failure  # the first test's device: the same requirements
     logic = _methods(_classes(tree)["HLFDSegmentLogic"])
     assert "mrml.segment_volume" in ast.unparse(logic["segment"])
 
