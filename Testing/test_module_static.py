@@ -240,6 +240,9 @@ def test_readme_documents_the_slicer_module():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "## 3D Slicer" in readme
     assert "HLFDSegmentLogic().segment(" in readme
+    section = readme.split("## 3D Slicer", 1)[1].split("\n## ", 1)[0]
+    long = [line for line in section.splitlines() if len(line) > 100]
+    assert not long, long  # wrapped at 100 characters, as the rest of the section
 
 
 def _with_stubbed_slicer_app(body: str, block_heavy: bool = True) -> str:
@@ -262,9 +265,9 @@ import HLFDSegment as module
     return head + stubs + TEMPLATE_STUBS + tail + body
 
 
-def _run_in_module_folder(code: str) -> None:
+def _run_in_module_folder(code: str, timeout: float = 60) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=MODULE, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code], cwd=MODULE, capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -318,6 +321,89 @@ assert seg_a.GetName() == "Patient A CT segmentation"  # nothing renamed or empt
 assert seg_a.GetSegmentation().GetNumberOfSegments() == 1
 """
     _run_in_module_folder(_with_stubbed_slicer_app(body))
+
+
+def test_segment_stops_before_any_work_when_packages_are_declined_or_not_installed():
+    """Logic.segment with packages missing (blocked here, as on a fresh Slicer): the user
+    declining the install, or the install failing, stops it before any work with one message
+    naming the packages and how to install them; the scene is unchanged. The confirmation
+    dialog and the installer are stand-ins (no Qt, and no real install from a test)."""
+    body = r"""
+import shutil
+scene = slicer.vtkMRMLScene()
+slicer.mrmlScene = scene
+ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Patient CT")
+nodes = scene.GetNumberOfNodes()
+logic = module.HLFDSegmentLogic()
+asked = []
+slicer.util.confirmOkCancelDisplay = lambda text, *a, **k: asked.append(text) or False
+started = []
+def segment_volume(*args, **kwargs):  # the work itself: must not start
+    started.append(args)
+    raise AssertionError("segment went ahead without its packages")
+module.mrml.segment_volume = segment_volume
+for noMainWindow, reason in ((False, "was declined"), (True, "Python packages failed")):
+    slicer.app.commandOptions.return_value.noMainWindow = noMainWindow
+    logic.pythonExecutable = lambda: shutil.which("false")  # an installer that fails
+    try:
+        logic.segment(ct, model="kidney", device="cpu")
+    except RuntimeError as error:
+        message = str(error)
+    else:
+        raise AssertionError("segment returned without its packages")
+    assert message.startswith("HLFD Segment cannot run: the Python packages "), message
+    assert "jsonschema" in message.split(".")[0] and reason in message, message
+    assert "HLFDSegmentLogic().installDependencies('kidney', 'cpu')" in message, message
+    assert not started and scene.GetNumberOfNodes() == nodes
+assert len(asked) == 1  # declined once; the headless run installs without asking
+"""
+    _run_in_module_folder(_with_stubbed_slicer_app(body))
+
+
+def test_result_of_a_run_never_becomes_the_output_of_another_ct(tmp_path, tiny_package):
+    """Picking another CT while a run goes on: the finished result goes to a segmentation of
+    the CT it was computed for, and the other CT's output stays a new segmentation; with the
+    CT unchanged the result becomes the output. Real workers and MRML nodes; the Qt widgets
+    are stand-ins, the parameter node a plain namespace (see the test above)."""
+    body = rf"""
+import numpy as np, SimpleITK as sitk
+from unittest import mock
+scene = slicer.vtkMRMLScene()
+slicer.mrmlScene = scene
+array = np.full((12, 40, 36), -1000, dtype=np.int16)
+array[2:10, 8:30, 6:26] = 40
+cts = [module.mrml.image_to_volume_node(sitk.GetImageFromArray(array), scene, name)
+       for name in ("Patient A CT", "Patient B CT")]
+widget = module.HLFDSegmentWidget()
+widget.ui = mock.MagicMock()  # the panel's Qt widgets
+widget.ui.modelComboBox.findData.return_value = -1
+widget.ui.deviceComboBox.findData.return_value = -1
+widget.logic = module.HLFDSegmentLogic()
+runs = [module.mrml.SegmentationRun(ct, {str(tiny_package)!r}, "cpu", python=sys.executable,
+                                    log_dir={str(tmp_path)!r}) for ct in cts]
+for run in runs:
+    run.start()
+for run in runs:
+    assert run.wait(120) is module.slicerjob.JobState.DONE, run.job.error
+with module.mrml.converters():
+    for run, selected, taken in ((runs[0], cts[1], False), (runs[1], cts[1], True)):
+        p = types.SimpleNamespace(inputVolume=run.volume, outputSegmentation=None, model="",
+                                  device="cpu", show3D=False)
+        widget._parameterNode = widget._lastInput = None
+        widget._parameterNode = p
+        widget._resetOutputOnNewInput()
+        p.inputVolume = selected  # picked while the run goes on
+        widget._resetOutputOnNewInput()
+        widget._run = run
+        widget.onTimer()
+        assert widget._run is None and run.segmentation is not None
+        table = module.mrml.volumes_table_of(run.segmentation)
+        assert table.GetName() == run.volume.GetName() + " segment volumes"
+        output = p.outputSegmentation
+        name = output.GetName() if output else None
+        assert (output is run.segmentation) is taken, (selected.GetName(), name)
+"""
+    _run_in_module_folder(_with_stubbed_slicer_app(body, block_heavy=False), timeout=300)
 
 
 def test_panel_and_segment_click_never_import_torch():
