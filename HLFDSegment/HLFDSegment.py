@@ -6,6 +6,7 @@ the whole segment flow (mrml), dependency installation (deps) and sample data (s
 """
 
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -596,8 +597,11 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = _("Failed to load the segmentation.")
                 with slicer.util.tryWithErrorDisplay(_("Failed to load the segmentation."), True):
                     segmentation = self.logic.finish(run, self._parameterNode.show3D)
-                    self._parameterNode.outputSegmentation = segmentation
-                    self.ui.volumesTableView.setMRMLTableNode(run.table)
+                    # the result is the output of the CT it was computed for only: another CT
+                    # picked meanwhile keeps its own output (a new segmentation)
+                    if self._parameterNode.inputVolume is run.volume:
+                        self._parameterNode.outputSegmentation = segmentation
+                        self.ui.volumesTableView.setMRMLTableNode(run.table)
                     self.ui.statusLabel.text = _(slicerjob.finished_status(job))
             else:
                 run.cancel()  # keeps the log, removes the work folder
@@ -746,7 +750,8 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
         show3D: bool = False,
         timeout: Optional[float] = None,
     ) -> Any:
-        """Segment ``volumeNode`` and wait; returns the segmentation node (raises on failure).
+        """Segment ``volumeNode`` and wait; returns the segmentation node (raises on failure,
+        and before any work if the packages it needs are missing and not installed).
 
         ``model``: package folder/.zip or registry id (default: the first available model)."""
         if model is None:
@@ -754,9 +759,25 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
             if not choices:
                 raise ValueError(_("No model available: pass model='path/to/package'."))
             model = choices[0][1]
-        self.installDependencies(
-            model, device, askConfirmation=not slicer.app.commandOptions().noMainWindow
-        )
+        torchMissing, missing = self.requirements(model, device)
+        try:
+            installed = self.installDependencies(
+                model, device, askConfirmation=not slicer.app.commandOptions().noMainWindow
+            )
+            reason = "" if installed else _("The installation was declined.")
+        except RuntimeError as error:  # the install failed: its message has pip's last lines
+            installed, reason = False, str(error)
+        if not installed:  # stop before any work: the scene stays as it was
+            names = (["torch"] if torchMissing else []) + [module for module, _req in missing]
+            message = _(
+                "HLFD Segment cannot run: the Python packages {names} are not installed. {reason}"
+                "\nInstall them by clicking Segment in the HLFD Segment module and accepting the"
+                " installation, or in Slicer's Python console:\nfrom HLFDSegment import"
+                " HLFDSegmentLogic; HLFDSegmentLogic().installDependencies({model!r}, {device!r})"
+            )
+            raise RuntimeError(
+                message.format(names=", ".join(names), reason=reason, model=model, device=device)
+            )
         run = mrml.segment_volume(
             volumeNode,
             model,
@@ -823,10 +844,16 @@ class HLFDSegmentTest(ScriptedLoadableModuleTest):
         self.delayDisplay(_("Test passed"))
 
     def test_FailureLeavesTheSceneUnchanged(self) -> None:
+        """A package with the built-in kidney card and no weights: it needs exactly what the
+        first test installed (a missing .zip has no card, so it would need torch), and the
+        worker refuses it."""
         volumeNode = self._sampleVolume()
         nodes = slicer.mrmlScene.GetNumberOfNodes()
-        missing = os.path.join(slicer.app.temporaryPath, "HLFDSegment", "missing.zip")
+        broken = os.path.join(slicer.app.temporaryPath, "HLFDSegment", "broken-model")
+        os.makedirs(broken, exist_ok=True)
+        with open(os.path.join(broken, "model.json"), "w", encoding="utf-8") as card:
+            json.dump(modelmenu.read_card("kidney"), card)
         with self.assertRaises(RuntimeError):
-            HLFDSegmentLogic().segment(volumeNode, model=missing, device="cpu")
+            HLFDSegmentLogic().segment(volumeNode, model=broken)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
         self.delayDisplay(_("Test passed"))

@@ -201,6 +201,33 @@ def test_extension_metadata_and_index_entry():
     assert entry["scm_url"].removesuffix(".git") == meta["EXTENSION_HOMEPAGE"]
     assert entry["build_dependencies"] == ["PyTorch"]
     assert entry["tier"] in (1, 3, 5) and entry["scm_revision"]
+    # the catalog entry schema (v1.0.1) allows no other key, so the minimum Slicer cannot be
+    # stated in the entry: the README says so and which index branches it goes to
+    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type"}
+    allowed |= {"build_dependencies", "build_subdirectory", "enabled", "tier"}
+    assert set(entry) <= allowed, set(entry) - allowed
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "`HLFDSegment.json` has no field for it" in readme
+    assert "Needs 3D Slicer 5.10 or later." in meta["EXTENSION_DESCRIPTION"]
+
+
+def test_icon_and_screenshot_urls_name_pngs_of_this_repository():
+    """Issue 12 item 11: the Extensions Manager shows EXTENSION_ICONURL and
+    EXTENSION_SCREENSHOTURLS from the repository's main branch: each names a PNG file that is
+    here; the README says how the screenshot was made (rendered, not a Slicer capture)."""
+    meta = _cmake_vars((ROOT / "CMakeLists.txt").read_text(encoding="utf-8"))
+    base = "https://raw.githubusercontent.com/hlfdsegment/SlicerHLFDSegment/main/"
+    urls = meta["EXTENSION_ICONURL"].split() + meta["EXTENSION_SCREENSHOTURLS"].split()
+    assert len(urls) >= 2
+    for url in urls:
+        assert url.startswith(base), url
+        data = (ROOT / url.removeprefix(base)).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", url
+    screenshot = meta["EXTENSION_SCREENSHOTURLS"].split()[0].removeprefix(base)
+    width, height = struct.unpack(">II", (ROOT / screenshot).read_bytes()[16:24])
+    assert width >= 600 and height >= 300, (width, height)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"(`{screenshot}`) is rendered by" in readme
 
 
 def test_icon_is_a_128px_png():
@@ -213,27 +240,42 @@ def test_readme_documents_the_slicer_module():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "## 3D Slicer" in readme
     assert "HLFDSegmentLogic().segment(" in readme
+    section = readme.split("## 3D Slicer", 1)[1].split("\n## ", 1)[0]
+    long = [line for line in section.splitlines() if len(line) > 100]
+    assert not long, long  # wrapped at 100 characters, as the rest of the section
 
 
-def test_module_script_executes_with_stubbed_slicer_app():
-    """Import HLFDSegment.py against stand-ins for qt and the Slicer application: catches
-    NameErrors, annotations evaluated at definition time and eager heavy imports."""
-    code = (
-        r"""
-import sys, types
-from unittest import mock
-for name in ("torch", "monai", "safetensors", "jsonschema"):
-    sys.modules[name] = None
+def _with_stubbed_slicer_app(body: str, block_heavy: bool = True) -> str:
+    """Python code that imports HLFDSegment.py against slicer-core (real MRML, slicer.util) and
+    stand-ins for qt and the Slicer application (not available headless), then runs ``body``."""
+    block = "for name in ('torch', 'monai', 'safetensors', 'jsonschema'):\n"
+    block += "    sys.modules[name] = None\n"
+    head = "import sys, types\nfrom unittest import mock\n" + (block if block_heavy else "")
+    stubs = r"""
 import slicer  # slicer-core: MRML classes, slicer.util
 sys.modules["qt"] = mock.MagicMock()
 for name in ("slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule"):
     sys.modules[name] = types.ModuleType(name)
 """
-        + TEMPLATE_STUBS
-        + r"""
+    tail = r"""
 slicer.util.VTKObservationMixin = type("VTKObservationMixin", (), {"__init__": lambda s: None})
 slicer.app = mock.MagicMock()
 import HLFDSegment as module
+"""
+    return head + stubs + TEMPLATE_STUBS + tail + body
+
+
+def _run_in_module_folder(code: str, timeout: float = 60) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=MODULE, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_module_script_executes_with_stubbed_slicer_app():
+    """Import HLFDSegment.py against stand-ins for qt and the Slicer application: catches
+    NameErrors, annotations evaluated at definition time and eager heavy imports."""
+    body = r"""
 parent = mock.MagicMock()
 module.HLFDSegment(parent)
 assert parent.title == "Kidney and Liver Tumor Segmentation (HLFD)", parent.title
@@ -243,11 +285,148 @@ slicer.app.connect.assert_called_once()
 logic = module.HLFDSegmentLogic()
 assert isinstance(logic.modelChoices(["/x/model.zip"]), list)
 """
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=MODULE, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run_in_module_folder(_with_stubbed_slicer_app(body))
+
+
+def test_another_ct_resets_the_output_to_a_new_segmentation():
+    """Issue 12 item 3: after picking another CT the output goes back to "Create new", so the
+    previous patient's (possibly hand-corrected) segmentation is never offered for overwrite;
+    a segmentation chosen for the current CT stays. The widget's own method, on real MRML nodes
+    (the parameter node wrapper needs the Slicer application: a plain namespace stands in)."""
+    body = r"""
+scene = slicer.vtkMRMLScene()
+ct_a = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Patient A CT")
+ct_b = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Patient B CT")
+seg_a = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Patient A CT segmentation")
+with module.mrml.converters():  # as in Slicer: an empty segment needs the conversion rules
+    seg_a.GetSegmentation().AddEmptySegment("drawn", "Hand-corrected tumor")
+seg_b = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Patient B CT segmentation")
+widget = module.HLFDSegmentWidget()
+p = types.SimpleNamespace(inputVolume=ct_a, outputSegmentation=seg_a)
+widget._parameterNode = p
+widget._resetOutputOnNewInput()
+assert p.outputSegmentation is seg_a  # the first CT seen (e.g. a saved scene): choice kept
+widget._resetOutputOnNewInput()
+assert p.outputSegmentation is seg_a  # same CT: kept
+p.inputVolume = ct_b
+widget._resetOutputOnNewInput()
+assert p.outputSegmentation is None, p.outputSegmentation  # another CT: a new segmentation
+p.outputSegmentation = seg_b
+widget._resetOutputOnNewInput()
+assert p.outputSegmentation is seg_b  # chosen for this CT: kept
+p.inputVolume = ct_a
+widget._resetOutputOnNewInput()
+assert p.outputSegmentation is None
+assert seg_a.GetName() == "Patient A CT segmentation"  # nothing renamed or emptied
+assert seg_a.GetSegmentation().GetNumberOfSegments() == 1
+"""
+    _run_in_module_folder(_with_stubbed_slicer_app(body))
+
+
+def test_segment_stops_before_any_work_when_packages_are_declined_or_not_installed():
+    """Logic.segment with packages missing (blocked here, as on a fresh Slicer): the user
+    declining the install, or the install failing, stops it before any work with one message
+    naming the packages and how to install them; the scene is unchanged. The confirmation
+    dialog and the installer are stand-ins (no Qt, and no real install from a test)."""
+    body = r"""
+import shutil
+scene = slicer.vtkMRMLScene()
+slicer.mrmlScene = scene
+ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Patient CT")
+nodes = scene.GetNumberOfNodes()
+logic = module.HLFDSegmentLogic()
+asked = []
+slicer.util.confirmOkCancelDisplay = lambda text, *a, **k: asked.append(text) or False
+started = []
+def segment_volume(*args, **kwargs):  # the work itself: must not start
+    started.append(args)
+    raise AssertionError("segment went ahead without its packages")
+module.mrml.segment_volume = segment_volume
+for noMainWindow, reason in ((False, "was declined"), (True, "Python packages failed")):
+    slicer.app.commandOptions.return_value.noMainWindow = noMainWindow
+    logic.pythonExecutable = lambda: shutil.which("false")  # an installer that fails
+    try:
+        logic.segment(ct, model="kidney", device="cpu")
+    except RuntimeError as error:
+        message = str(error)
+    else:
+        raise AssertionError("segment returned without its packages")
+    assert message.startswith("HLFD Segment cannot run: the Python packages "), message
+    assert "jsonschema" in message.split(".")[0] and reason in message, message
+    assert "HLFDSegmentLogic().installDependencies('kidney', 'cpu')" in message, message
+    assert not started and scene.GetNumberOfNodes() == nodes
+assert len(asked) == 1  # declined once; the headless run installs without asking
+"""
+    _run_in_module_folder(_with_stubbed_slicer_app(body))
+
+
+def test_result_of_a_run_never_becomes_the_output_of_another_ct(tmp_path, tiny_package):
+    """Picking another CT while a run goes on: the finished result goes to a segmentation of
+    the CT it was computed for, and the other CT's output stays a new segmentation; with the
+    CT unchanged the result becomes the output. Real workers and MRML nodes; the Qt widgets
+    are stand-ins, the parameter node a plain namespace (see the test above)."""
+    body = rf"""
+import numpy as np, SimpleITK as sitk
+from unittest import mock
+scene = slicer.vtkMRMLScene()
+slicer.mrmlScene = scene
+array = np.full((12, 40, 36), -1000, dtype=np.int16)
+array[2:10, 8:30, 6:26] = 40
+cts = [module.mrml.image_to_volume_node(sitk.GetImageFromArray(array), scene, name)
+       for name in ("Patient A CT", "Patient B CT")]
+widget = module.HLFDSegmentWidget()
+widget.ui = mock.MagicMock()  # the panel's Qt widgets
+widget.ui.modelComboBox.findData.return_value = -1
+widget.ui.deviceComboBox.findData.return_value = -1
+widget.logic = module.HLFDSegmentLogic()
+runs = [module.mrml.SegmentationRun(ct, {str(tiny_package)!r}, "cpu", python=sys.executable,
+                                    log_dir={str(tmp_path)!r}) for ct in cts]
+for run in runs:
+    run.start()
+for run in runs:
+    assert run.wait(120) is module.slicerjob.JobState.DONE, run.job.error
+with module.mrml.converters():
+    for run, selected, taken in ((runs[0], cts[1], False), (runs[1], cts[1], True)):
+        p = types.SimpleNamespace(inputVolume=run.volume, outputSegmentation=None, model="",
+                                  device="cpu", show3D=False)
+        widget._parameterNode = widget._lastInput = None
+        widget._parameterNode = p
+        widget._resetOutputOnNewInput()
+        p.inputVolume = selected  # picked while the run goes on
+        widget._resetOutputOnNewInput()
+        widget._run = run
+        widget.onTimer()
+        assert widget._run is None and run.segmentation is not None
+        table = module.mrml.volumes_table_of(run.segmentation)
+        assert table.GetName() == run.volume.GetName() + " segment volumes"
+        output = p.outputSegmentation
+        name = output.GetName() if output else None
+        assert (output is run.segmentation) is taken, (selected.GetName(), name)
+"""
+    _run_in_module_folder(_with_stubbed_slicer_app(body, block_heavy=False), timeout=300)
+
+
+def test_panel_and_segment_click_never_import_torch():
+    """Issue 12 item 8, with torch installed and importable: loading the module, listing the
+    models, showing a card and everything a Segment click computes before the worker starts
+    (what to install, its size) leave torch unimported in Slicer's process."""
+    body = r"""
+logic = module.HLFDSegmentLogic()
+assert [spec for _, spec in logic.listModels([]).choices][:2] == ["kidney", "liver"]
+module.modelmenu.card_summary(module.modelmenu.read_card("kidney"))
+for model, device in (("kidney", "auto"), ("liver", "cpu"), ("kidney", "gpu")):
+    torch_needed, missing = logic.requirements(model, device)
+    module.deps.install_question(torch_needed, missing)
+    module.deps.size_text(module.deps.download_megabytes(torch_needed, missing))
+    module.slicerjob.device_argument(device)
+heavy = sorted(name for name in ("torch", "monai") if name in sys.modules)
+assert not heavy, heavy
+"""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed here: nothing could import it")
+    _run_in_module_folder(_with_stubbed_slicer_app(body, block_heavy=False))
 
 
 def test_code_runs_on_the_stated_minimum_python():
@@ -400,5 +579,31 @@ def test_self_test_runs_the_headless_tested_flow_on_the_sample_with_the_built_in
     source = ast.unparse(test)
     for needle in ("model='kidney'", "samples.sample_ct", "mrml.result_problems", "volumesTable"):
         assert needle in source, needle
+    failure = ast.unparse(_methods(test)["test_FailureLeavesTheSceneUnchanged"])
+    assert "json.dump(modelmenu.read_card('kidney')" in failure  # see test_mrml: no install
+    assert "device=" not in failure  # the first test's device: the same requirements
     logic = _methods(_classes(tree)["HLFDSegmentLogic"])
     assert "mrml.segment_volume" in ast.unparse(logic["segment"])
+
+
+def test_panel_refreshes_models_and_shows_warnings_and_the_kept_log(tree):
+    """Issue 12 items 2 and 6, the Qt side (no Qt here: checked on the source; the model list,
+    the warnings and the kept log themselves are tested in test_modelmenu and test_slicerjob):
+    the list is rebuilt after an install, a load and a run, with its problems shown; a run's
+    warnings reach the warnings label while it runs, and its kept log fills the Log panel."""
+    widget = _methods(_classes(tree)["HLFDSegmentWidget"])
+    for name in ("_pollInstall", "useModelPath", "onTimer", "setup"):
+        assert "self.refreshModels()" in ast.unparse(widget[name]), name
+    refresh = ast.unparse(widget["refreshModels"])
+    assert "self.logic.listModels(" in refresh and "found.problems" in refresh
+    assert "self.ui.modelProblemsLabel" in refresh
+    on_timer = ast.unparse(widget["onTimer"])
+    assert "self._showWarnings(job.warnings)" in on_timer
+    assert "self._showKeptLog(job)" in on_timer
+    assert "self._showKeptLog(run.job)" in ast.unparse(widget["onCancel"])
+    shown = ast.unparse(widget["_showWarnings"])
+    assert "self.ui.warningsLabel.text" in shown and "self.ui.warningsLabel.visible" in shown
+    kept = ast.unparse(widget["_showKeptLog"])
+    assert "self.ui.logTextEdit.setPlainText" in kept and "job.kept_log" in kept
+    start = ast.unparse(_methods(_classes(tree)["HLFDSegmentLogic"])["start"])
+    assert "log_dir=self.logDirectory()" in start  # without it no log is kept

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -361,3 +362,27 @@ def test_self_test_flow_on_the_sample_ct_with_the_built_in_model(tmp_path, scene
     ]
     with pytest.raises(RuntimeError, match="no-such-model"):
         mrml.segment_volume(volume, tmp_path / "no-such-model", "cpu", python=sys.executable)
+
+
+def test_self_test_failure_case_installs_nothing_more_and_leaves_the_scene(tmp_path, scene, ct):
+    """HLFDSegmentTest's failure case, a package with the built-in kidney card and no weights,
+    needs just what its kidney run installed (Logic.segment installs before it runs: a missing
+    .zip, which has no card, would pull in torch on a fresh Slicer); the worker refuses it and
+    the scene is unchanged."""
+    from HLFDSegmentLib import deps
+    from HLFDSegmentLib.modelmenu import has_onnx_graph, read_card
+
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model.json").write_text(json.dumps(read_card("kidney")), encoding="utf-8")
+    nothing = lambda module: None  # noqa: E731 - a fresh Slicer: nothing installed
+    for device, gpu in (("auto", False), ("auto", True), ("cpu", False), ("cuda", True)):
+        kidney = deps.requirements_for(device, has_onnx_graph("kidney"), nothing, gpu)
+        assert deps.requirements_for(device, has_onnx_graph(broken), nothing, gpu) == kidney
+    missing = has_onnx_graph(tmp_path / "missing.zip")
+    assert deps.requirements_for("cpu", missing, nothing)[0] is True  # torch: why not a .zip
+    _, volume = ct
+    nodes = scene.GetNumberOfNodes()
+    with pytest.raises(RuntimeError, match="missing file"):
+        mrml.segment_volume(volume, broken, "cpu", python=sys.executable, timeout=120)
+    assert scene.GetNumberOfNodes() == nodes
