@@ -24,9 +24,9 @@ from hlfd_train.bench import (
     task_config,
     toy,
     verdict,
-    write_phantoms,
+    write_data,
 )
-from hlfd_train.bench.presets import DIFFICULTY
+from hlfd_train.bench.presets import DIFFICULTY, difficulty
 from hlfd_train.config import ConfigError
 
 
@@ -72,8 +72,8 @@ def test_smoke_benchmark_runs_reports_and_resumes(tmp_path, capsys):
 
     # a benchmark folder of other settings is refused, not silently reused
     other = dataclasses.replace(PRESETS["smoke"], splits=(3, 1, 2))
-    with pytest.raises(ConfigError, match="phantoms of other settings"):
-        write_phantoms(tmp_path / "bench", "kidney", other)
+    with pytest.raises(ConfigError, match="data of other settings"):
+        write_data(tmp_path / "bench", "kidney", other)
     cfg = task_config(tmp_path / "bench", "kidney", PRESETS["smoke"], "teacher")
     cfg["train"]["lr"] = 0.5
     with pytest.raises(ConfigError, match="a run of another configuration"):
@@ -87,6 +87,36 @@ def test_gpu_preset_flow_at_toy_size_on_the_cpu(tmp_path):
     kidney = results["tasks"]["kidney"]
     assert set(METHODS) <= set(kidney["summary"]) and "fitnet-joint" in kidney["summary"]
     assert set(kidney["tuning"]) == set(METHODS) - {"none"}
+
+
+def test_synth_preset_writes_the_engines_ct_and_says_so(tmp_path):
+    """``data="synth"`` benchmarks on the synthesis engine's CT (toy-sized here): a KiTS19
+    folder of engine cases, the engine's settings in the record, and a report title saying so."""
+    import SimpleITK as sitk
+
+    from hlfd_train.bench.report import markdown
+
+    preset = toy(PRESETS["synth-cpu"])
+    root = write_data(tmp_path, "kidney", preset)
+    cases = sorted(root.glob("case_*"))
+    assert len(cases) == sum(preset.splits) == 3
+    image = sitk.ReadImage(str(cases[0] / "imaging.nii.gz"))
+    assert image.GetSize()[:2] == (64, 64) and image.GetSpacing()[0] == 5.0
+    record = difficulty("kidney", preset)
+    assert record["generator"] == "hlfd_train.synth" and record["tumour_free"] == 0.15
+    assert json.loads((root / ".complete").read_text())["difficulty"] == record
+    results = {
+        "preset": "synth-cpu (toy size)",
+        "settings": dataclasses.asdict(preset),
+        "code_version": "x",
+        "machine": "m",
+        "workers": "1",
+        "seconds_total": 1.0,
+        "tasks": {},
+    }
+    assert markdown(results, tmp_path, "f").startswith(
+        "# Distillation benchmark on synthetic CT (`hlfd_train.synth`)"
+    )
 
 
 def test_presets_are_sized_as_promised():

@@ -11,7 +11,7 @@
     hlfd-train export   RUN -o MODEL_DIR [--onnx]
     hlfd-train add-onnx MODEL_DIR...
     hlfd-train explain  --config C --models RUN_OR_MODEL ... [--case ID] [--slices 10 20]
-    hlfd-train bench    [--preset cpu|gpu|quick|smoke|full] [--toy] [--out DIR] [--report R.md]
+    hlfd-train bench    [--preset cpu|synth-cpu|gpu|quick|smoke|full] [--toy] [--out DIR] [--report R.md]
     hlfd-train methods
 
 Errors in the data, the config or a model end in one line on stderr and exit code 1.
@@ -347,14 +347,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", type=Path, default=Path("attention.png"))
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("bench", help="distillation benchmark on phantoms (resumable)")
+    p = sub.add_parser(
+        "bench", help="distillation benchmark on phantoms or synthetic CT (resumable)"
+    )
     which = p.add_mutually_exclusive_group()
     which.add_argument(
         "--preset",
-        choices=["cpu", "gpu", "quick", "smoke", "full"],
+        choices=["cpu", "synth-cpu", "gpu", "quick", "smoke", "full"],
         default="cpu",
-        help="cpu: kidney, 5 methods x 5 seeds, ~85 min on 2 cores; gpu: every method and "
-        "ablation x 5 seeds x both tasks, several runs sharing one GPU",
+        help="cpu: kidney phantoms, 5 methods x 5 seeds, ~85 min on 2 cores; synth-cpu: kidney "
+        "synthetic CT, 4 methods x 5 seeds, ~60 min; gpu: every method and ablation x 5 seeds "
+        "x both tasks, several runs sharing one GPU",
     )
     which.add_argument("--quick", action="store_true", help="same as --preset quick (~10 min)")
     p.add_argument(

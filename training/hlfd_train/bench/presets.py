@@ -1,4 +1,5 @@
-"""What the distillation benchmark runs: methods, ablations, phantom difficulty and presets.
+"""What the distillation benchmark runs: methods, ablations, data (phantom difficulty or the
+synthesis engine's settings) and presets.
 
 Sizes are set from measured step times of the earlier full preset on this project's 2-core
 machine (two 1-thread training processes): a student step of 96² crops, batch 12, takes about
@@ -64,6 +65,8 @@ class Preset:
     teacher_overrides: tuple[str, ...] = ()  # applied after ``overrides`` to the teacher only
     workers: int = 0  # training processes side by side; 0: one per two cores, at least two
     minutes: float = 0.0  # the planned wall time on the machine it is sized for (report only)
+    data: str = "phantom"  # phantom: DIFFICULTY's phantoms; synth: the synthesis engine
+    synth: dict[str, Any] = dataclasses.field(default_factory=dict)  # SynthConfig settings
 
 
 # 3 mm in-plane grid and 96² crops: what 2 CPU cores can train in the benchmark's time
@@ -122,6 +125,25 @@ PRESETS = {
         teacher_overrides=("train.batch_size=16",),
         minutes=85,
     ),
+    # the same design on the synthesis engine's CT (the shipped students' training stream):
+    # anatomy, contrast phases, FOV cuts, tumour-free cases; ~60 min on 2 cores
+    "synth-cpu": Preset(
+        tasks=("kidney",),
+        methods=("none", "hlfd", "at", "kd"),
+        seeds=(0, 1, 2, 3, 4),
+        splits=(12, 4, 12),
+        shape=(0, 0, 0),  # the engine sets each case's size
+        teacher_steps=600,
+        student_steps=300,
+        tuning=Tuning(scales=(0.5, 1.0, 2.0)),
+        overrides=CPU_BENCH,
+        teacher_overrides=("train.batch_size=16",),
+        minutes=60,
+        data="synth",
+        # the training stream's defaults with fewer tumour-free cases: the primary comparison
+        # is on tumour-bearing cases; the others score false tumour
+        synth={"tumour_free": 0.15},
+    ),
     # one GPU shared by several runs: every method as published, ablations, both tasks,
     # 5 seeds, the weight x temperature grid; 40 test cases per task
     "gpu": Preset(
@@ -153,6 +175,10 @@ PRESETS = {
 }
 
 
+# synthetic CT of about 64x64x12 voxels: the engine's whole flow in a fraction of a second
+TOY_SYNTH = {"inplane_mm": [5.0, 5.0], "fov_mm": [320.0, 320.0], "max_slices": 12}
+
+
 def toy(preset: Preset) -> Preset:
     """The same tasks, methods, ablations and grid axes at toy size on the CPU (tests)."""
     tuning = preset.tuning and dataclasses.replace(
@@ -162,6 +188,7 @@ def toy(preset: Preset) -> Preset:
     )
     return dataclasses.replace(
         preset,
+        synth={**preset.synth, **TOY_SYNTH} if preset.data == "synth" else preset.synth,
         seeds=preset.seeds[:1],
         splits=(1, 1, 1),
         shape=(8, 64, 64),
@@ -208,9 +235,19 @@ DIFFICULTY = {
 }
 
 
+def synth_config(task: str, preset: Preset) -> Any:
+    """The synthesis engine's settings of a task in a ``data="synth"`` preset."""
+    from ..synth.generator import SynthConfig
+
+    return SynthConfig.from_dict(task, preset.synth)
+
+
 def difficulty(task: str, preset: Preset) -> dict[str, Any]:
-    """The phantom settings of a task, as JSON-ready values."""
-    cfg = dataclasses.asdict(dataclasses.replace(DIFFICULTY[task], shape=preset.shape))
+    """The data settings of a task (phantom difficulty or synthesis engine), JSON-ready."""
+    if preset.data == "synth":
+        cfg = {"generator": "hlfd_train.synth", **dataclasses.asdict(synth_config(task, preset))}
+    else:
+        cfg = dataclasses.asdict(dataclasses.replace(DIFFICULTY[task], shape=preset.shape))
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 

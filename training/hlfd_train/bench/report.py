@@ -228,13 +228,23 @@ HD95_TEXT = (
 )
 
 
+def preset_data(results: dict[str, Any]) -> str:
+    """What the benchmark ran on: ``phantom`` or ``synth``."""
+    return results["settings"].get("data", "phantom")
+
+
 def markdown(results: dict[str, Any], out: Path, figures: str) -> str:
     """The report: the primary comparison first, then command, version, machine, settings,
     tuning, tables and plots (in ``figures/``)."""
     preset = results["preset"]
     rel = Path(figures)
     lines = [
-        "# Distillation benchmark on phantom CTs",
+        "# Distillation benchmark on "
+        + (
+            "synthetic CT (`hlfd_train.synth`)"
+            if preset_data(results) == "synth"
+            else "phantom CTs"
+        ),
         "",
         PRIMARY_TEXT,
         "",
@@ -256,7 +266,8 @@ def markdown(results: dict[str, Any], out: Path, figures: str) -> str:
         ]
     for task, t in results["tasks"].items():
         labels = t["labels"]
-        lines += [f"## {task}", "", f"Phantom difficulty: `{json.dumps(t['difficulty'])}`", ""]
+        data = "Synthesis engine" if preset_data(results) == "synth" else "Phantom difficulty"
+        lines += [f"## {task}", "", f"{data}: `{json.dumps(t['difficulty'])}`", ""]
         if t.get("tuning"):
             lines += [
                 "Tuning (validation split, one seed, the same grid for every method; the "

@@ -1,8 +1,10 @@
-"""The distillation benchmark: every method against ``none`` on phantom tasks, several seeds.
+"""The distillation benchmark: every method against ``none`` on phantom or synthetic-CT tasks,
+several seeds.
 
     hlfd-train bench [--preset smoke|quick|cpu|gpu|full] [--toy] [--out DIR] [--report R.md]
 
-For each task: one phantom dataset (difficulty settings recorded in the report), one teacher;
+For each task: one dataset (phantoms or the synthesis engine's CT, the settings recorded in the
+report), one teacher;
 then, if the preset tunes, every method gets the same small grid (weights x temperatures) on
 the validation split with one seed, and its best point is used for every seed; then each
 method x seed distills the same student for the same number of steps from the same teacher on
@@ -29,8 +31,19 @@ from ..config import CPU_PHANTOM_RECIPE, ConfigError, load_config, merge
 from ..data import PreparedData
 from ..engine import prepare_data, prepared_folder
 from ..evaluate import COMPOSITE_SUFFIX
+from ..synth.write import write_synth
 from .pool import Job, cores, run_jobs
-from .presets import DIFFICULTY, PRESETS, Preset, difficulty, grid, grid_label, method_of, toy
+from .presets import (
+    DIFFICULTY,
+    PRESETS,
+    Preset,
+    difficulty,
+    grid,
+    grid_label,
+    method_of,
+    synth_config,
+    toy,
+)
 from .report import efficiency, machine, markdown, plot_task, write_csv
 from .stats import summarise_task, tumour_label
 
@@ -59,8 +72,9 @@ def task_config(out: Path, task: str, preset: Preset, role: str) -> dict[str, An
     return load_config(None, overrides, base=BASE)
 
 
-def write_phantoms(out: Path, task: str, preset: Preset) -> Path:
-    """The task's phantom dataset (written once; ``.complete`` records what was written)."""
+def write_data(out: Path, task: str, preset: Preset) -> Path:
+    """The task's dataset, phantoms or synthetic CT (written once; ``.complete`` records what
+    was written)."""
     root = out / task / "data"
     made = json.dumps(
         {
@@ -72,11 +86,14 @@ def write_phantoms(out: Path, task: str, preset: Preset) -> Path:
     marker = root / ".complete"
     if marker.is_file():
         if marker.read_text(encoding="utf-8").strip() != made:
-            raise ConfigError(f"{root}: phantoms of other settings; use another --out")
+            raise ConfigError(f"{root}: data of other settings; use another --out")
         return root
-    cfg = dataclasses.replace(DIFFICULTY[task], shape=preset.shape)
     layout = "kits19" if task == "kidney" else "lits"
-    write_dataset(root, layout, cfg, sum(preset.splits), seed=1000)
+    if preset.data == "synth":
+        write_synth(root, synth_config(task, preset), sum(preset.splits), seed=1000, layout=layout)
+    else:
+        cfg = dataclasses.replace(DIFFICULTY[task], shape=preset.shape)
+        write_dataset(root, layout, cfg, sum(preset.splits), seed=1000)
     marker.write_text(made + "\n", encoding="utf-8")
     return root
 
@@ -192,7 +209,7 @@ def run_bench(
     }
     teachers = {}
     for task in preset.tasks:
-        write_phantoms(out, task, preset)
+        write_data(out, task, preset)
         cfg = task_config(out, task, preset, "teacher")
         prepare_data(cfg, 0)
         teachers[task] = Job(task, "teacher", 0, "teacher", cfg)
