@@ -126,6 +126,20 @@ def test_state_dict_round_trips_through_safetensors(name):
         assert torch.equal(v, state[k]), k
 
 
+def test_meta_build_has_the_shapes_and_draws_no_random_numbers():
+    """What a package's shape check builds: the CPU network's shapes, on the meta device,
+    without touching the random generator (the weight init is skipped there)."""
+    for name in sorted(n for n in EXPECTED if n.endswith("2d")):
+        kwargs = CASES[name][0]
+        cpu = build_network(name, 2, 1, 3, **kwargs).state_dict()
+        rng = torch.get_rng_state()
+        with torch.device("meta"):
+            meta = build_network(name, 2, 1, 3, **kwargs).state_dict()
+        assert torch.equal(rng, torch.get_rng_state()), name
+        assert {k: v.shape for k, v in meta.items()} == {k: v.shape for k, v in cpu.items()}
+        assert all(v.is_meta for v in meta.values()), name
+
+
 @pytest.mark.slow
 def test_default_dynunet_and_monai_weights_load():
     from monai.networks.nets import DynUNet

@@ -142,7 +142,11 @@ class SegHead(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """He-normal (fan-out) convolutions, unit/zero norms, zero biases."""
+    """He-normal (fan-out) convolutions, unit/zero norms, zero biases. Nothing on the meta
+    device: a network built there (for its shapes) has no values to set, and the random
+    generator is left as it is either way."""
+    if any(p.is_meta for p in module.parameters()):
+        return
     for m in module.modules():
         if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
