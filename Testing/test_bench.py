@@ -58,6 +58,8 @@ def test_smoke_benchmark_runs_reports_and_resumes(tmp_path, capsys):
     for png in ("kidney-dice.png", "kidney-curves.png", "kidney-attention.png"):
         assert (report.parent / "kd" / png).stat().st_size > 5000
         assert f"](kd/{png})" in text
+    run = tmp_path / "bench" / "runs" / "kidney" / "hlfd-seed0"  # curves: the report's figure
+    assert (run / "log.csv").is_file() and not (run / "curves.png").exists()
     rows = (tmp_path / "bench" / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + (1 + 3 * 2) * 2 * 3  # (teacher + 3 x 2 seeds) x 2 cases x 3 labels
     # interrupted: two runs lost; resuming redoes those two only, on a pool of two processes

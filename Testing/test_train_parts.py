@@ -38,6 +38,7 @@ def test_config_defaults_file_and_overrides(tmp_path):
         ("data.labelset=liver", "'data.labelset' = 'liver'"),
         ("train.steps=0", "'train.steps' = 0"),
         ("train.optimizer=rmsprop", "'train.optimizer'"),
+        ("train.curves=2", "'train.curves' = 2: expected true or false"),
         ("nokey", "must look like key.sub=value"),
     ],
 )

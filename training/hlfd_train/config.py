@@ -71,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
         "val_every": 250,
         "checkpoint_every": 250,
         "tensorboard": True,
+        "curves": True,  # curves.png at the end of the run (log.csv is always written)
     },
     "distill": {
         "method": "none",
@@ -188,6 +189,11 @@ def check(cfg: Mapping[str, Any]) -> None:
         value = cfg["train"][key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"config key 'train.{key}' = {value!r}: expected an integer >= 1")
+    for key in ("tensorboard", "curves"):
+        if not isinstance(cfg["train"][key], bool):
+            raise ConfigError(
+                f"config key 'train.{key}' = {cfg['train'][key]!r}: expected true or false"
+            )
     for key in ("lr", "weight_decay", "grad_clip"):
         value = cfg["train"][key]
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:

@@ -10,7 +10,8 @@
 - AMP on CUDA, bf16 on CPUs with native bf16, gradient clipping, warm-up + cosine schedule;
 - ``state.pt`` checkpoints (read back with ``weights_only=True``) for resume; ``best`` and
   ``last`` student weights as safetensors; validation Dice through the runtime's ``Segmenter``;
-- ``log.csv``, TensorBoard events, ``curves.png``, ``config.yaml``, ``summary.json``;
+- ``log.csv``, TensorBoard events, ``curves.png`` (``train.curves``), ``config.yaml``,
+  ``summary.json``;
 - DistributedDataParallel when launched by ``torchrun`` (gloo on CPU, nccl on CUDA).
 """
 
@@ -412,7 +413,7 @@ STATE_KEYS = {"model", "optimizer", "scaler", "step", "best", "elapsed", "rng", 
 def comparable(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The config without the keys a resumed run may change (budget, logging, workers)."""
     out = json.loads(json.dumps(cfg))
-    for key in ("minutes", "log_every", "val_every", "checkpoint_every", "tensorboard"):
+    for key in ("minutes", "log_every", "val_every", "checkpoint_every", "tensorboard", "curves"):
         out["train"].pop(key, None)
     out["data"].pop("workers", None)
     return out
@@ -680,9 +681,9 @@ class Trainer:
             folder, best, dtype = self.folder, self.best, self.dtype
             self.log.close()
             atomic_save(state_bytes(self.student.state_dict()), folder / "last.safetensors")
-            plot_curves(
-                folder / "log.csv", folder / "curves.png", f"{self.cfg['name']} ({self.role})"
-            )
+            if self.tcfg["curves"]:
+                title = f"{self.cfg['name']} ({self.role})"
+                plot_curves(folder / "log.csv", folder / "curves.png", title)
             summary = {
                 "role": self.role,
                 "architecture": self.spec["architecture"],

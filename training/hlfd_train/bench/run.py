@@ -47,7 +47,9 @@ from .presets import (
 from .report import efficiency, machine, markdown, plot_task, write_csv
 from .stats import summarise_task, tumour_label
 
-BASE = merge(CPU_PHANTOM_RECIPE, {"train": {"tensorboard": False}})
+# no TensorBoard events and no curves.png per run: the report plots every run's validation
+# curve from its log.csv (a figure per run cost more than a toy run's training)
+BASE = merge(CPU_PHANTOM_RECIPE, {"train": {"tensorboard": False, "curves": False}})
 PHANTOM_GENERATION = 2  # 2: tumour sites kept inside the field of view
 
 
