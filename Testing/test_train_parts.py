@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from hlfd_train.config import ConfigError, load_config, parse_override
 from hlfd_train.engine import StepSampler, lr_factor
-from hlfd_train.evaluate import axial_axis, dice, label_metrics, summarise, tumour_slices
+from hlfd_train.evaluate import (
+    axial_axis,
+    dice,
+    label_metrics,
+    summarise,
+    surface_distances,
+    tumour_slices,
+)
 from hlfd_train.logs import RunLog, plot_curves
 
 
@@ -96,6 +105,26 @@ def test_label_metrics_on_hand_made_masks():
     assert (same["dice"], same["hd95"], same["assd"], same["rvd"]) == (1.0, 0.0, 0.0, 0.0)
     shifted = np.roll(ref, 1, axis=0)  # one slice along z = 2 mm
     assert label_metrics(shifted, ref, (2.0, 1.0, 1.0))["hd95"] == pytest.approx(2.0)
+
+
+def test_surface_distances_equal_monais_two_metrics():
+    """HD95 and ASSD from one set of edge distances are exactly MONAI's HD95 and symmetric
+    ASSD (each of which computes those distances itself), in 2D and 3D, anisotropic."""
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    for shape in [(17, 23), (9, 21, 14), (12, 16, 25), (6, 30, 8)]:
+        pred, ref = (
+            ndimage.binary_dilation(rng.random(shape) > 0.97, iterations=2) for _ in range(2)
+        )
+        spacing = [float(v) for v in rng.uniform(0.5, 4.0, len(shape))]
+        p, r = torch.from_numpy(pred)[None, None], torch.from_numpy(ref)[None, None]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            hd95 = compute_hausdorff_distance(p, r, percentile=95, spacing=spacing)
+            assd = compute_average_surface_distance(p, r, symmetric=True, spacing=spacing)
+        assert surface_distances(pred, ref, spacing) == (float(hd95[0, 0]), float(assd[0, 0]))
 
 
 def test_label_metrics_empty_cases():
