@@ -126,20 +126,6 @@ def test_state_dict_round_trips_through_safetensors(name):
         assert torch.equal(v, state[k]), k
 
 
-def test_meta_build_has_the_shapes_and_draws_no_random_numbers():
-    """What a package's shape check builds: the CPU network's shapes, on the meta device,
-    without touching the random generator (the weight init is skipped there)."""
-    for name in sorted(n for n in EXPECTED if n.endswith("2d")):
-        kwargs = CASES[name][0]
-        cpu = build_network(name, 2, 1, 3, **kwargs).state_dict()
-        rng = torch.get_rng_state()
-        with torch.device("meta"):
-            meta = build_network(name, 2, 1, 3, **kwargs).state_dict()
-        assert torch.equal(rng, torch.get_rng_state()), name
-        assert {k: v.shape for k, v in meta.items()} == {k: v.shape for k, v in cpu.items()}
-        assert all(v.is_meta for v in meta.values()), name
-
-
 @pytest.mark.slow
 def test_default_dynunet_and_monai_weights_load():
     from monai.networks.nets import DynUNet
@@ -241,6 +227,24 @@ def test_count_macs_matches_hand_computation():
     lin = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
     assert count_macs(lin, (3, 3, 4)) == 3 * 5 * 12
     assert conv.training  # mode restored
+
+
+def test_meta_build_has_the_shapes_and_costs_and_draws_no_random_numbers():
+    """What a package's shape check and the benchmark's cost counts build: on the meta device
+    (weight init skipped there), the real network's shapes, parameters and MACs, without
+    touching the random generator."""
+    for name in sorted(n for n in EXPECTED if n.endswith("2d")):
+        kwargs = CASES[name][0]
+        real = build_network(name, 2, 1, 3, **kwargs)
+        rng = torch.get_rng_state()
+        with torch.device("meta"):
+            meta = build_network(name, 2, 1, 3, **kwargs)
+        assert torch.equal(rng, torch.get_rng_state()), name
+        shapes = {k: v.shape for k, v in real.state_dict().items()}
+        assert {k: v.shape for k, v in meta.state_dict().items()} == shapes, name
+        assert all(v.is_meta for v in meta.state_dict().values()), name
+        assert count_parameters(meta) == count_parameters(real), name
+        assert count_macs(meta, (1, 1, 32, 48)) == count_macs(real, (1, 1, 32, 48)), name
 
 
 def test_channels_last_bf16_and_folding():

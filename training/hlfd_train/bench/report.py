@@ -53,11 +53,20 @@ def efficiency(
 
 
 def _time_package(role: str, package: Any, ct: Any, slices: int) -> dict[str, Any]:
+    import torch
 
-    from HLFDSegmentLib.nets import count_macs, count_parameters
+    from HLFDSegmentLib.nets import build_network, count_macs, count_parameters
     from HLFDSegmentLib.pipeline import Segmenter
 
-    net = package.build_network()
+    spec = package.card["network"]
+    with torch.device("meta"):  # parameters and MACs need shapes only: no weights, no compute
+        net = build_network(
+            spec["architecture"],
+            spec["spatial_dims"],
+            spec["in_channels"],
+            spec["out_channels"],
+            **spec.get("kwargs", {}),
+        )
     seg = Segmenter(package, device="cpu")
     seg(ct[:, :, :16])  # warm-up
     t0 = time.perf_counter()
