@@ -11,7 +11,8 @@
     hlfd-train export   RUN -o MODEL_DIR [--onnx]
     hlfd-train add-onnx MODEL_DIR...
     hlfd-train explain  --config C --models RUN_OR_MODEL ... [--case ID] [--slices 10 20]
-    hlfd-train bench    [--preset cpu|synth-cpu|gpu|quick|smoke|full] [--toy] [--out DIR] [--report R.md]
+    hlfd-train bench    [--preset cpu|synth-cpu|gpu|quick|smoke|full] [--toy] [--out DIR]
+                        [--report R.md]
     hlfd-train methods
 
 Errors in the data, the config or a model end in one line on stderr and exit code 1.
