@@ -356,7 +356,7 @@ def parser() -> argparse.ArgumentParser:
         "--preset",
         choices=["cpu", "synth-cpu", "gpu", "quick", "smoke", "full"],
         default="cpu",
-        help="cpu: kidney phantoms, 5 methods x 5 seeds, ~85 min on 2 cores; synth-cpu: kidney "
+        help="cpu: kidney phantoms, 5 methods x 5 seeds, ~60 min on 2 cores; synth-cpu: kidney "
         "synthetic CT, 4 methods x 5 seeds, ~60 min; gpu: every method and ablation x 5 seeds "
         "x both tasks, several runs sharing one GPU",
     )
