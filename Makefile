@@ -63,7 +63,7 @@ models: setup
 	  $(BIN)/hlfd-train synth write data/synth-kidney-eval --task kidney --cases 12 --seed 1000 \
 	    --jobs 2 && \
 	  $(BIN)/hlfd-train distill -c training/configs/synth-kidney-stream.yaml -q && \
-	  $(BIN)/python -m hlfd_train.ship kidney --recipe synth-kidney-stream --version 0.3.0 && \
+	  $(BIN)/python -m hlfd_train.ship kidney --recipe synth-kidney-stream --version 0.3.1 && \
 	  $(BIN)/hlfd-train synth write data/synth-kidney-cal --task kidney --cases 10 --seed 4000 \
 	    --set tumour_free=0.5 --jobs 2 && \
 	  $(BIN)/hlfd-train calibrate HLFDSegment/Resources/Models/kidney \

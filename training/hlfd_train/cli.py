@@ -162,7 +162,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(markdown(rows, chosen))
     print(
         f"chosen tumour logit offset {chosen['offset']:+.1f} on {len(cases)} {args.split} cases "
-        f"(best tumour Dice with at most {args.max_fp_ml:g} mL of false tumour)"
+        f"(best tumour Dice with at most {args.max_fp_ml:g} mL of false tumour in each "
+        "tumour-free case)"
     )
     if args.write:
         source = f"{args.split} split of {args.config or args.run}"
@@ -314,7 +315,9 @@ def parser() -> argparse.ArgumentParser:
         type=_numbers,
         help="tumour logit offsets to try, comma-separated (default: -6 to 1 in steps of 1)",
     )
-    p.add_argument("--max-fp-ml", type=float, default=5.0, help="false tumour limit (mL)")
+    p.add_argument(
+        "--max-fp-ml", type=float, default=5.0, help="false tumour limit (mL), per tumour-free case"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--write", action="store_true", help="write the choice into the card")
     p.set_defaults(func=cmd_calibrate)
