@@ -16,6 +16,7 @@ from HLFDSegmentLib.pipeline import (
     Segmenter,
     body_box,
     oriented_grid,
+    resample_labels,
     respaced_grid,
     segment_volumes,
     softmax,
@@ -191,6 +192,62 @@ def test_postprocess_keeps_two_kidneys_and_lesions_inside(tiny_package):
     big[2:12, 5:15, 5:15] = 1
     kept = seg.postprocess(big.copy(), voxel_ml)
     assert (kept[2:14, 15:30, 8:22] == 2).all()
+
+
+def test_postprocess_in_the_label_box_equals_the_whole_volume(tiny_package):
+    """The rules run on the box around the labels: the same result as on the whole grid
+    (the box's view carries the edits back), blobs at the grid's edges included."""
+    seg = Segmenter(load_package(tiny_package), device="cpu")
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        labels = np.zeros((24, 48, 48), dtype=np.uint8)
+        for _ in range(6):
+            z, y, x = rng.integers(0, [22, 44, 44])
+            labels[z : z + rng.integers(1, 6), y : y + rng.integers(1, 12), x : x + 8] = (
+                rng.integers(1, 3)
+            )
+        whole = labels.copy()
+        seg._apply_rules(whole, seg.card["postprocessing"], 1e-4)
+        assert np.array_equal(seg.postprocess(labels.copy(), 1e-4), whole)
+    empty = np.zeros((4, 8, 8), np.uint8)
+    assert not seg.postprocess(empty, 1.0).any()
+
+
+@pytest.mark.parametrize("direction", ["identity", "flipped", "permuted", "oblique"])
+def test_label_resampling_in_the_box_equals_the_whole_volume(direction):
+    """Nearest-neighbour labels onto the input grid: resampling only the box around the
+    labels gives the voxels of a whole-volume resampling, for any input direction."""
+    directions = {
+        "identity": (1, 0, 0, 0, 1, 0, 0, 0, 1),
+        "flipped": (-1, 0, 0, 0, -1, 0, 0, 0, 1),
+        "permuted": (0, 1, 0, 0, 0, -1, 1, 0, 0),
+        "oblique": oblique_direction(23.0),
+    }
+    target = Grid((61, 53, 29), (0.8, 0.7, 2.5), (-20.0, 15.0, 7.0), directions[direction])
+    grid = respaced_grid(oriented_grid(target, "LPS"), (1.5, 1.5, None))
+    labels = np.zeros(grid.size[::-1], dtype=np.uint8)
+    labels[3:9, 5:14, 2:20] = 1
+    labels[5:7, 8:10, 4:9] = 2
+    labels[-2:, -3:, -4:] = 1  # at the grid's far corner
+    model = sitk.GetImageFromArray(labels)
+    model.SetSpacing(grid.spacing)
+    model.SetOrigin(grid.origin)
+    model.SetDirection(grid.direction)
+    whole = target.resample(model, sitk.sitkNearestNeighbor, sitk.sitkUInt8)
+    boxed = resample_labels(labels, grid, target)
+    a, b = sitk.GetArrayViewFromImage(boxed), sitk.GetArrayViewFromImage(whole)
+    assert b.any()
+    # the only voxels allowed to differ: centres exactly halfway between two model voxels,
+    # which floating-point rounding may give to either (the oblique grid has some)
+    for z, y, x in np.argwhere(a != b):
+        point = whole.TransformIndexToPhysicalPoint((int(x), int(y), int(z)))
+        index = np.asarray(model.TransformPhysicalPointToContinuousIndex(point))
+        assert np.any(np.abs(index - np.floor(index) - 0.5) < 1e-6), (z, y, x, index)
+    if direction != "oblique":
+        assert np.array_equal(a, b)
+    assert boxed.GetDirection() == whole.GetDirection() and boxed.GetOrigin() == whole.GetOrigin()
+    empty = resample_labels(np.zeros_like(labels), grid, target)
+    assert empty.GetSize() == target.size and not sitk.GetArrayViewFromImage(empty).any()
 
 
 def test_segment_volumes_in_ml():
