@@ -34,11 +34,11 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/bench_pipeline.py
 
-bench-kd: setup      # distillation benchmark (cpu: ~60 min here; PRESET=synth-cpu ~60 min on
-                     # synthetic CT; PRESET=quick ~10 min; PRESET=gpu)
+bench-kd: setup      # distillation benchmark (cpu: ~60 min here; PRESET=quick ~10 min;
+                     # PRESET=gpu or synth-gpu (synthetic CT) on a GPU)
 	$(BIN)/hlfd-train bench --preset $(or $(PRESET),cpu) --out runs/kd-bench-$(or $(PRESET),cpu) \
 		--report docs/results/kd-benchmark$(if $(filter quick,$(PRESET)),-quick)$(if \
-		$(filter synth-cpu,$(PRESET)),-synth).md
+		$(filter synth-gpu,$(PRESET)),-synth).md
 
 # The built-in students, from nothing: synthetic CT -> teacher -> distilled student -> package
 # (about 60 min per task on 2 cores; TASKS="liver" for one), then a 45-minute stage on the

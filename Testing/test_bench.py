@@ -98,7 +98,7 @@ def test_synth_preset_writes_the_engines_ct_and_says_so(tmp_path):
 
     from hlfd_train.bench.report import markdown
 
-    preset = toy(PRESETS["synth-cpu"])
+    preset = toy(PRESETS["synth-gpu"])
     root = write_data(tmp_path, "kidney", preset)
     cases = sorted(root.glob("case_*"))
     assert len(cases) == sum(preset.splits) == 3
@@ -108,7 +108,7 @@ def test_synth_preset_writes_the_engines_ct_and_says_so(tmp_path):
     assert record["generator"] == "hlfd_train.synth" and record["tumour_free"] == 0.15
     assert json.loads((root / ".complete").read_text())["difficulty"] == record
     results = {
-        "preset": "synth-cpu (toy size)",
+        "preset": "synth-gpu (toy size)",
         "settings": dataclasses.asdict(preset),
         "code_version": "x",
         "machine": "m",

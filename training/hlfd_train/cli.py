@@ -11,7 +11,7 @@
     hlfd-train export   RUN -o MODEL_DIR [--onnx]
     hlfd-train add-onnx MODEL_DIR...
     hlfd-train explain  --config C --models RUN_OR_MODEL ... [--case ID] [--slices 10 20]
-    hlfd-train bench    [--preset cpu|synth-cpu|gpu|quick|smoke|full] [--toy] [--out DIR]
+    hlfd-train bench    [--preset cpu|gpu|synth-gpu|quick|smoke|full] [--toy] [--out DIR]
                         [--report R.md]
     hlfd-train methods
 
@@ -357,11 +357,11 @@ def parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument(
         "--preset",
-        choices=["cpu", "synth-cpu", "gpu", "quick", "smoke", "full"],
+        choices=["cpu", "gpu", "synth-gpu", "quick", "smoke", "full"],
         default="cpu",
-        help="cpu: kidney phantoms, 5 methods x 5 seeds, ~60 min on 2 cores; synth-cpu: kidney "
-        "synthetic CT, 4 methods x 5 seeds, ~60 min; gpu: every method and ablation x 5 seeds "
-        "x both tasks, several runs sharing one GPU",
+        help="cpu: kidney phantoms, 5 methods x 5 seeds, ~60 min on 2 cores; gpu: every method "
+        "and ablation x 5 seeds x both tasks, several runs sharing one GPU; synth-gpu: 5 methods "
+        "x 5 seeds x both tasks on synthetic CT, one GPU",
     )
     which.add_argument("--quick", action="store_true", help="same as --preset quick (~10 min)")
     p.add_argument(
