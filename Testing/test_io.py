@@ -7,7 +7,14 @@ import pytest
 import SimpleITK as sitk
 
 from HLFDSegmentLib.errors import InputError
-from HLFDSegmentLib.io import check_image, full_suffix, read_image, write_image, write_labelmap
+from HLFDSegmentLib.io import (
+    check_image,
+    full_suffix,
+    label_counts,
+    read_image,
+    write_image,
+    write_labelmap,
+)
 
 from conftest import block_ct, make_image, oblique_direction
 
@@ -149,3 +156,19 @@ def test_full_suffix_prefers_the_longest():
     assert full_suffix("a/b.seg.nrrd", (".nrrd", ".seg.nrrd")) == ".seg.nrrd"
     assert full_suffix("CASE.NII.GZ", (".nii", ".nii.gz")) == ".nii.gz"
     assert full_suffix("x.png", (".nii",)) == ""
+
+
+def test_label_counts_equal_a_bincount_of_the_whole_labelmap():
+    """Counted in the box around the labels; labels at every face of the volume, empty and
+    full volumes included."""
+    rng = np.random.default_rng(5)
+    volumes = [np.zeros((3, 4, 5), np.uint8), np.full((2, 3, 4), 7, np.uint8)]
+    for _ in range(30):
+        a = np.zeros(tuple(rng.integers(1, 25, 3)), np.uint8)
+        for _ in range(rng.integers(0, 5)):
+            z, y, x = (rng.integers(0, d) for d in a.shape)
+            a[z : z + 3, y : y + 4, x : x + 2] = rng.integers(1, 256)
+        volumes.append(a)
+    for a in volumes:
+        counts = label_counts(sitk.GetImageFromArray(a))
+        assert np.array_equal(counts, np.bincount(a.ravel(), minlength=256)), a.shape

@@ -273,11 +273,20 @@ def _write_itk(image: sitk.Image, tmp: Path, final: Path, suffix: str) -> None:
 
 
 def label_counts(labels: sitk.Image) -> np.ndarray:
-    """Voxels per label value 0..255 of a uint8 labelmap (in slabs: bincount copies to int64)."""
+    """Voxels per label value 0..255 of a uint8 labelmap: counted in the box around the
+    non-zero voxels (in slabs: bincount copies to int64), the rest is background."""
     array = sitk.GetArrayViewFromImage(labels)
     counts = np.zeros(256, dtype=np.int64)
-    for start in range(0, array.shape[0], 16):
-        counts += np.bincount(array[start : start + 16].ravel(), minlength=256)
+    box = array
+    for axis in range(array.ndim):
+        hits = np.flatnonzero(box.any(axis=tuple(a for a in range(array.ndim) if a != axis)))
+        if hits.size == 0:
+            counts[0] = array.size
+            return counts
+        box = box[(slice(None),) * axis + (slice(hits[0], hits[-1] + 1),)]  # a view
+    for start in range(0, box.shape[0], 16):
+        counts += np.bincount(box[start : start + 16].ravel(), minlength=256)
+    counts[0] += array.size - box.size
     return counts
 
 
