@@ -449,7 +449,7 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _startInstall(self, torchMissing: bool, missing: list) -> None:
         """Install in a followed background process: its lines go to the Log panel, Slicer
         stays responsive, Segment is disabled until it ends; the run starts after it."""
-        names = (["torch"] if torchMissing else []) + [module for module, _req in missing]
+        names = deps.missing_names(torchMissing, missing)
         try:  # tryWithErrorDisplay shows the error, then re-raises it
             with slicer.util.tryWithErrorDisplay(_("Failed to start the installation.")):
                 self._install = self.logic.startInstall(torchMissing, missing)
@@ -475,8 +475,9 @@ class HLFDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._install = None
         importlib.invalidate_caches()
         torchNeeded, missing = self._installNeeds
-        still = [m for m, _req in deps.missing_requirements(missing)]
-        still += ["torch"] if torchNeeded and deps.torch_missing() else []
+        still = deps.missing_names(
+            torchNeeded and deps.torch_missing(), deps.missing_requirements(missing)
+        )
         if command.ok and not still:
             self.ui.statusLabel.text = _("Installed; starting the segmentation...")
             self.startDeviceProbe()
@@ -768,7 +769,7 @@ class HLFDSegmentLogic(ScriptedLoadableModuleLogic):
         except RuntimeError as error:  # the install failed: its message has pip's last lines
             installed, reason = False, str(error)
         if not installed:  # stop before any work: the scene stays as it was
-            names = (["torch"] if torchMissing else []) + [module for module, _req in missing]
+            names = deps.missing_names(torchMissing, missing)
             message = _(
                 "HLFD Segment cannot run: the Python packages {names} are not installed. {reason}"
                 "\nInstall them by clicking Segment in the HLFD Segment module and accepting the"

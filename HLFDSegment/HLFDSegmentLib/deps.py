@@ -95,6 +95,11 @@ def requirements_for(
     return False, missing_requirements(ONNX_REQUIREMENTS, find_spec)
 
 
+def missing_names(torch_missing: bool, missing: Iterable[tuple[str, str]]) -> list[str]:
+    """Module names for messages: ``torch`` first when it is missing, then ``missing``'s."""
+    return (["torch"] if torch_missing else []) + [module for module, _ in missing]
+
+
 def constraints(
     protected: Iterable[str] = PROTECTED,
     version: Callable[[str], str] = importlib.metadata.version,
@@ -161,7 +166,7 @@ def install_question(
 ) -> str:
     """The confirmation text: what is installed, how, and the real download size."""
     build = build or torch_build()
-    names = (["torch"] if torch_needed else []) + [module for module, _ in missing]
+    names = missing_names(torch_needed, missing)
     text = (
         f"HLFD Segment needs these Python packages: {', '.join(names)}. Install them now? "
         f"This downloads {size_text(download_megabytes(torch_needed, missing, build))} once"

@@ -272,21 +272,28 @@ def _write_itk(image: sitk.Image, tmp: Path, final: Path, suffix: str) -> None:
             ) from None
 
 
+def mask_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """Slices of the box around a boolean mask's True voxels (+ ``margin``, clipped to the
+    array), or None when it has none."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(max(0, hits[0] - margin), min(mask.shape[axis], hits[-1] + 1 + margin)))
+    return tuple(box)
+
+
 def label_counts(labels: sitk.Image) -> np.ndarray:
     """Voxels per label value 0..255 of a uint8 labelmap: counted in the box around the
     non-zero voxels (in slabs: bincount copies to int64), the rest is background."""
     array = sitk.GetArrayViewFromImage(labels)
     counts = np.zeros(256, dtype=np.int64)
-    box = array
-    for axis in range(array.ndim):
-        hits = np.flatnonzero(box.any(axis=tuple(a for a in range(array.ndim) if a != axis)))
-        if hits.size == 0:
-            counts[0] = array.size
-            return counts
-        box = box[(slice(None),) * axis + (slice(hits[0], hits[-1] + 1),)]  # a view
-    for start in range(0, box.shape[0], 16):
-        counts += np.bincount(box[start : start + 16].ravel(), minlength=256)
-    counts[0] += array.size - box.size
+    box = mask_box(array != 0)
+    inside = array[box] if box is not None else array[:0]
+    for start in range(0, inside.shape[0], 16):
+        counts += np.bincount(inside[start : start + 16].ravel(), minlength=256)
+    counts[0] += array.size - inside.size
     return counts
 
 

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from .backends import NetworkRunner, make_runner
 from .errors import InputError
-from .io import check_image, label_counts
+from .io import check_image, label_counts, mask_box
 from .modelpackage import ModelPackage
 from .progress import SEGMENT_SPANS, StageProgress, within
 
@@ -73,7 +73,7 @@ def resample_labels(labels: np.ndarray, grid: Grid, target: Grid) -> sitk.Image:
     voxel's centre lies exactly halfway between two model voxels: floating-point rounding may
     then pick either neighbour, as it may in the whole-volume resampling."""
     out = np.zeros(target.size[::-1], dtype=np.uint8)
-    box = body_box(labels, 0.0, margin=1)
+    box = mask_box(labels != 0, margin=1)
     if box is not None:
         src, dst = grid.reference(), target.reference()
         start = [int(b.start) for b in box[::-1]]  # x, y, z
@@ -208,14 +208,7 @@ def background_value(pre: dict[str, Any]) -> float:
 
 def body_box(arr: np.ndarray, background: float, margin: int = 8) -> tuple[slice, ...] | None:
     """Slices of the box around voxels brighter than ``background`` (+ ``margin``), or None."""
-    foreground = arr > background + 1e-3
-    box = []
-    for axis in range(arr.ndim):
-        hits = np.flatnonzero(foreground.any(axis=tuple(a for a in range(arr.ndim) if a != axis)))
-        if hits.size == 0:
-            return None
-        box.append(slice(max(0, hits[0] - margin), min(arr.shape[axis], hits[-1] + 1 + margin)))
-    return tuple(box)
+    return mask_box(arr > background + 1e-3, margin)
 
 
 def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
@@ -435,7 +428,7 @@ class Segmenter:
         """Apply the card's rules in place: organs keep their largest components, lesions stay
         inside/touching their organ, lesion islands below ``min_island_ml`` join the organ."""
         rules = self.card["postprocessing"]
-        box = body_box(labels, 0.0, margin=1)  # every rule acts on labelled voxels only
+        box = mask_box(labels != 0)  # every rule acts on labelled voxels only
         if not rules.get("enabled", True) or box is None:
             return labels
         self._apply_rules(labels[box], rules, voxel_ml)  # a view: edits land in ``labels``

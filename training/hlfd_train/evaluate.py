@@ -29,7 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from HLFDSegmentLib.io import read_image
+from HLFDSegmentLib.io import mask_box, read_image
 from HLFDSegmentLib.pipeline import Segmenter
 
 METRICS = ("dice", "iou", "voe", "rvd", "hd95", "assd")
@@ -47,11 +47,6 @@ class EvalCase:
     case_id: str
     image: Path
     label: Path
-
-
-def _box(mask: np.ndarray, margin: int = 2) -> tuple[slice, ...]:
-    idx = np.nonzero(mask)
-    return tuple(slice(max(0, int(i.min()) - margin), int(i.max()) + margin + 1) for i in idx)
 
 
 def dice_of_counts(inter: int, pred: int, ref: int) -> float:
@@ -107,7 +102,7 @@ def label_metrics(
         assd=penalty,
     )
     if p:
-        box = _box(pred | ref)  # distances do not change when the empty margin is cut away
+        box = mask_box(pred | ref, margin=2)  # the distances do not need the empty margin
         out["hd95"], out["assd"] = surface_distances(pred[box], ref[box], spacing_zyx)
     return out
 
