@@ -192,6 +192,20 @@ def test_warnings_reach_the_status_line_and_the_kept_log(tmp_path):
     assert "trace from the worker" in text  # stderr, kept after the work folder is gone
 
 
+def test_a_log_written_across_a_second_boundary_is_the_newest(tmp_path, monkeypatch):
+    """The last nanosecond of one second, then the first of the next: the second log must sort
+    last and survive the pruning (a name whose parts came from two clock readings did not)."""
+    from HLFDSegmentLib import slicerjob
+
+    second = 1_780_000_000
+    readings = iter([second * 10**9 + 999_999_999, (second + 1) * 10**9 + 1])
+    monkeypatch.setattr(slicerjob.time, "time_ns", lambda: next(readings))
+    slicerjob.keep_log("first", tmp_path, keep=1)
+    newest = slicerjob.keep_log("second", tmp_path, keep=1)
+    assert list(tmp_path.iterdir()) == [newest]
+    assert newest.read_text(encoding="utf-8") == "second"
+
+
 def test_only_the_newest_logs_are_kept(tmp_path):
     logs = tmp_path / "logs"
     kept = []

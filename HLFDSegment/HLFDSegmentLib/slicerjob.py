@@ -474,8 +474,11 @@ def keep_log(text: str, folder: str | os.PathLike[str], keep: int = KEEP_LOGS) -
     ``keep`` of them. Returns the new file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = folder / f"hlfd-run-{stamp}-{time.time_ns() % 10**9:09d}.log"
+    # one clock reading for both parts: nanoseconds read apart from the second could fall past
+    # a second boundary, and the new log would sort before (and be deleted instead of) old ones
+    now = time.time_ns()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now // 10**9))
+    path = folder / f"hlfd-run-{stamp}-{now % 10**9:09d}.log"
     path.write_text(text, encoding="utf-8")
     logs = sorted(folder.glob("hlfd-run-*.log"))
     for old in logs[: max(0, len(logs) - keep)]:
