@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import SimpleITK as sitk
 
 from HLFDSegmentLib.cli import main
@@ -261,6 +262,18 @@ def test_export_of_a_run_with_pickled_weights_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "not a safetensors weight file" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("limit", ["-1", "abc", "inf", "nan"])
+def test_calibrate_refuses_a_false_tumour_limit_that_is_not_a_volume(limit, capsys):
+    """A negative or non-finite --max-fp-ml would silently pick the most negative offset: a
+    usage error (exit 2) naming the value, before any data is read."""
+    from hlfd_train.cli import main as train_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli(["calibrate", "model", "-c", "c.yaml", f"--max-fp-ml={limit}"])
+    assert exit_info.value.code == 2
+    assert f"expected a volume in mL >= 0, got '{limit}'" in capsys.readouterr().err
 
 
 def test_foreign_errors_are_one_line_and_a_batch_goes_on(

@@ -39,6 +39,17 @@ def _numbers(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(",") if v.strip())
 
 
+def _millilitres(text: str) -> float:
+    """A volume limit in mL: a finite number >= 0 (else a usage error naming the value)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a volume in mL >= 0, got {text!r}")
+    return value
+
+
 def _config(args: argparse.Namespace, extra: list[str] = ()) -> dict:
     return load_config(args.config, [*(args.set or []), *extra])
 
@@ -316,7 +327,10 @@ def parser() -> argparse.ArgumentParser:
         help="tumour logit offsets to try, comma-separated (default: -6 to 1 in steps of 1)",
     )
     p.add_argument(
-        "--max-fp-ml", type=float, default=5.0, help="false tumour limit (mL), per tumour-free case"
+        "--max-fp-ml",
+        type=_millilitres,
+        default=5.0,
+        help="false tumour limit (mL, >= 0), per tumour-free case",
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--write", action="store_true", help="write the choice into the card")
