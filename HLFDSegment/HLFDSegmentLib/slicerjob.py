@@ -414,7 +414,13 @@ class SegmentationJob:
         if self.log_dir is not None and self.kept_log is None and self.workdir.exists():
             with contextlib.suppress(OSError):
                 self.kept_log = keep_log(self.transcript(), self.log_dir, self.keep_logs)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        # a worker killed a moment ago may still create a file (its output's temporary name)
+        # while the folder is being removed: try again briefly (at most 0.2 s)
+        for _ in range(10):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            if not self.workdir.exists():
+                break
+            time.sleep(0.02)
 
     def transcript(self) -> str:
         """The run for a person to read: its events (one line each), then the worker's stderr."""
