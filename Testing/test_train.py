@@ -212,6 +212,21 @@ def _write_config(cfg: dict, path: Path) -> Path:
     return path
 
 
+def test_method_flag_leaves_the_config_methods_options_behind(teacher_run, tmp_path):
+    """``distill --method`` on a config of another method: that method's own options (here
+    fitnet's ``schedule``, unknown to kd) do not carry over; ``--set distill.options.*`` do."""
+    cfg = json.loads(json.dumps(teacher_run[0]))
+    cfg["distill"] = {"method": "fitnet", "teacher": str(teacher_run[1])}
+    cfg["distill"]["options"] = {"schedule": "joint"}
+    cfg["train"].update(steps=1, val_every=1)
+    cfg["output"] = str(tmp_path)
+    path = _write_config(cfg, tmp_path / "fitnet.yaml")
+    flags = ["--method", "kd", "--set", "distill.options.temperature=2"]
+    assert train_cli(["distill", "-c", str(path), "-q", *flags]) == 0
+    run = load_config(tmp_path / "t" / "kd-seed0" / "config.yaml")
+    assert run["distill"]["method"] == "kd" and run["distill"]["options"] == {"temperature": 2}
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(dataset, teacher_run, tmp_path):
     """An uninterrupted distillation (the CLI in this process) and one killed (SIGKILL: the

@@ -112,12 +112,13 @@ def cmd_teacher(args: argparse.Namespace) -> None:
 def cmd_distill(args: argparse.Namespace) -> None:
     from .engine import train
 
-    extra = []
-    if args.method:
-        extra.append(f"distill.method={args.method}")
-    if args.teacher:
-        extra.append(f"distill.teacher={args.teacher}")
-    train(_config(args, extra), role="student", progress=not args.quiet)
+    extra = [f"distill.teacher={args.teacher}"] if args.teacher else []
+    cfg = _config(args, extra)
+    if args.method and args.method != cfg["distill"]["method"]:
+        # the config's options are its own method's; only --set options go to the new one
+        own = load_config(None, [o for o in args.set or [] if o.startswith("distill.options")])
+        cfg["distill"].update(method=args.method, options=own["distill"]["options"])
+    train(cfg, role="student", progress=not args.quiet)
 
 
 def _eval_data(args: argparse.Namespace) -> Any:
