@@ -50,6 +50,28 @@ def test_round_trip_builds_the_same_network(pkg):
     assert torch.equal(net(x), again(x))
 
 
+def test_weights_fill_every_tensor_and_constructor_buffers_keep_their_value(pkg, monkeypatch):
+    """The network is built on the meta device and filled from the weights (no random init
+    to overwrite); a network whose constructor sets a non-persistent buffer, which no weights
+    file holds, is built for real instead, so that buffer keeps its value."""
+    from safetensors.torch import load_file
+
+    import HLFDSegmentLib.modelpackage as modelpackage
+
+    net = load_package(pkg).build_network()
+    weights = load_file(pkg / "model.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in net.state_dict().items())
+    build = modelpackage.ModelPackage._card_network
+
+    def with_buffer(self):
+        net = build(self)
+        net.register_buffer("scale", torch.full((1,), 2.0), persistent=False)
+        return net
+
+    monkeypatch.setattr(modelpackage.ModelPackage, "_card_network", with_buffer)
+    assert load_package(pkg).build_network().scale.item() == 2.0
+
+
 @pytest.mark.parametrize("prefix", ["", "tiny/"])
 def test_zip_package_loads_in_memory(pkg, tmp_path, prefix):
     archive = zip_folder(pkg, tmp_path / "model.zip", prefix)

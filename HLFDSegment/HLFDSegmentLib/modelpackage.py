@@ -312,12 +312,19 @@ class ModelPackage:
         return self.card["network"]["spatial_dims"]
 
     def build_network(self):
-        """The network with the package weights loaded (strict), in eval mode, on the CPU."""
+        """The network with the package weights loaded (strict), in eval mode, on the CPU.
+        Built on torch's meta device and checked against the weights' shapes first, so no
+        memory is allocated for a wrong network and no random init is computed to be
+        overwritten."""
         from safetensors.torch import load as load_safetensors
 
         net_cfg = self.card["network"]
-        self._check_shapes()
-        net = self._card_network()
+        net = self._checked_meta_network()
+        persistent = set(net.state_dict())
+        if all(name in persistent for name, _ in net.named_buffers()):
+            net = net.to_empty(device="cpu")  # every tensor is then set by the weights
+        else:  # a non-persistent buffer gets its value from the constructor, not the file
+            net = self._card_network()
         try:
             state = load_safetensors(self.weights)
         except Exception as exc:
@@ -351,10 +358,10 @@ class ModelPackage:
         except (ValueError, TypeError) as exc:
             raise ModelError(f"{self.path / CARD_NAME}: field 'network': {exc}") from None
 
-    def _check_shapes(self) -> None:
-        """Compare the weights' tensor shapes (from the safetensors header) with the network the
-        card describes, built on torch's meta device: a card asking for a huge network fails
-        here, before any memory is allocated for it."""
+    def _checked_meta_network(self):
+        """The card's network on torch's meta device, its tensor shapes compared with the
+        weights' (from the safetensors header): a card asking for a huge network fails here,
+        before any memory is allocated for it."""
         import torch
 
         net_cfg = self.card["network"]
@@ -374,6 +381,7 @@ class ModelPackage:
                     f"(field 'network/kwargs'): {key} is {list(shapes[key])} in the file, "
                     f"{list(tensor.shape)} in the network"
                 )
+        return meta
 
 
 def load_package(path: str | os.PathLike[str]) -> ModelPackage:
