@@ -42,7 +42,8 @@ bench-kd: setup      # distillation benchmark (cpu: ~60 min here; PRESET=quick ~
 
 # The built-in students, from nothing: synthetic CT -> teacher -> distilled student -> package
 # (about 60 min per task on 2 cores; TASKS="liver" for one), then a 45-minute stage on the
-# on-the-fly stream; the kidney's tumour threshold is calibrated on separate cases. Overwrites
+# on-the-fly stream (liver: two, the second 55 min); the kidney's tumour threshold is calibrated
+# on separate cases. Overwrites
 # Resources/Models/<task>. (The shipped kidney student had one more stage in between,
 # synth-kidney-ft.yaml, on data of a corrected generator; from nothing, the first stage uses it.)
 TASKS ?= liver kidney
@@ -56,7 +57,12 @@ models: setup
 	if echo " $(TASKS) " | grep -q " liver "; then \
 	  $(BIN)/hlfd-train synth write data/synth-liver-v2 --task liver --cases 8 --jobs 2 && \
 	  $(BIN)/hlfd-train distill -c training/configs/synth-liver-stream.yaml -q && \
-	  $(BIN)/python -m hlfd_train.ship liver --recipe synth-liver-stream --version 0.3.0; \
+	  $(BIN)/python -m hlfd_train.ship liver --recipe synth-liver-stream --version 0.3.0 && \
+	  rm -rf runs/liver-0.3.0 && cp -r HLFDSegment/Resources/Models/liver runs/liver-0.3.0 && \
+	  $(BIN)/hlfd-train synth write data/synth-liver-val --task liver --cases 6 --seed 2000 \
+	    --layout msd --jobs 2 && \
+	  $(BIN)/hlfd-train distill -c training/configs/synth-liver-stream2.yaml -q && \
+	  $(BIN)/python -m hlfd_train.ship liver --recipe synth-liver-stream2 --version 0.4.0; \
 	fi
 	if echo " $(TASKS) " | grep -q " kidney "; then \
 	  rm -rf runs/kidney-0.2.0 && cp -r HLFDSegment/Resources/Models/kidney runs/kidney-0.2.0 && \
