@@ -112,13 +112,14 @@ PRESETS = {
     # (2 threads); tuning 4 methods x 3 scales and 5 seeds x 5 methods, 37 runs of 300 steps:
     # 5 x (126 s + 4 x 225 s) + 12 x 225 s ~ 7,800 process-s / 2 processes ~ 65 min;
     # evaluation ~ 37 x (40 + 4) s / 2 ~ 14 min; efficiency and plots ~ 3 min: ~ 95 min.
-    # Measured (2026-12-02, native-bf16 Xeon): 49 min in all with 12 test cases, 46 with 40
+    # Measured (2026-12-02, native-bf16 Xeon): 49 min with 12 test cases, 46 with 40, 56 with 60
     "cpu": Preset(
         tasks=("kidney",),
         methods=("none", "hlfd", "at", "kd", "fitnet"),
         seeds=(0, 1, 2, 3, 4),
-        # 60 test cases (every phantom bears tumour): the primary CI was 7.2 points wide on 12
-        # and 4.3 on 40 (target 4); the width shrinks with the square root of the cases
+        # 60 test cases (every phantom bears tumour). The primary CI was 7.2 points wide on 12
+        # cases, 4.3 on 40 and 6.1 on 60: it resamples seeds as well as cases, and with 5 seeds
+        # the seed-to-seed spread of a method, not the number of cases, sets its width
         splits=(10, 4, 60),
         shape=(40, 160, 160),
         teacher_steps=500,
