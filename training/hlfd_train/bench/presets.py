@@ -67,6 +67,7 @@ class Preset:
     minutes: float = 0.0  # the planned wall time on the machine it is sized for (report only)
     data: str = "phantom"  # phantom: DIFFICULTY's phantoms; synth: the synthesis engine
     synth: dict[str, Any] = dataclasses.field(default_factory=dict)  # SynthConfig settings
+    bootstrap: int = 4000  # replicates of each bootstrap CI
 
 
 # 3 mm in-plane grid and 96² crops: what 2 CPU cores can train in the benchmark's time
@@ -94,6 +95,7 @@ PRESETS = {
         tuning=Tuning(scales=(1.0, 2.0)),
         timing_slices=2,
         overrides=TOY_NETS,
+        bootstrap=500,
     ),
     "quick": Preset(  # ~10 min: checks the flow on one task; not evidence
         tasks=("kidney",),
@@ -211,6 +213,7 @@ def toy(preset: Preset) -> Preset:
         teacher_overrides=(),
         workers=1,
         minutes=0.0,
+        bootstrap=200,  # its CIs cover one case and one seed: the flow, not the figures
     )
 
 

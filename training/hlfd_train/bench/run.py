@@ -246,7 +246,7 @@ def run_bench(
             folders.setdefault(job.name, folder)
         teacher = folders.pop("teacher")
         family = [m for m in preset.methods if m != "none"]
-        summary = summarise_task(evals, labels, family)
+        summary = summarise_task(evals, labels, family, preset.bootstrap)
         print(f"[{task}] efficiency on a {preset.timing_slices}x512x512 CT", flush=True)
         results["tasks"][task] = {
             "difficulty": difficulty(task, preset),

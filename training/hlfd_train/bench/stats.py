@@ -101,9 +101,12 @@ def label_entry(per_seed: Reports, label: str) -> dict[str, Any]:
     return entry
 
 
-def against_none(per_seed: Reports, base: Reports, label: str, metric: str = "dice") -> dict:
+def against_none(
+    per_seed: Reports, base: Reports, label: str, metric: str = "dice", replicates: int = 4000
+) -> dict:
     """Method minus ``none`` on the seeds both have: Wilcoxon over cases (seeds averaged per
-    case first), bootstrap 95% CI over cases and seeds, seeds in which the method is better."""
+    case first), bootstrap 95% CI over cases and seeds (``replicates`` draws), seeds in which
+    the method is better."""
     seeds = sorted(set(per_seed) & set(base))
     mine = {s: per_seed[s] for s in seeds}
     theirs = {s: base[s] for s in seeds}
@@ -118,7 +121,7 @@ def against_none(per_seed: Reports, base: Reports, label: str, metric: str = "di
         else {"n": 0, "median_diff": 0.0, "p": None}
     )
     out["mean_diff"] = float(np.nanmean(diff)) if diff.size else None
-    out["ci95"] = list(bootstrap_ci(diff)) if diff.size else None
+    out["ci95"] = list(bootstrap_ci(diff, replicates)) if diff.size else None
     out["seeds_better"] = int(
         sum(np.nanmean(a[:, j]) > np.nanmean(b[:, j]) for j in range(len(seeds)) if keep.any())
     )
@@ -127,7 +130,10 @@ def against_none(per_seed: Reports, base: Reports, label: str, metric: str = "di
 
 
 def summarise_task(
-    runs: Mapping[str, Reports], labels: Sequence[str], family: Sequence[str]
+    runs: Mapping[str, Reports],
+    labels: Sequence[str],
+    family: Sequence[str],
+    replicates: int = 4000,
 ) -> dict[str, Any]:
     """Per run and label: the seed-level summary and, against ``none``, the paired test and
     CI; Holm's correction over ``family`` (the published methods; ablations are outside)."""
@@ -137,7 +143,9 @@ def summarise_task(
         out[name] = {label: label_entry(per_seed, label) for label in labels}
         if base and name not in ("none", "teacher"):
             for label in labels:
-                out[name][label]["vs_none"] = against_none(per_seed, base, label)
+                out[name][label]["vs_none"] = against_none(
+                    per_seed, base, label, replicates=replicates
+                )
     for label in labels:
         tested = {
             m: out[m][label]["vs_none"]["p"]
