@@ -31,6 +31,7 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "flfd-unified": ("flfd_unified", {}),
 }
 PRIMARY = ("hlfd", "none")  # the pre-declared primary comparison, on tumour Dice
+BOOTSTRAP_REPLICATES = 4000  # draws of each bootstrap CI (the real presets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Preset:
     minutes: float = 0.0  # the planned wall time on the machine it is sized for (report only)
     data: str = "phantom"  # phantom: DIFFICULTY's phantoms; synth: the synthesis engine
     synth: dict[str, Any] = dataclasses.field(default_factory=dict)  # SynthConfig settings
-    bootstrap: int = 4000  # replicates of each bootstrap CI
+    bootstrap: int = BOOTSTRAP_REPLICATES  # draws of each bootstrap CI
 
 
 # 3 mm in-plane grid and 96² crops: what 2 CPU cores can train in the benchmark's time

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..evaluate import mean_sd
-from .presets import PRIMARY
+from .presets import BOOTSTRAP_REPLICATES, PRIMARY
 
 Reports = Mapping[int, Mapping[str, Any]]  # seed -> evaluation report
 
@@ -49,7 +49,7 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
 
 
 def bootstrap_ci(
-    diff: np.ndarray, n: int = 4000, level: float = 0.95, seed: int = 0
+    diff: np.ndarray, n: int = BOOTSTRAP_REPLICATES, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile CI of the mean of ``diff`` (cases x seeds), resampling cases and seeds.
 
@@ -102,7 +102,11 @@ def label_entry(per_seed: Reports, label: str) -> dict[str, Any]:
 
 
 def against_none(
-    per_seed: Reports, base: Reports, label: str, metric: str = "dice", replicates: int = 4000
+    per_seed: Reports,
+    base: Reports,
+    label: str,
+    metric: str = "dice",
+    replicates: int = BOOTSTRAP_REPLICATES,
 ) -> dict:
     """Method minus ``none`` on the seeds both have: Wilcoxon over cases (seeds averaged per
     case first), bootstrap 95% CI over cases and seeds (``replicates`` draws), seeds in which
@@ -133,7 +137,7 @@ def summarise_task(
     runs: Mapping[str, Reports],
     labels: Sequence[str],
     family: Sequence[str],
-    replicates: int = 4000,
+    replicates: int = BOOTSTRAP_REPLICATES,
 ) -> dict[str, Any]:
     """Per run and label: the seed-level summary and, against ``none``, the paired test and
     CI; Holm's correction over ``family`` (the published methods; ablations are outside)."""
