@@ -360,7 +360,7 @@ assert len(asked) == 1  # declined once; the headless run installs without askin
     _run_in_module_folder(_with_stubbed_slicer_app(body))
 
 
-def test_result_of_a_run_never_becomes_the_output_of_another_ct(tmp_path, tiny_package):
+def test_result_of_a_run_never_becomes_the_output_of_another_ct(tmp_path, onnx_package):
     """Picking another CT while a run goes on: the finished result goes to a segmentation of
     the CT it was computed for, and the other CT's output stays a new segmentation; with the
     CT unchanged the result becomes the output. Real workers and MRML nodes; the Qt widgets
@@ -379,7 +379,7 @@ widget.ui = mock.MagicMock()  # the panel's Qt widgets
 widget.ui.modelComboBox.findData.return_value = -1
 widget.ui.deviceComboBox.findData.return_value = -1
 widget.logic = module.HLFDSegmentLogic()
-runs = [module.mrml.SegmentationRun(ct, {str(tiny_package)!r}, "cpu", python=sys.executable,
+runs = [module.mrml.SegmentationRun(ct, {str(onnx_package)!r}, "cpu", python=sys.executable,
                                     log_dir={str(tmp_path)!r}) for ct in cts]
 for run in runs:
     run.start()

@@ -277,7 +277,7 @@ def test_ddp_two_gloo_processes(dataset, teacher_run, tmp_path):
     cfg["output"] = str(tmp_path)
     cfg["distill"] = {"method": "hlfd", "teacher": str(teacher_run[1]), "options": {}}
     cfg["data"]["prepared"] = str(prepare_data(teacher_run[0], 0))
-    cfg["train"].update(steps=4, batch_size=2)
+    cfg["train"].update(steps=4, batch_size=2, val_every=4, checkpoint_every=4, curves=False)
     conf = _write_config(cfg, tmp_path / "ddp.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

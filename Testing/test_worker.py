@@ -285,12 +285,12 @@ def test_run_warnings_reach_the_job_and_the_kept_log(tmp_path, tiny_package):
 
 
 @pytest.mark.slow
-def test_model_download_progress_reaches_the_job(tmp_path, monkeypatch, tiny_package):
+def test_model_download_progress_reaches_the_job(tmp_path, monkeypatch, onnx_package):
     """A registry model fetched by the worker: its bytes arrive as download events, which the
     job turns into the panel's "Downloading the model: x of y MB" state (before: stuck at 3%)."""
     import hashlib
 
-    zipped = Path(shutil.make_archive(str(tmp_path / "served"), "zip", tiny_package))
+    zipped = Path(shutil.make_archive(str(tmp_path / "served"), "zip", onnx_package))
     payload = zipped.read_bytes()
     listing = {
         "id": "kidney-web", "title": "Kidney", "task": "kidney", "version": "1.0",

@@ -16,6 +16,7 @@ import pytest
 import SimpleITK as sitk
 from test_worker import _alive, posix_only
 
+from hlfd_train.export import add_onnx
 from HLFDSegmentLib import worker, workerpool
 from HLFDSegmentLib.slicerjob import JobState, SegmentationJob, worker_command, worker_env
 from HLFDSegmentLib.workerpool import WorkerPool, split_worker_command
@@ -50,12 +51,12 @@ def wait_dead(*pids: int) -> bool:
 
 
 @pytest.mark.slow
-def test_second_request_reuses_the_worker_and_a_killed_worker_is_restarted(pool, tiny_package):
-    first, labels1 = segment(pool, tiny_package, seed=0)
-    second, labels2 = segment(pool, tiny_package, seed=1)
+def test_second_request_reuses_the_worker_and_a_killed_worker_is_restarted(pool, onnx_package):
+    first, labels1 = segment(pool, onnx_package, seed=0)
+    second, labels2 = segment(pool, onnx_package, seed=1)
     assert first.pid == second.pid and _alive(first.pid)
     assert len(pool.workers) == 1
-    _, one_shot = segment(None, tiny_package, seed=1)
+    _, one_shot = segment(None, onnx_package, seed=1)
     assert np.array_equal(labels2, one_shot) and (labels2 == 1).any()
     assert not np.array_equal(labels1, labels2)  # a new answer, not the first one again
     # the job sees the one-shot protocol, each event tagged with its request, then the end
@@ -71,7 +72,7 @@ def test_second_request_reuses_the_worker_and_a_killed_worker_is_restarted(pool,
     # are, the pool rightly sees it running (a request sent then fails like a killed run)
     (dead,) = pool.workers.values()
     assert dead.process.wait(15) == -signal.SIGKILL
-    third, labels3 = segment(pool, tiny_package, seed=1)
+    third, labels3 = segment(pool, onnx_package, seed=1)
     assert third.pid != first.pid and np.array_equal(labels3, labels2)
     assert len(pool.workers) == 1
 
@@ -123,10 +124,13 @@ def test_cancel_kills_the_work_leaves_the_scene_and_the_next_request_works(
             "Kidney tumor",
         ]
         scene.Clear(1)
+    # the second run's long-lived grandchild holds the worker's stdout open: end it, or the
+    # pool's stop waits out its grace period for an end of file that never comes
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
 @pytest.mark.slow
-def test_bad_requests_get_one_error_each_and_the_server_stays_alive(tmp_path, tiny_package):
+def test_bad_requests_get_one_error_each_and_the_server_stays_alive(tmp_path, onnx_package):
     ct = tmp_path / "ct.nrrd"
     sitk.WriteImage(make_image(block_ct()), str(ct))
     good = {"id": "ok", "input": str(ct), "output": str(tmp_path / "labels.nrrd")}
@@ -139,7 +143,7 @@ def test_bad_requests_get_one_error_each_and_the_server_stays_alive(tmp_path, ti
         json.dumps({**good, "id": "missing-file", "input": str(tmp_path / "nope.nrrd")}),
         json.dumps(good),
     ]
-    argv = [sys.executable, "-m", "HLFDSegmentLib.worker", "--serve", "--model", str(tiny_package)]
+    argv = [sys.executable, "-m", "HLFDSegmentLib.worker", "--serve", "--model", str(onnx_package)]
     proc = subprocess.run(
         [*argv, "--device", "cpu"],
         input="\n".join(lines) + "\n",
@@ -175,25 +179,25 @@ def test_usage_of_the_serve_mode():
 
 @pytest.mark.slow
 def test_one_worker_per_model_and_device_lru_eviction_and_stop_leaves_no_process(
-    tmp_path, tiny_package
+    tmp_path, onnx_package
 ):
-    other = build_package(tmp_path / "other", seed=1)
+    other = add_onnx(build_package(tmp_path / "other", seed=1))
     with pytest.raises(ValueError, match="max_workers"):
         WorkerPool(max_workers=0)
     pool = WorkerPool(max_workers=2)
     try:
-        a, _ = segment(pool, tiny_package, "cpu")
+        a, _ = segment(pool, onnx_package, "cpu")
         b, _ = segment(pool, other, "cpu")
         again, _ = segment(pool, other, "cpu")
         assert a.pid != b.pid and again.pid == b.pid  # one worker per model, reused
         assert all(_alive(p) for p in (a.pid, b.pid)) and len(pool.workers) == 2
-        segment(pool, tiny_package, "cpu")  # a is now the most recently used
-        c, _ = segment(pool, tiny_package, "auto")  # a third (another device): b makes room
+        segment(pool, onnx_package, "cpu")  # a is now the most recently used
+        c, _ = segment(pool, onnx_package, "auto")  # a third (another device): b makes room
         assert c.pid != a.pid
         assert wait_dead(b.pid) and _alive(a.pid) and _alive(c.pid)
         assert [key[1:3] for key in pool.workers] == [
-            (str(tiny_package), "cpu"),
-            (str(tiny_package), "auto"),
+            (str(onnx_package), "cpu"),
+            (str(onnx_package), "auto"),
         ]
         log_dir = pool.log_dir
     finally:
