@@ -246,4 +246,7 @@ def test_console_script_runs_a_large_volume_within_bounded_memory(tmp_path):
     assert proc.returncode == 0, proc.stderr
     peak_mb = int(proc.stdout.strip().splitlines()[-1])
     assert peak_mb < 4096, f"peak RSS {peak_mb} MB"
-    assert read_image(out).GetSize() == (512, 512, 1000)
+    header = sitk.ImageFileReader()  # the header only: reading 250 MB back proves nothing more
+    header.SetFileName(str(out))
+    header.ReadImageInformation()
+    assert header.GetSize() == (512, 512, 1000)

@@ -20,8 +20,8 @@ def test_demo_writes_a_loadable_model_and_valid_outputs(tmp_path, task):
     summary = run(
         tmp_path,
         task=task,
-        teacher_minutes=0.02,
-        student_minutes=0.02,
+        teacher_minutes=0.01,
+        student_minutes=0.01,
         shape=(20, 96, 96),
         splits=(2, 1, 1),
     )
@@ -45,5 +45,6 @@ def test_demo_writes_a_loadable_model_and_valid_outputs(tmp_path, task):
         assert set(per_label) == {*NAMES[task], f"{organ} incl. tumour"}  # composite, as KiTS
         assert all(0.0 <= m["dice"] <= 1.0 for m in per_label.values())
     assert saved["student"]["method"] == "hlfd" and saved["teacher"]["role"] == "teacher"
+    assert saved["teacher"]["steps"] >= 1 and saved["student"]["steps"] >= 1
     assert "| student (HLFD) |" in (tmp_path / "metrics.md").read_text(encoding="utf-8")
     assert not (tmp_path / "runs" / "untrained-model").exists()
