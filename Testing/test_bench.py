@@ -58,8 +58,12 @@ def test_smoke_benchmark_runs_reports_and_resumes(tmp_path, capsys):
     for png in ("kidney-dice.png", "kidney-curves.png", "kidney-attention.png"):
         assert (report.parent / "kd" / png).stat().st_size > 5000
         assert f"](kd/{png})" in text
-    run = tmp_path / "bench" / "runs" / "kidney" / "hlfd-seed0"  # curves: the report's figure
-    assert (run / "log.csv").is_file() and not (run / "curves.png").exists()
+    # seed 0 of a tuned method is its chosen grid point's run (the tuning seed): trained once
+    runs = tmp_path / "bench" / "runs" / "kidney"
+    run = runs / f"tune-hlfd-{task['tuning']['hlfd']['chosen']['point']}"
+    assert not (runs / "hlfd-seed0").exists() and (runs / "none-seed0").is_dir()
+    assert (run / "bench-eval.json").is_file() and (run / "bench-eval-val.json").is_file()
+    assert (run / "log.csv").is_file() and not (run / "curves.png").exists()  # report plots it
     rows = (tmp_path / "bench" / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + (1 + 3 * 2) * 2 * 3  # (teacher + 3 x 2 seeds) x 2 cases x 3 labels
     # interrupted: two runs lost; resuming redoes those two only, on a pool of two processes

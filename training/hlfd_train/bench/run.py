@@ -6,10 +6,11 @@ several seeds.
 For each task: one dataset (phantoms or the synthesis engine's CT, the settings recorded in the
 report), one teacher;
 then, if the preset tunes, every method gets the same small grid (weights x temperatures) on
-the validation split with one seed, and its best point is used for every seed; then each
-method x seed distills the same student for the same number of steps from the same teacher on
-the same data, evaluated per case on the test split through the runtime pipeline. Finished
-runs and evaluations are kept, so an interrupted benchmark resumes where it stopped. The
+the validation split with one seed, and its best point is used for every seed (at the tuning
+seed the best point's run is that seed's run: the same configuration is not trained twice);
+then each method x seed distills the same student for the same number of steps from the same
+teacher on the same data, evaluated per case on the test split through the runtime pipeline.
+Finished runs and evaluations are kept, so an interrupted benchmark resumes where it stopped. The
 report (``report.py``) states the primary comparison before any number, then per label mean
 ± sd over seeds, differences to ``none`` with bootstrap 95% CIs over cases and seeds, Wilcoxon
 tests over cases (seeds averaged per case) with Holm's correction (``stats.py``), efficiency,
@@ -224,7 +225,10 @@ def run_bench(
             for name in (*preset.methods, *(preset.ablations if task == preset.tasks[0] else ())):
                 chosen = tuned.get(task, {}).get(name, {}).get("chosen")
                 options = run_options(name, preset, chosen and chosen["options"])
-                cfg = student_config(out, task, preset, name, seed, done[t][0], options)
+                # at the tuning seed the chosen grid point is this very run: trained once
+                shared = chosen and preset.tuning and seed == preset.tuning.seed
+                run = f"tune-{name}-{chosen['point']}" if shared else None
+                cfg = student_config(out, task, preset, name, seed, done[t][0], options, run)
                 students.append(Job(task, name, seed, "student", cfg))
     print(f"students: {len(students)} runs", flush=True)
     done.update(run_jobs(students, workers, print))
