@@ -62,6 +62,7 @@ class Preset:
     ablations: tuple[str, ...] = ()
     tuning: Tuning | None = None
     timing_slices: int = 200  # CPU seconds are measured on a (timing_slices, 512, 512) CT
+    time_others: bool = True  # also time every other 2D architecture (first task only)
     overrides: tuple[str, ...] = ()  # config overrides, e.g. other networks
     teacher_overrides: tuple[str, ...] = ()  # applied after ``overrides`` to the teacher only
     workers: int = 0  # training processes side by side; 0: one per two cores, at least two
@@ -95,6 +96,7 @@ PRESETS = {
         ablations=("hlfd-pixel-only",),
         tuning=Tuning(scales=(1.0, 2.0)),
         timing_slices=2,
+        time_others=False,  # the GPU preset's toy times them
         overrides=TOY_NETS,
         bootstrap=500,
     ),

@@ -262,7 +262,8 @@ def run_bench(
                 teacher,
                 folders[preset.methods[0]],
                 preset.timing_slices,
-                others=task == preset.tasks[0],  # other networks' speed is the same in each task
+                # other networks' speed is the same in each task
+                others=preset.time_others and task == preset.tasks[0],
             ),
             "evaluations": {k: {str(s): r for s, r in v.items()} for k, v in evals.items()},
         }
