@@ -18,11 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from HLFDSegmentLib.devices import CPU_BF16_ENV
 from HLFDSegmentLib.modelpackage import make_card, save_package
-from HLFDSegmentLib.nets import build_network
 
 # Pin the float32 CPU path for the whole suite (and the subprocesses it starts): results must not
 # depend on whether this machine's CPU has native bf16. test_pipeline tests the bf16 path itself.
@@ -70,6 +68,10 @@ def build_package(
     out: Path, architecture: str = "tiny_unet2d", spatial_dims: int = 2, seed: int = 0, **card
 ) -> Path:
     """A real package: a zoo network with seeded random weights and a card for the kidney task."""
+    import torch  # here, not at the top: pytest-xdist's controller then starts without it
+
+    from HLFDSegmentLib.nets import build_network
+
     kwargs = card.pop("network_kwargs", {"base": 4} if architecture == "tiny_unet2d" else {})
     torch.manual_seed(seed)
     net = build_network(architecture, spatial_dims, 1, 3, **kwargs)

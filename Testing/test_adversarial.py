@@ -423,6 +423,7 @@ def test_dicom_series_choice_is_named_and_selectable_and_gaps_are_warned(
     assert code == 0 and "non-uniform slice spacing" in err
 
 
+@pytest.mark.slow
 def test_worker_malformed_events_and_closed_stdout_never_block_poll(tmp_path, monkeypatch):
     """A worker printing malformed progress events, then closing stdout while it keeps
     running: poll() never raises and never blocks; the job fails after the grace time."""

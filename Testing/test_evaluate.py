@@ -135,6 +135,7 @@ def test_calibration_keeps_the_limit_on_every_tumour_free_case_not_on_their_mean
     assert choose(rows, 5.0)["offset"] == -3.0
 
 
+@pytest.mark.slow
 def test_calibrate_sweeps_through_the_runtime_and_writes_the_card(tmp_path):
     """The built-in kidney student on two small phantoms (one tumour-free): -20 removes every
     tumour voxel; the chosen offsets land in a card that loads and drives the pipeline."""

@@ -272,6 +272,7 @@ def _run_in_module_folder(code: str, timeout: float = 60) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_module_script_executes_with_stubbed_slicer_app():
     """Import HLFDSegment.py against stand-ins for qt and the Slicer application: catches
     NameErrors, annotations evaluated at definition time and eager heavy imports."""
@@ -288,6 +289,7 @@ assert isinstance(logic.modelChoices(["/x/model.zip"]), list)
     _run_in_module_folder(_with_stubbed_slicer_app(body))
 
 
+@pytest.mark.slow
 def test_another_ct_resets_the_output_to_a_new_segmentation():
     """Issue 12 item 3: after picking another CT the output goes back to "Create new", so the
     previous patient's (possibly hand-corrected) segmentation is never offered for overwrite;
@@ -323,6 +325,7 @@ assert seg_a.GetSegmentation().GetNumberOfSegments() == 1
     _run_in_module_folder(_with_stubbed_slicer_app(body))
 
 
+@pytest.mark.slow
 def test_segment_stops_before_any_work_when_packages_are_declined_or_not_installed():
     """Logic.segment with packages missing (blocked here, as on a fresh Slicer): the user
     declining the install, or the install failing, stops it before any work with one message
@@ -360,6 +363,7 @@ assert len(asked) == 1  # declined once; the headless run installs without askin
     _run_in_module_folder(_with_stubbed_slicer_app(body))
 
 
+@pytest.mark.slow
 def test_result_of_a_run_never_becomes_the_output_of_another_ct(tmp_path, onnx_package):
     """Picking another CT while a run goes on: the finished result goes to a segmentation of
     the CT it was computed for, and the other CT's output stays a new segmentation; with the
@@ -406,6 +410,7 @@ with module.mrml.converters():
     _run_in_module_folder(_with_stubbed_slicer_app(body, block_heavy=False), timeout=300)
 
 
+@pytest.mark.slow
 def test_panel_and_segment_click_never_import_torch():
     """Issue 12 item 8, with torch installed and importable: loading the module, listing the
     models, showing a card and everything a Segment click computes before the worker starts
@@ -429,6 +434,7 @@ assert not heavy, heavy
     _run_in_module_folder(_with_stubbed_slicer_app(body, block_heavy=False))
 
 
+@pytest.mark.slow
 def test_code_runs_on_the_stated_minimum_python():
     """The module file loads on Python 3.9 (Slicer 5.8 then shows one 'needs Slicer 5.10'
     message); the runtime the worker imports needs no more than Python 3.10 (pyproject's

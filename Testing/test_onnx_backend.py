@@ -144,6 +144,7 @@ def test_onnx_path_segments_with_torch_unimportable(tmp_path, phantom_ct):
     assert labels.shape[1:] == (96, 96) and labels.any()
 
 
+@pytest.mark.slow
 def test_slicer_worker_on_the_cpu_runs_onnx_and_never_imports_torch(tmp_path, phantom_ct):
     """The persistent Slicer worker with torch installed: a built-in model on the CPU runs in
     ONNX Runtime, and torch (2 s to import) is never loaded, for the first request or later."""

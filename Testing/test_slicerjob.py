@@ -299,6 +299,7 @@ def _follow(argv: list[str]) -> BackgroundCommand:
     return command
 
 
+@pytest.mark.slow
 def test_install_runs_in_one_followed_process_with_slicer_packages_pinned(tmp_path):
     """The panel follows one background process (its lines in the Log panel, the GUI live):
     pip under the constraints file; a failure names the step and keeps pip's reason. Offline:

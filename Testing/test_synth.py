@@ -103,6 +103,7 @@ def test_write_command_writes_a_dataset_the_loaders_read(tmp_path, capsys):
     assert "fov_cut" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_realism_report_has_its_figures(tmp_path):
     from hlfd_train.synth.report import write_report
 

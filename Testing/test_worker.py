@@ -44,6 +44,7 @@ def ct_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_progress_events_and_result_file(tmp_path, ct_file, tiny_package):
     out = tmp_path / "out" / "labels.nrrd"
     out.parent.mkdir()

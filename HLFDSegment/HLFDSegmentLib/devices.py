@@ -1,24 +1,31 @@
 """Where and in which precision networks run: the one place that decides it (runtime,
-training, and the one-line device description of the Slicer panel)."""
+training, and the one-line device description of the Slicer panel). Imports without torch
+(each function imports it), so reading ``CPU_BF16_ENV`` costs nothing."""
 
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 CPU_BF16_ENV = "HLFD_CPU_BF16"
 
 
 def _mps_available() -> bool:
+    import torch
+
     mps = getattr(torch.backends, "mps", None)
     return mps is not None and mps.is_available()
 
 
 def select_device(name: str = "auto") -> tuple[torch.device, str | None]:
     """Resolve ``auto|cpu|cuda|mps`` (or ``cuda:N``); fall back to CPU with a note if absent."""
+    import torch
+
     cuda, mps = torch.cuda.is_available(), _mps_available()
     if name == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu"), None
@@ -33,6 +40,8 @@ def select_device(name: str = "auto") -> tuple[torch.device, str | None]:
 
 def describe_accelerator() -> str:
     """One line: the accelerator torch sees, else the CPU threads."""
+    import torch
+
     if torch.cuda.is_available():
         return f"GPU: {torch.cuda.get_device_name(0)} (CUDA)"
     if _mps_available():
@@ -45,6 +54,8 @@ def cpu_has_fast_bf16() -> bool:
 
     ``HLFD_CPU_BF16=0`` or ``=1`` forces the answer, so tests and benchmarks choose the CPU
     precision path instead of inheriting it from the machine's CPU flags."""
+    import torch
+
     forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
     if forced in {"0", "off", "false", "no"}:
         return False
@@ -63,6 +74,8 @@ def autocast_dtype(
 
     CUDA: bf16 where supported, else (or with ``fp16``) float16. CPU: bf16 when asked, or in
     ``auto`` where the CPU has native bf16 and ``cpu_bf16`` allows it. Otherwise float32."""
+    import torch
+
     if mode == "off":
         return None
     if device.type == "cuda":
