@@ -46,13 +46,14 @@ def test_organ_volumes_and_lesions_are_plausible():
     """Liver 0.7-3.5 L when the whole liver is in view (SYNTH-REFERENCES 3: medians 1.2-1.7 L,
     505-4504); both kidneys 150-600 mL (KiTS median 395); tumours where asked, none when not."""
     livers, kidneys = [], []
+    thick = {"slice_mm": (5.0,), "slice_weights": (1.0,)}  # volumes within 1% of thin slices
     for seed in range(6):
-        case = synth_case(fast(fov_cut=0.0, tumour_free=0.0, max_slices=200), seed)
+        case = synth_case(fast(fov_cut=0.0, tumour_free=0.0, max_slices=200, **thick), seed)
         whole = not (case.labels[0] == 1).any() and not (case.labels[-1] == 1).any()
         if whole:
             livers.append(ml(case, 1) + ml(case, 2))
         assert ml(case, 2) > 0 or not case.meta["lesions"]
-        k = synth_case(fast("kidney", fov_cut=0.0, tumour_free=1.0, max_slices=200), seed)
+        k = synth_case(fast("kidney", fov_cut=0.0, tumour_free=1.0, max_slices=200, **thick), seed)
         if not (k.labels[0] == 1).any() and not (k.labels[-1] == 1).any():
             kidneys.append(ml(k, 1))
         assert ml(k, 2) == 0
