@@ -61,9 +61,10 @@ def ct(scene):
 
 
 @pytest.fixture(scope="module")
-def runtime_labels(tiny_package):
+def runtime_labels(onnx_package):
+    """The runtime's labels of the ``ct`` fixture's image (ONNX Runtime, as the worker runs)."""
     image = make_image(block_ct(), spacing=SPACING, direction=oblique_direction(25.0))
-    labels = Segmenter(load_package(tiny_package), device="cpu")(image).labels
+    labels = Segmenter(load_package(onnx_package), device="cpu")(image).labels
     arr = sitk.GetArrayFromImage(labels)
     assert (arr == 1).any() and (arr == 2).any()  # both segments non-empty: a real check
     return labels
@@ -229,7 +230,7 @@ def test_refuses_labelmap_and_missing_input(scene, ct):
 
 
 @pytest.mark.slow
-def test_whole_flow_into_study_with_table_and_3d(scene, ct, tiny_package, runtime_labels):
+def test_whole_flow_into_study_with_table_and_3d(scene, ct, onnx_package, runtime_labels):
     _, volume = ct
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient 1")
@@ -239,7 +240,7 @@ def test_whole_flow_into_study_with_table_and_3d(scene, ct, tiny_package, runtim
     existing.GetSegmentation().AddEmptySegment("old", "Old")
 
     run = mrml.SegmentationRun(
-        volume, tiny_package, "cpu", segmentation=existing, python=sys.executable
+        volume, onnx_package, "cpu", segmentation=existing, python=sys.executable
     )
     run.start()
     seen = []
