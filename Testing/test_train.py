@@ -212,6 +212,7 @@ def _write_config(cfg: dict, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_method_flag_leaves_the_config_methods_options_behind(teacher_run, tmp_path):
     """``distill --method`` on a config of another method: that method's own options (here
     fitnet's ``schedule``, unknown to kd) do not carry over; ``--set distill.options.*`` do."""
