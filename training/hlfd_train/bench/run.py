@@ -137,6 +137,11 @@ def student_config(
     )
 
 
+def tuning_run(name: str, point: str) -> str:
+    """The run folder name of a method's tuning grid point."""
+    return f"tune-{name}-{point}"
+
+
 def tune(out: Path, preset: Preset, teachers: dict[str, Job], done: dict, workers: int) -> dict:
     """The tuning grid of every method on the validation split; returns, per task and method,
     every grid point's validation tumour Dice and the chosen options."""
@@ -153,7 +158,7 @@ def tune(out: Path, preset: Preset, teachers: dict[str, Job], done: dict, worker
                 options = run_options(name, preset, point)
                 label = grid_label(name, point)
                 cfg = student_config(
-                    out, task, preset, name, seed, done[t][0], options, f"tune-{name}-{label}"
+                    out, task, preset, name, seed, done[t][0], options, tuning_run(name, label)
                 )
                 job = Job(task, f"{name} {label}", seed, "student", cfg, split="val")
                 jobs[(task, name, label)] = (
@@ -226,8 +231,8 @@ def run_bench(
                 chosen = tuned.get(task, {}).get(name, {}).get("chosen")
                 options = run_options(name, preset, chosen and chosen["options"])
                 # at the tuning seed the chosen grid point is this very run: trained once
-                shared = chosen and preset.tuning and seed == preset.tuning.seed
-                run = f"tune-{name}-{chosen['point']}" if shared else None
+                shared = chosen and seed == preset.tuning.seed
+                run = tuning_run(name, chosen["point"]) if shared else None
                 cfg = student_config(out, task, preset, name, seed, done[t][0], options, run)
                 students.append(Job(task, name, seed, "student", cfg))
     print(f"students: {len(students)} runs", flush=True)
