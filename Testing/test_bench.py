@@ -26,7 +26,7 @@ from hlfd_train.bench import (
     verdict,
     write_data,
 )
-from hlfd_train.bench.presets import DIFFICULTY, difficulty
+from hlfd_train.bench.presets import DIFFICULTY, TOY_ABLATIONS, difficulty
 from hlfd_train.config import ConfigError
 
 
@@ -135,6 +135,7 @@ def test_presets_are_sized_as_promised():
     assert gpu.workers > 1 and "device=cuda" in gpu.overrides
     small = toy(gpu)
     assert small.methods == gpu.methods and small.tasks == gpu.tasks and small.student_steps < 5
+    assert set(small.ablations) == set(TOY_ABLATIONS) < set(gpu.ablations)
     assert "device=cpu" in small.overrides
 
 

@@ -195,8 +195,14 @@ PRESETS = {
 TOY_SYNTH = {"inplane_mm": [5.0, 5.0], "fov_mm": [320.0, 320.0], "max_slices": 12}
 
 
+# one ablation of each kind the flow runs: a method's options, another registered method, and
+# FitNet's joint schedule (the engine's one-stage path); the others differ from these in options
+TOY_ABLATIONS = ("hlfd-pixel-only", "deep-mse", "fitnet-joint")
+
+
 def toy(preset: Preset) -> Preset:
-    """The same tasks, methods, ablations and grid axes at toy size on the CPU (tests)."""
+    """The same tasks, methods and grid axes at toy size on the CPU (tests), with one ablation
+    of each kind."""
     tuning = preset.tuning and dataclasses.replace(
         preset.tuning,
         scales=preset.tuning.scales[:1],
@@ -205,6 +211,7 @@ def toy(preset: Preset) -> Preset:
     return dataclasses.replace(
         preset,
         synth={**preset.synth, **TOY_SYNTH} if preset.data == "synth" else preset.synth,
+        ablations=tuple(a for a in preset.ablations if a in TOY_ABLATIONS),
         seeds=preset.seeds[:1],
         splits=(1, 1, 1),
         shape=(8, 64, 64),
