@@ -233,6 +233,8 @@ def test_card_values_without_sense_are_refused_at_load(tmp_path):
         (("inference", "tta_flips"), [["x"]] * 200, "tta_flips"),
         (("inference", "logit_offsets"), [0.0, -3.0], "logit_offsets.*2 numbers for 3"),
         (("inference", "logit_offsets"), [0.0, 0.0, -1e6], "logit_offsets.*within"),
+        (("inference", "seed_offsets"), [0.0, -3.0], "seed_offsets.*2 numbers for 3"),
+        (("inference", "seed_offsets"), [0.0, 0.0, float("nan")], "seed_offsets.*finite"),
         (("labels", 0, "name"), "Kidney\nrm -rf", "labels/0/name"),
     ]
     for i, (keys, value, field) in enumerate(cases):

@@ -135,6 +135,21 @@ def test_calibration_keeps_the_limit_on_every_tumour_free_case_not_on_their_mean
     assert choose(rows, 5.0)["offset"] == -3.0
 
 
+def test_calibration_with_seeds_prefers_no_seed_rule_on_a_tie():
+    """A seed rule that keeps the tumour Dice and removes the false tumour wins; where it
+    changes nothing, the plain threshold is kept (the simpler card)."""
+    from hlfd_train.calibrate import choose
+
+    rows = [
+        {"offset": -3.0, "seed_offset": None, "tumour_dice": 0.20, "fp_ml_cases": [23.8, 0.0]},
+        {"offset": -3.0, "seed_offset": -8.0, "tumour_dice": 0.20, "fp_ml_cases": [3.0, 0.0]},
+        {"offset": -3.0, "seed_offset": -9.0, "tumour_dice": 0.20, "fp_ml_cases": [0.0, 0.0]},
+        {"offset": -6.0, "seed_offset": None, "tumour_dice": 0.10, "fp_ml_cases": [0.0, 0.0]},
+    ]
+    assert choose(rows, 5.0)["seed_offset"] == -8.0  # the least strict seed within the limit
+    assert choose(rows, 50.0)["seed_offset"] is None  # all tie on Dice: no seed rule
+
+
 @pytest.mark.slow
 def test_calibrate_sweeps_through_the_runtime_and_writes_the_card(tmp_path):
     """The built-in kidney student on two small phantoms (one tumour-free): -20 removes every
@@ -160,8 +175,16 @@ def test_calibrate_sweeps_through_the_runtime_and_writes_the_card(tmp_path):
         cases.append(EvalCase(f"case{i}", *paths))
     folder = Path(shutil.copytree(builtin_models()["kidney"], tmp_path / "kidney"))
     package = load_package(folder)
-    rows = sweep(package, cases, np.arange(256), offsets=(-20.0, 0.0), device="cpu")
-    assert [r["offset"] for r in rows] == [-20.0, 0.0]
+    rows = sweep(
+        package, cases, np.arange(256), offsets=(-20.0, 0.0), device="cpu", seed_offsets=[-20.0]
+    )
+    assert [(r["offset"], r["seed_offset"]) for r in rows] == [
+        (-20.0, None),
+        (0.0, None),
+        (0.0, -20.0),  # a seed must be stricter than the offset: none for -20
+    ]
+    assert rows[2]["tumour_dice"] == 0.0  # no voxel is tumour at -20: every lesion unseeded
+    rows = rows[:2]
     assert rows[0]["tumour_dice"] == 0.0 and rows[0]["fp_ml"] == 0.0
     assert rows[0]["fp_ml_cases"] == [0.0]
     assert rows[0]["tumour_cases"] == 1 and rows[0]["tumour_free_cases"] == 1

@@ -49,20 +49,28 @@ def expected_threshold(arr: np.ndarray) -> np.ndarray:
 
 
 def threshold_segmenter(
-    tmp_path, spatial_dims: int, orientation: str, tta=False, offsets=None
+    tmp_path,
+    spatial_dims: int,
+    orientation: str,
+    tta=False,
+    offsets=None,
+    seed_offsets=None,
+    postprocessing=None,
 ) -> Segmenter:
     arch = "tiny_unet2d" if spatial_dims == 2 else "monai_unet3d"
     kwargs = {"base": 4} if spatial_dims == 2 else {"channels": [4, 8, 16], "strides": [2, 2]}
     inference = {"roi_size": [16, 16, 8]} if spatial_dims == 3 else {}
     if offsets is not None:
         inference["logit_offsets"] = offsets
+    if seed_offsets is not None:
+        inference["seed_offsets"] = seed_offsets
     pkg = build_package(
         tmp_path / "pkg",
         arch,
         spatial_dims,
         network_kwargs=kwargs,
         preprocessing={"orientation": orientation, "spacing": [None, None, None]},
-        postprocessing={"enabled": False},
+        postprocessing=postprocessing or {"enabled": False},
         inference=inference,
     )
     package = load_package(pkg)
@@ -142,6 +150,28 @@ def test_card_logit_offsets_move_the_tumour_threshold(tmp_path, dims, tta):
     expected = np.where(x > 0.7, 2, np.where(x > 0.3, 1, 0))
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(result.labels), expected)
     assert not np.array_equal(expected, expected_threshold(arr))  # the offset mattered
+
+
+@pytest.mark.parametrize(("dims", "tta"), [(2, False), (2, True), (3, False)])
+def test_lesion_components_without_a_seed_join_their_organ(tmp_path, dims, tta):
+    """Hysteresis: with seed offset -0.2 a tumour voxel (x > 0.6) is a seed where x > 0.7. A
+    tumour component holding a seed keeps its whole extent, faint rim included; one without
+    (x = 0.65 throughout) becomes organ. In one pass, with TTA and in the 3D window."""
+    arr = np.full((6, 24, 24), -1000, dtype=np.int16)
+    arr[:, 2:22, 2:22] = 0  # organ: x = 0.4
+    arr[1:5, 4:9, 4:9] = 125  # faint lesion, no seed: x = 0.65
+    arr[1:5, 12:20, 12:20] = 125  # the same faint tissue ...
+    arr[2:4, 15:17, 15:17] = 200  # ... around a confident core (x = 0.8)
+    image = make_image(arr)
+    rules = {"enabled": True, "min_island_ml": 0.0}
+    result = threshold_segmenter(
+        tmp_path, dims, "LPS", tta, seed_offsets=[0.0, 0.0, -0.2], postprocessing=rules
+    )(image)
+    labels = sitk.GetArrayViewFromImage(result.labels)
+    assert (labels[1:5, 4:9, 4:9] == 1).all()  # joined the organ
+    assert (labels[1:5, 12:20, 12:20] == 2).all()  # kept whole: core and rim
+    without = threshold_segmenter(tmp_path / "no-seeds", dims, "LPS", tta, postprocessing=rules)
+    assert (sitk.GetArrayViewFromImage(without(image).labels)[1:5, 4:9, 4:9] == 2).all()
 
 
 def test_volume_smaller_than_the_3d_patch_is_padded(tmp_path):

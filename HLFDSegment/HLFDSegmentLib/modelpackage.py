@@ -153,12 +153,13 @@ def _check_sense(card: Mapping[str, Any], where: str) -> None:
     flips = card["inference"].get("tta_flips", [])
     if len(flips) > MAX_TTA_FLIPS:
         raise bad("inference/tta_flips", f"{len(flips)} flips; at most {MAX_TTA_FLIPS}")
-    offsets = card["inference"].get("logit_offsets")
-    if offsets is not None and len(offsets) != len(card["labels"]) + 1:
-        n = len(card["labels"]) + 1
-        raise bad("inference/logit_offsets", f"{len(offsets)} numbers for {n} classes")
-    if offsets is not None and not all(math.isfinite(v) and abs(v) <= 20 for v in offsets):
-        raise bad("inference/logit_offsets", f"{offsets}: each must be finite, within +-20")
+    for key in ("logit_offsets", "seed_offsets"):
+        offsets = card["inference"].get(key)
+        if offsets is not None and len(offsets) != len(card["labels"]) + 1:
+            n = len(card["labels"]) + 1
+            raise bad(f"inference/{key}", f"{len(offsets)} numbers for {n} classes")
+        if offsets is not None and not all(math.isfinite(v) and abs(v) <= 20 for v in offsets):
+            raise bad(f"inference/{key}", f"{offsets}: each must be finite, within +-20")
     island = card["postprocessing"].get("min_island_ml", 0.0)
     if not (math.isfinite(island) and 0 <= island <= MAX_MIN_ISLAND_ML):
         raise bad("postprocessing/min_island_ml", f"{island} mL is outside 0-{MAX_MIN_ISLAND_ML:g}")

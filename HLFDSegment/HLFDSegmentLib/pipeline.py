@@ -234,6 +234,10 @@ def window_starts(n: int, roi: int, stride: int) -> list[int]:
     return [min(i * stride, n - roi) for i in range(count)]
 
 
+# blended scores (N, C, *spatial) -> uint8 labels (N, *spatial) and lesion seeds or None
+Decide = Callable[[np.ndarray], tuple[np.ndarray, "np.ndarray | None"]]
+
+
 def sliding_window_labels(
     arr: np.ndarray,
     roi: tuple[int, ...],
@@ -242,11 +246,14 @@ def sliding_window_labels(
     predict: Callable[[np.ndarray], np.ndarray],
     fill: float,
     progress: Callable[[float], None] | None = None,
-) -> np.ndarray:
-    """uint8 labels of a (z, y, x) array from ``roi`` windows overlapping by ``overlap``, run
-    ``batch`` at a time through ``predict`` ((N, 1, *roi) -> (N, C, *roi) probabilities) and
-    blended with :func:`gaussian_weights`. An axis shorter than its window is padded with
-    ``fill``. Blended scores exist only for this (body-box) array, never the original grid."""
+    decide: Decide | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 labels (and lesion seeds, see :meth:`Segmenter.decide`) of a (z, y, x) array from
+    ``roi`` windows overlapping by ``overlap``, run ``batch`` at a time through ``predict``
+    ((N, 1, *roi) -> (N, C, *roi) probabilities) and blended with :func:`gaussian_weights`; the
+    blended scores are turned into labels by ``decide`` (default: the argmax, no seeds). An axis
+    shorter than its window is padded with ``fill``. Blended scores exist only for this
+    (body-box) array, never the original grid."""
     shape = arr.shape
     pad = [(0, max(0, r - n)) for n, r in zip(shape, roi)]
     if any(after for _, after in pad):
@@ -270,11 +277,17 @@ def sliding_window_labels(
         if progress:
             progress(min(1.0, (i + len(group)) / len(windows)))
     assert scores is not None
+    decide = decide or (lambda s: (s.argmax(1), None))
     labels = np.empty(shape, dtype=np.uint8)
+    seeds: np.ndarray | None = None
     for z in range(0, shape[0], 16):  # argmax in slabs: its int64 result is 8 B a voxel
         top = min(shape[0], z + 16)
-        labels[z:top] = scores[:, z:top, : shape[1], : shape[2]].argmax(0)
-    return labels
+        slab, slab_seeds = decide(scores[None, :, z:top, : shape[1], : shape[2]])
+        labels[z:top] = slab[0]
+        if slab_seeds is not None:
+            seeds = np.zeros(shape, dtype=bool) if seeds is None else seeds
+            seeds[z:top] = slab_seeds[0]
+    return labels, seeds
 
 
 @dataclass
@@ -335,6 +348,13 @@ class Segmenter:
         self.logit_offsets = None if offsets is None else np.asarray(offsets, np.float32)
         """Per-class numbers added to the logits before the argmax (the card's calibrated
         decision thresholds; None: plain argmax)."""
+        seeds = package.card["inference"].get("seed_offsets")
+        self.seed_offsets = None if seeds is None else np.asarray(seeds, np.float32)
+        """Stricter per-class offsets for lesion seeds (None: no seed rule): a lesion component
+        is kept only if one of its voxels is still that lesion with these offsets in place of
+        ``logit_offsets`` (hysteresis: a confident core, then its extent)."""
+        self.is_lesion = np.zeros(256, dtype=bool)
+        self.is_lesion[[lab["value"] for lab in self.card["labels"] if "inside" in lab]] = True
 
     @property
     def device(self) -> str:
@@ -354,6 +374,18 @@ class Segmenter:
         return self.runner.backend
 
     # -- stages ---------------------------------------------------------------------------------
+    def decide(self, scores: np.ndarray, log_domain: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 labels (argmax over axis 1 of :meth:`_scores`' output: logits when
+        ``log_domain``, else probabilities) and, when the card has ``seed_offsets``, the lesion
+        voxels that stay the same lesion with them (else None)."""
+        labels = scores.argmax(1).astype(np.uint8)
+        if self.seed_offsets is None:
+            return labels, None
+        delta = self.seed_offsets - (0.0 if self.logit_offsets is None else self.logit_offsets)
+        delta = delta.reshape(-1, *([1] * (scores.ndim - 2)))
+        strict = (scores + delta if log_domain else scores * np.exp(delta)).argmax(1)
+        return labels, (strict == labels) & self.is_lesion[labels]
+
     def _scores(self, x: np.ndarray, probabilities: bool = False) -> np.ndarray:
         """(N, C, *spatial) scores whose argmax over C is the label: the logits of one pass, or
         softmax probabilities (averaged over the card's TTA flips when enabled); the card's
@@ -382,37 +414,54 @@ class Segmenter:
         return mean if shift is None else mean * np.exp(shift)
 
     def infer(self, arr: np.ndarray, progress: StageProgress | None = None) -> np.ndarray:
-        """uint8 labels (z, y, x) on the model grid for a normalised (z, y, x) array.
+        """uint8 labels (z, y, x) on the model grid for a normalised (z, y, x) array."""
+        return self.infer_with_seeds(arr, progress)[0]
+
+    def infer_with_seeds(
+        self, arr: np.ndarray, progress: StageProgress | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Labels as :meth:`infer` and the lesion seeds of :meth:`decide` (None without
+        ``seed_offsets``), for :meth:`postprocess`.
 
         Only the box around the body (voxels above the window's low end, plus a margin) is
         run through the network; the air around it is background. On a 400 mm field of view
         this skips about 40% of the pixels."""
         out = np.zeros(arr.shape, dtype=np.uint8)
+        seeds = None if self.seed_offsets is None else np.zeros(arr.shape, dtype=bool)
         box = body_box(arr, background_value(self.card["preprocessing"]))
         if box is None:
-            return out
+            return out, seeds
         run = self._infer_2d if self.package.spatial_dims == 2 else self._infer_3d
-        out[box] = run(np.ascontiguousarray(arr[box], dtype=np.float32), progress)
-        return out
+        out[box], box_seeds = run(np.ascontiguousarray(arr[box], dtype=np.float32), progress)
+        if seeds is not None:
+            seeds[box] = box_seeds
+        return out, seeds
 
-    def _infer_2d(self, arr: np.ndarray, progress: StageProgress | None) -> np.ndarray:
+    def _infer_2d(
+        self, arr: np.ndarray, progress: StageProgress | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         z, h, w = arr.shape
         m = self.runner.size_divisible
         ph, pw = (-h) % m, (-w) % m
         batch = int(self.card["inference"].get("slice_batch", 16))
         out = np.empty((z, h, w), dtype=np.uint8)
+        seeds = None if self.seed_offsets is None else np.empty((z, h, w), dtype=bool)
         fill = background_value(self.card["preprocessing"])
         for start in range(0, z, batch):
             chunk = arr[start : start + batch, None]
             if ph or pw:
                 chunk = np.pad(chunk, ((0, 0), (0, 0), (0, ph), (0, pw)), constant_values=fill)
-            scores = self._scores(chunk)
-            out[start : start + batch] = scores[..., :h, :w].argmax(1)
+            labels, chunk_seeds = self.decide(self._scores(chunk)[..., :h, :w], not self.tta)
+            out[start : start + batch] = labels
+            if seeds is not None:
+                seeds[start : start + batch] = chunk_seeds
             if progress:
                 progress("infer", min(z, start + batch) / z)
-        return out
+        return out, seeds
 
-    def _infer_3d(self, arr: np.ndarray, progress: StageProgress | None) -> np.ndarray:
+    def _infer_3d(
+        self, arr: np.ndarray, progress: StageProgress | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         cfg = self.card["inference"]
         return sliding_window_labels(
             arr,
@@ -422,19 +471,30 @@ class Segmenter:
             lambda x: self._scores(x, probabilities=True),
             background_value(self.card["preprocessing"]),
             (lambda f: progress("infer", f)) if progress else None,
+            lambda scores: self.decide(scores, log_domain=False),
         )
 
-    def postprocess(self, labels: np.ndarray, voxel_ml: float) -> np.ndarray:
+    def postprocess(
+        self, labels: np.ndarray, voxel_ml: float, seeds: np.ndarray | None = None
+    ) -> np.ndarray:
         """Apply the card's rules in place: organs keep their largest components, lesions stay
-        inside/touching their organ, lesion islands below ``min_island_ml`` join the organ."""
+        inside/touching their organ, lesion islands below ``min_island_ml`` join the organ, and
+        so do lesion components without a seed voxel (when ``seeds`` are given)."""
         rules = self.card["postprocessing"]
         box = mask_box(labels != 0)  # every rule acts on labelled voxels only
         if not rules.get("enabled", True) or box is None:
             return labels
-        self._apply_rules(labels[box], rules, voxel_ml)  # a view: edits land in ``labels``
+        # views: edits land in ``labels``
+        self._apply_rules(labels[box], rules, voxel_ml, None if seeds is None else seeds[box])
         return labels
 
-    def _apply_rules(self, labels: np.ndarray, rules: dict[str, Any], voxel_ml: float) -> None:
+    def _apply_rules(
+        self,
+        labels: np.ndarray,
+        rules: dict[str, Any],
+        voxel_ml: float,
+        seeds: np.ndarray | None = None,
+    ) -> None:
         min_voxels = round(rules.get("min_island_ml", 0.0) / voxel_ml)
         for organ in (lab for lab in self.card["labels"] if "keep_largest" in lab):
             value = organ["value"]
@@ -450,7 +510,15 @@ class Segmenter:
             for lesion in lesions:
                 mask = labels == lesion
                 kept = _components(mask, min_voxels)  # the view below borrows its memory
-                labels[mask & (sitk.GetArrayViewFromImage(kept) == 0)] = value
+                numbers = sitk.GetArrayViewFromImage(kept)
+                drop = mask & (numbers == 0)
+                if seeds is not None:  # components without a confident voxel join the organ
+                    seeded = np.zeros(int(numbers.max()) + 1, dtype=bool)
+                    seeded[numbers[seeds & mask]] = True
+                    seeded[0] = False
+                    drop |= mask & ~seeded[numbers]
+                labels[drop] = value
+                del numbers, kept
 
     # -- whole run ------------------------------------------------------------------------------
     def __call__(
@@ -471,13 +539,14 @@ class Segmenter:
         timings["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        labels = self.infer(arr, report)
+        labels, seeds = self.infer_with_seeds(arr, report)
         del arr
         timings["infer"] = time.perf_counter() - t
 
         t = time.perf_counter()
         report("postprocess", 0.0)
-        labels = self.postprocess(labels, math.prod(grid.spacing) / 1000.0)
+        labels = self.postprocess(labels, math.prod(grid.spacing) / 1000.0, seeds)
+        del seeds
         timings["postprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -10,7 +10,13 @@ tumour Dice on tumour-bearing cases among those where *every* tumour-free case s
 a promise about each healthy CT, which a mean over cases would not keep. Choose it on
 validation cases and report test figures separately.
 
-    hlfd-train calibrate MODEL -c CONFIG [--split val] [--max-fp-ml 5] [--write]
+With ``seed_offsets`` the sweep also tries hysteresis (the card's ``inference.seed_offsets``):
+a tumour component is kept only if one of its voxels is still tumour at the stricter seed
+offset. False tumour on healthy organs is mostly faint throughout, a real tumour has a
+confident core, so a seed can remove the one and keep the other's whole extent.
+
+    hlfd-train calibrate MODEL -c CONFIG [--split val] [--max-fp-ml 5] [--seed-offsets=-9,-8]
+        [--write]
 """
 
 from __future__ import annotations
@@ -55,24 +61,29 @@ def sweep(
     offsets: Iterable[float] = DEFAULT_OFFSETS,
     device: str = "auto",
     progress: Callable[[str], None] | None = None,
+    seed_offsets: Iterable[float] = (),
 ) -> list[dict[str, Any]]:
-    """One row per tumour offset: mean tumour Dice (tumour-bearing cases), false tumour mL
-    (tumour-free cases: mean and per case) and mean organ-including-tumour Dice, through the
-    runtime pipeline."""
+    """One row per tumour offset, without seeds and with each seed offset stricter (lower)
+    than it: mean tumour Dice (tumour-bearing cases), false tumour mL (tumour-free cases: mean
+    and per case) and mean organ-including-tumour Dice, through the runtime pipeline."""
     if not cases:
         raise ConfigError("no cases to calibrate on: the chosen split is empty")
     seg = Segmenter(package, device=device)
     tumour = tumour_label(package)["name"]
     organs = [lab["name"] for lab in package.card["labels"] if lab["name"] != tumour]
     composite = organs[0] + COMPOSITE_SUFFIX if len(organs) == 1 else None
+    seed_offsets = sorted(set(seed_offsets))
+    grid = [(o, s) for o in offsets for s in (None, *(s for s in seed_offsets if s < o))]
     rows = []
-    for offset in offsets:
+    for offset, seed in grid:
         seg.logit_offsets = np.asarray(offset_vector(package, offset), np.float32)
+        seg.seed_offsets = None if seed is None else np.asarray(offset_vector(package, seed))
         scored = [evaluate_case(seg, case, label_lut) for case in cases]
         summary = summarise(scored)
         entry = summary[tumour]
         row = {
             "offset": float(offset),
+            "seed_offset": None if seed is None else float(seed),
             "tumour_dice": entry["dice"]["mean"],
             "tumour_cases": entry["dice"]["n"],
             "fp_ml": entry["fp_ml"]["mean"],
@@ -87,7 +98,7 @@ def sweep(
         rows.append(row)
         if progress:
             progress(
-                f"offset {offset:+.1f}: tumour Dice {_fmt(row['tumour_dice'])}, "
+                f"offset {_point(row)}: tumour Dice {_fmt(row['tumour_dice'])}, "
                 f"false tumour {_fmt(row['fp_ml'], 1)} mL, organ Dice {_fmt(row['organ_dice'])}"
             )
     return rows
@@ -96,13 +107,18 @@ def sweep(
 def choose(rows: Sequence[dict[str, Any]], max_fp_ml: float = DEFAULT_MAX_FP_ML) -> dict[str, Any]:
     """The row with the best tumour Dice among those whose worst tumour-free case stays within
     ``max_fp_ml`` of false tumour (the least worst case when none does); ties go to the offset
-    closest to 0."""
+    closest to 0, then to no seed rule, then to the least strict seed."""
     if not rows:
         raise ValueError("nothing to choose from")
+
+    def simplest(r: dict[str, Any]) -> tuple[float, bool, float]:
+        seed = r.get("seed_offset")
+        return -abs(r["offset"]), seed is None, seed or 0.0
+
     within = [r for r in rows if worst_fp_ml(r) <= max_fp_ml]
     if not within:
-        return min(rows, key=lambda r: (worst_fp_ml(r), abs(r["offset"])))
-    return max(within, key=lambda r: (r["tumour_dice"] or 0.0, -abs(r["offset"])))
+        return min(rows, key=lambda r: (worst_fp_ml(r), *(-v for v in simplest(r))))
+    return max(within, key=lambda r: (r["tumour_dice"] or 0.0, *simplest(r)))
 
 
 def worst_fp_ml(row: dict[str, Any]) -> float:
@@ -124,8 +140,13 @@ def write_offsets(
     require_folder(package)
     card = json.loads((package.path / CARD_NAME).read_text(encoding="utf-8"))
     card["inference"]["logit_offsets"] = offset_vector(package, row["offset"])
+    seed = row.get("seed_offset")
+    card["inference"].pop("seed_offsets", None)
+    if seed is not None:
+        card["inference"]["seed_offsets"] = offset_vector(package, seed)
     card.setdefault("metrics", {})["calibration"] = {
         "tumour logit offset": row["offset"],
+        "tumour seed offset": seed,
         "tumour Dice": _round(row["tumour_dice"]),
         "false tumour mL": _round(row["fp_ml"], 1),
         "worst tumour-free case mL": _round(worst_fp_ml(row), 1),
@@ -139,17 +160,23 @@ def write_offsets(
 def markdown(rows: Sequence[dict[str, Any]], chosen: dict[str, Any]) -> str:
     """The sweep as a table, the chosen row marked."""
     lines = [
-        "| tumour logit offset | tumour Dice | false tumour, mean (mL) | worst tumour-free case "
-        "(mL) | organ incl. tumour Dice |",
+        "| tumour logit offset (seed offset) | tumour Dice | false tumour, mean (mL) | worst "
+        "tumour-free case (mL) | organ incl. tumour Dice |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
         mark = " (chosen)" if r is chosen else ""
         lines.append(
-            f"| {r['offset']:+.1f}{mark} | {_fmt(r['tumour_dice'])} | {_fmt(r['fp_ml'], 1)} "
+            f"| {_point(r)}{mark} | {_fmt(r['tumour_dice'])} | {_fmt(r['fp_ml'], 1)} "
             f"| {_fmt(worst_fp_ml(r), 1)} | {_fmt(r['organ_dice'])} |"
         )
     return "\n".join(lines)
+
+
+def _point(row: dict[str, Any]) -> str:
+    """``-3.0``, or ``-3.0 (seed -8.0)`` with a seed rule."""
+    seed = row.get("seed_offset")
+    return f"{row['offset']:+.1f}" + ("" if seed is None else f" (seed {seed:+.1f})")
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:

@@ -169,18 +169,23 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         require_folder(package)
     cases = prepared.eval_cases(args.split)
     offsets = args.offsets or DEFAULT_OFFSETS
-    rows = sweep(package, cases, prepared.label_lut(), offsets, args.device, print)
+    rows = sweep(
+        package, cases, prepared.label_lut(), offsets, args.device, print, args.seed_offsets or ()
+    )
     chosen = choose(rows, args.max_fp_ml)
     print(markdown(rows, chosen))
+    seed = chosen.get("seed_offset")
     print(
-        f"chosen tumour logit offset {chosen['offset']:+.1f} on {len(cases)} {args.split} cases "
+        f"chosen tumour logit offset {chosen['offset']:+.1f}"
+        + ("" if seed is None else f", seed offset {seed:+.1f}")
+        + f" on {len(cases)} {args.split} cases "
         f"(best tumour Dice with at most {args.max_fp_ml:g} mL of false tumour in each "
         "tumour-free case)"
     )
     if args.write:
         source = f"{args.split} split of {args.config or args.run}"
         write_offsets(package, chosen, args.max_fp_ml, source)
-        print(f"written to {package.path / 'model.json'} (inference.logit_offsets)")
+        print(f"written to {package.path / 'model.json'} (inference.logit_offsets, seed_offsets)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -326,6 +331,12 @@ def parser() -> argparse.ArgumentParser:
         "--offsets",
         type=_numbers,
         help="tumour logit offsets to try, comma-separated (default: -6 to 1 in steps of 1)",
+    )
+    p.add_argument(
+        "--seed-offsets",
+        type=_numbers,
+        help="also try hysteresis with these stricter tumour seed offsets, comma-separated "
+        "(default: none)",
     )
     p.add_argument(
         "--max-fp-ml",

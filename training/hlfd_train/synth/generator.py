@@ -51,6 +51,9 @@ class SynthConfig:
     noise_hu: tuple[float, float] = (6.0, 28.0)
     noise_peak: tuple[float, float] = (0.09, 0.3)  # cycles/mm
     metal: float = 0.06
+    # chance that the *other* organ bears tumours and cysts, labelled background: the kidney
+    # model meets the liver tumours of a liver CT (a hard negative), the liver model renal ones
+    other_organ_lesions: float = 0.0
     deform_mm: float = 8.0
     max_slices: int = 160
 
@@ -63,7 +66,7 @@ class SynthConfig:
                 raise SynthError(f"synth {name}: need 0 < low <= high, got {[lo, hi]}")
         if len(self.slice_mm) != len(self.slice_weights) or min(self.slice_mm) <= 0:
             raise SynthError("synth slice_mm / slice_weights: same length, positive values")
-        for name in ("fov_cut", "circle_mask", "tumour_free", "metal"):
+        for name in ("fov_cut", "circle_mask", "tumour_free", "metal", "other_organ_lesions"):
             if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
                 raise SynthError(
                     f"synth {name}: a probability in [0, 1], got {getattr(self, name)}"
@@ -152,6 +155,9 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
     share = TUMOUR_FREE[cfg.task] if cfg.tumour_free is None else cfg.tumour_free
     tumour_free = bool(rng.random() < share)
     lesions = add_lesions(grid, anatomy, cfg.task, rng, tumour_free)
+    if cfg.other_organ_lesions and rng.random() < cfg.other_organ_lesions:  # 0: no draw
+        other = "kidney" if cfg.task == "liver" else "liver"
+        lesions += add_lesions(grid, anatomy, other, rng, tumour_free=False)
     weights = cfg.phases or PHASE_WEIGHTS[cfg.task]
     names = sorted(weights)
     phase = str(rng.choice(names, p=np.array([weights[n] for n in names]) / sum(weights.values())))

@@ -30,6 +30,13 @@ CONDITIONS: dict[str, dict[str, Any]] = {
     "metal streaks": {"metal": 1.0},
     # the scored real CT's case: a portal-venous CT whose organ has no tumour
     "tumour-free, portal venous": {"tumour_free": 1.0, "phases": {"portal_venous": 1.0}},
+    # ... and, for the kidney model, the liver tumours of that liver CT (the liver model: renal
+    # tumours and cysts): lesions of the other organ, which must not be called tumour
+    "tumour-free, other organ's lesions": {
+        "tumour_free": 1.0,
+        "other_organ_lesions": 1.0,
+        "phases": {"portal_venous": 1.0},
+    },
 }
 SEED_BASE = 900_000  # far from the training datasets' case seeds
 
