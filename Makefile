@@ -42,8 +42,8 @@ bench-kd: setup      # distillation benchmark (cpu: ~60 min here; PRESET=quick ~
 
 # The built-in students, from nothing: synthetic CT -> teacher -> distilled student -> package
 # (about 60 min per task on 2 cores; TASKS="liver" for one), then a 45-minute stage on the
-# on-the-fly stream (liver: two, the second 55 min); the kidney's tumour threshold is calibrated
-# on separate cases. Overwrites
+# on-the-fly stream (liver: two, the second 55 min); the kidney's tumour threshold and lesion
+# seed (hysteresis) are calibrated on separate cases. Overwrites
 # Resources/Models/<task>. (The shipped kidney student had one more stage in between,
 # synth-kidney-ft.yaml, on data of a corrected generator; from nothing, the first stage uses it.)
 TASKS ?= liver kidney
@@ -69,12 +69,17 @@ models: setup
 	  $(BIN)/hlfd-train synth write data/synth-kidney-eval --task kidney --cases 12 --seed 1000 \
 	    --jobs 2 && \
 	  $(BIN)/hlfd-train distill -c training/configs/synth-kidney-stream.yaml -q && \
-	  $(BIN)/python -m hlfd_train.ship kidney --recipe synth-kidney-stream --version 0.3.1 && \
+	  $(BIN)/python -m hlfd_train.ship kidney --recipe synth-kidney-stream --version 0.3.2 && \
 	  $(BIN)/hlfd-train synth write data/synth-kidney-cal --task kidney --cases 10 --seed 4000 \
 	    --set tumour_free=0.5 --jobs 2 && \
 	  $(BIN)/hlfd-train calibrate HLFDSegment/Resources/Models/kidney \
 	    -c training/configs/synth-kidney-stream.yaml --set data.root=data/synth-kidney-cal \
-	    'data.splits=[0,10,0]' --offsets=-6,-5,-4,-3,-2,-1,0 --write; \
+	    'data.splits=[0,10,0]' --offsets=-6,-5,-4,-3,-2,-1,0 --write && \
+	  $(BIN)/hlfd-train synth write data/synth-kidney-cal40 --task kidney --cases 40 --seed 4000 \
+	    --set tumour_free=0.55 --jobs 2 && \
+	  $(BIN)/hlfd-train calibrate HLFDSegment/Resources/Models/kidney \
+	    -c training/configs/synth-kidney-stream.yaml --set data.root=data/synth-kidney-cal40 \
+	    'data.splits=[0,40,0]' --offsets=-3,-2 --seed-offsets=-8,-7 --write; \
 	fi
 
 clean:
