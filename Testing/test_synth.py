@@ -160,16 +160,12 @@ def test_other_organ_lesions_are_painted_and_never_labelled():
     every case of a seed stays what it was."""
     from hlfd_train.synth.tissues import T
 
-    painted = 0
-    for seed in range(2):
-        cfg = fast("kidney", tumour_free=1.0, other_organ_lesions=1.0)
-        case = synth_case(cfg, seed)
-        organs = {rec["organ"] for rec in case.meta["lesions"] if rec["kind"] == "tumour"}
-        assert organs <= {"liver"} and not (case.labels == 2).any()
-        painted += int((case.tissue == T["liver_tumour"]).sum())
+    case = synth_case(fast("kidney", tumour_free=1.0, other_organ_lesions=1.0), 1)
+    organs = {rec["organ"] for rec in case.meta["lesions"] if rec["kind"] == "tumour"}
+    assert organs == {"liver"} and not (case.labels == 2).any()
+    assert (case.tissue == T["liver_tumour"]).sum() > 100
     plain, off = synth_case(fast("kidney"), 0), synth_case(fast("kidney", other_organ_lesions=0), 0)
     assert np.array_equal(plain.image, off.image) and plain.meta == off.meta
-    assert painted > 0
     with pytest.raises(SynthError, match="other_organ_lesions"):
         SynthConfig(other_organ_lesions=2.0)
 
