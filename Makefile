@@ -42,8 +42,8 @@ bench-kd: setup      # distillation benchmark (cpu: ~60 min here; PRESET=quick ~
 
 # The built-in students, from nothing: synthetic CT -> teacher -> distilled student -> package
 # (about 60 min per task on 2 cores; TASKS="liver" for one), then a 45-minute stage on the
-# on-the-fly stream (liver: two, the second 55 min); the kidney's tumour threshold and lesion
-# seed (hysteresis) are calibrated on separate cases. Overwrites
+# on-the-fly stream (liver: two, the second 55 min); the tumour threshold (kidney) and lesion
+# seed (hysteresis; both) are calibrated on separate cases. Overwrites
 # Resources/Models/<task>. (The shipped kidney student had one more stage in between,
 # synth-kidney-ft.yaml, on data of a corrected generator; from nothing, the first stage uses it.)
 TASKS ?= liver kidney
@@ -62,7 +62,12 @@ models: setup
 	  $(BIN)/hlfd-train synth write data/synth-liver-val --task liver --cases 6 --seed 2000 \
 	    --layout msd --jobs 2 && \
 	  $(BIN)/hlfd-train distill -c training/configs/synth-liver-stream2.yaml -q && \
-	  $(BIN)/python -m hlfd_train.ship liver --recipe synth-liver-stream2 --version 0.4.0; \
+	  $(BIN)/python -m hlfd_train.ship liver --recipe synth-liver-stream2 --version 0.4.1 && \
+	  $(BIN)/hlfd-train synth write data/synth-liver-cal --task liver --cases 20 --seed 4000 \
+	    --layout msd --jobs 2 && \
+	  $(BIN)/hlfd-train calibrate HLFDSegment/Resources/Models/liver \
+	    -c training/configs/synth-liver-stream2.yaml --set data.root=data/synth-liver-cal \
+	    'data.splits=[0,20,0]' --offsets=0 --seed-offsets=-6,-5,-4,-3 --max-fp-ml 1000 --write; \
 	fi
 	if echo " $(TASKS) " | grep -q " kidney "; then \
 	  rm -rf runs/kidney-0.2.0 && cp -r HLFDSegment/Resources/Models/kidney runs/kidney-0.2.0 && \
