@@ -381,10 +381,13 @@ class Segmenter:
         labels = scores.argmax(1).astype(np.uint8)
         if self.seed_offsets is None:
             return labels, None
-        delta = self.seed_offsets - (0.0 if self.logit_offsets is None else self.logit_offsets)
-        delta = delta.reshape(-1, *([1] * (scores.ndim - 2)))
-        strict = (scores + delta if log_domain else scores * np.exp(delta)).argmax(1)
-        return labels, (strict == labels) & self.is_lesion[labels]
+        seeds = self.is_lesion[labels]
+        if seeds.any():  # decided again at the seed offsets: the (few) lesion voxels only
+            delta = self.seed_offsets - (0.0 if self.logit_offsets is None else self.logit_offsets)
+            lesion = np.moveaxis(scores, 1, -1)[seeds]  # (voxels, C)
+            strict = (lesion + delta if log_domain else lesion * np.exp(delta)).argmax(1)
+            seeds[seeds] = strict == labels[seeds]
+        return labels, seeds
 
     def _scores(self, x: np.ndarray, probabilities: bool = False) -> np.ndarray:
         """(N, C, *spatial) scores whose argmax over C is the label: the logits of one pass, or
