@@ -278,6 +278,17 @@ def test_calibrate_refuses_a_false_tumour_limit_that_is_not_a_volume(limit, caps
     assert f"expected a volume in mL >= 0, got '{limit}'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--offsets", "--seed-offsets"])
+@pytest.mark.parametrize("value", ["abc", "1,nan", ","])
+def test_calibrate_refuses_offsets_that_are_not_numbers(flag, value, capsys):
+    from hlfd_train.cli import main as train_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli(["calibrate", "model", "-c", "c.yaml", f"{flag}={value}"])
+    assert exit_info.value.code == 2
+    assert f"{flag}: expected comma-separated numbers, got '{value}'" in capsys.readouterr().err
+
+
 def test_foreign_errors_are_one_line_and_a_batch_goes_on(
     tmp_path, capsys, tiny_package, monkeypatch
 ):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,14 @@ from .synth.generator import SynthError
 
 
 def _numbers(text: str) -> tuple[float, ...]:
-    """``"-3,-2,0"`` -> ``(-3.0, -2.0, 0.0)``; argparse turns the ValueError into a usage error."""
-    return tuple(float(v) for v in text.split(",") if v.strip())
+    """``"-3,-2,0"`` -> ``(-3.0, -2.0, 0.0)`` (else a usage error naming the value)."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
 
 
 def _millilitres(text: str) -> float:
