@@ -77,7 +77,9 @@ def sweep(
     rows = []
     for offset, seed in grid:
         seg.logit_offsets = np.asarray(offset_vector(package, offset), np.float32)
-        seg.seed_offsets = None if seed is None else np.asarray(offset_vector(package, seed))
+        seg.seed_offsets = (
+            None if seed is None else np.asarray(offset_vector(package, seed), np.float32)
+        )
         scored = [evaluate_case(seg, case, label_lut) for case in cases]
         summary = summarise(scored)
         entry = summary[tumour]
