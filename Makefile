@@ -84,7 +84,7 @@ models: setup
 	    --set tumour_free=0.55 --jobs 2 && \
 	  $(BIN)/hlfd-train calibrate HLFDSegment/Resources/Models/kidney \
 	    -c training/configs/synth-kidney-stream.yaml --set data.root=data/synth-kidney-cal40 \
-	    'data.splits=[0,40,0]' --offsets=-3,-2 --seed-offsets=-8,-7 --write; \
+	    'data.splits=[0,40,0]' --offsets=-3,-2 --seed-offsets=-8,-7,-6,-5 --write; \
 	fi
 
 clean:
