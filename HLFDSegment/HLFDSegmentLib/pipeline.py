@@ -245,15 +245,15 @@ def sliding_window_labels(
     batch: int,
     predict: Callable[[np.ndarray], np.ndarray],
     fill: float,
+    decide: Decide,
     progress: Callable[[float], None] | None = None,
-    decide: Decide | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """uint8 labels (and lesion seeds, see :meth:`Segmenter.decide`) of a (z, y, x) array from
     ``roi`` windows overlapping by ``overlap``, run ``batch`` at a time through ``predict``
     ((N, 1, *roi) -> (N, C, *roi) probabilities) and blended with :func:`gaussian_weights`; the
-    blended scores are turned into labels by ``decide`` (default: the argmax, no seeds). An axis
-    shorter than its window is padded with ``fill``. Blended scores exist only for this
-    (body-box) array, never the original grid."""
+    blended scores are turned into labels by ``decide``. An axis shorter than its window is
+    padded with ``fill``. Blended scores exist only for this (body-box) array, never the
+    original grid."""
     shape = arr.shape
     pad = [(0, max(0, r - n)) for n, r in zip(shape, roi)]
     if any(after for _, after in pad):
@@ -277,7 +277,6 @@ def sliding_window_labels(
         if progress:
             progress(min(1.0, (i + len(group)) / len(windows)))
     assert scores is not None
-    decide = decide or (lambda s: (s.argmax(1), None))
     labels = np.empty(shape, dtype=np.uint8)
     seeds: np.ndarray | None = None
     for z in range(0, shape[0], 16):  # argmax in slabs: its int64 result is 8 B a voxel
@@ -473,8 +472,8 @@ class Segmenter:
             int(cfg.get("sw_batch_size", 1)),
             lambda x: self._scores(x, probabilities=True),
             background_value(self.card["preprocessing"]),
-            (lambda f: progress("infer", f)) if progress else None,
             lambda scores: self.decide(scores, log_domain=False),
+            (lambda f: progress("infer", f)) if progress else None,
         )
 
     def postprocess(
@@ -514,13 +513,12 @@ class Segmenter:
                 mask = labels == lesion
                 kept = _components(mask, min_voxels)  # the view below borrows its memory
                 numbers = sitk.GetArrayViewFromImage(kept)
-                drop = mask & (numbers == 0)
-                if seeds is not None:  # components without a confident voxel join the organ
-                    seeded = np.zeros(int(numbers.max()) + 1, dtype=bool)
-                    seeded[numbers[seeds & mask]] = True
-                    seeded[0] = False
-                    drop |= mask & ~seeded[numbers]
-                labels[drop] = value
+                keep = np.ones(int(numbers.max()) + 1, dtype=bool)  # component number -> kept
+                if seeds is not None:  # only components with a confident voxel stay lesion
+                    keep[:] = False
+                    keep[numbers[seeds & mask]] = True
+                keep[0] = False  # below min_island_ml
+                labels[mask & ~keep[numbers]] = value
                 del numbers, kept
 
     # -- whole run ------------------------------------------------------------------------------
