@@ -86,6 +86,7 @@ def test_batch_continues_after_a_failure(tmp_path, capsys, ct_file, tiny_package
     assert code == 1
     assert sorted(p.name for p in out_dir.iterdir()) == ["case.seg.nrrd", "second.seg.nrrd"]
     assert "2 segmented, 1 failed" in out and "bad.nii.gz: cannot read image" in err
+    assert "bad.nii.gz: bad.nii.gz" not in err  # the path once per line
     summary = json.loads(report.read_text())
     assert len(summary["cases"]) == 2 and len(summary["failures"]) == 1
 
@@ -229,6 +230,13 @@ def test_console_script_runs_a_large_volume_within_bounded_memory(tmp_path):
     del arr
     out = tmp_path / "labels.nrrd"  # NRRD: 1.5 s less gzip than .nii.gz, same pipeline
     script = Path(sys.executable).with_name("hlfd-segment")
+    # the CT is read while the model loads: a model error during that read is still one line
+    # and exit 1 (the process waits for the read; exiting inside ITK's reader aborts it)
+    proc = subprocess.run(
+        [script, big, "-o", out, "-m", tmp_path / "no-such-model"], capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "no-such-model" in proc.stderr and not out.exists()
     code = (
         "import resource, subprocess, sys;"
         f"r = subprocess.run([{str(script)!r}, {str(big)!r}, '-o', {str(out)!r}, '-m',"

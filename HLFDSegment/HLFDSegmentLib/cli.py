@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+
+import SimpleITK as sitk
 
 from .backends import BACKENDS
 from .errors import HLFDError, InputError
@@ -139,12 +144,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .model_registry import resolve_model, tqdm_progress
-    from .modelpackage import load_package
-    from .pipeline import Segmenter
-
     inputs = [Path(p) for p in args.inputs]
     output = Path(args.output)
     batch = len(inputs) > 1 or output.is_dir()
@@ -165,24 +164,32 @@ def _run(args: argparse.Namespace) -> int:
     check_output_paths(inputs, targets, Path(args.report) if args.report else None)
 
     show = not args.quiet
-    model = resolve_model(
-        args.model, offline=args.offline, progress=tqdm_progress("download") if show else None
-    )
-    segmenter = Segmenter(
-        load_package(model),
-        device=args.device,
-        tta=args.tta,
-        backend=args.backend,
-        threads=args.threads,
-    )
+    with ReadAhead(inputs[0], args.series) as first:  # read while the model loads
+        from tqdm import tqdm
+
+        from .model_registry import resolve_model, tqdm_progress
+        from .modelpackage import load_package
+        from .pipeline import Segmenter
+
+        model = resolve_model(
+            args.model, offline=args.offline, progress=tqdm_progress("download") if show else None
+        )
+        segmenter = Segmenter(
+            load_package(model),
+            device=args.device,
+            tta=args.tta,
+            backend=args.backend,
+            threads=args.threads,
+        )
     failures: list[str] = []
     reports = []
     cases = tqdm(
         list(zip(inputs, targets)), desc="cases", unit="case", disable=not (show and batch)
     )
-    for src, dst in cases:
+    for k, (src, dst) in enumerate(cases):
+        read = first.take if k == 0 else partial(read_image, src, args.series)
         try:
-            report = _segment_one(segmenter, src, dst, show and not batch, args.series)
+            report = _segment_one(segmenter, read, src, dst, show and not batch)
             if not batch and args.report:
                 _write_or_undo(report, Path(args.report), dst)
             reports.append(report)
@@ -191,8 +198,8 @@ def _run(args: argparse.Namespace) -> int:
                 raise
             if args.verbose:
                 traceback.print_exc()
-            ours = isinstance(exc, (HLFDError, OSError))
-            line = f"{src}: {exc if ours else _one_line(exc)}"
+            text = str(exc) if isinstance(exc, (HLFDError, OSError)) else _one_line(exc)
+            line = text if text.startswith(f"{src}: ") else f"{src}: {text}"
             failures.append(line)
             tqdm.write(f"hlfd-segment: failed: {line}", file=sys.stderr)
     if batch:
@@ -246,10 +253,47 @@ def _write_or_undo(report: dict, path: Path, output: Path) -> None:
         raise InputError(f"{path}: cannot write report ({exc.strerror})") from None
 
 
+class ReadAhead:
+    """Reads one CT in a background thread, so that reading overlaps other work (ITK and ONNX
+    Runtime release the GIL): the first case's read overlaps the model load. Only the first:
+    later cases are read in turn, so that a batch never holds two CTs. Leaving the ``with``
+    block waits for the read (an exit during a read inside ITK would abort the process)."""
+
+    def __init__(self, path: Path, series: str | None) -> None:
+        self._image: sitk.Image | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._read, args=(path, series), name="read")
+        self._thread.start()
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None:  # the model did not load: the CT is not needed
+            self._thread.join()
+            self._image = None
+
+    def _read(self, path: Path, series: str | None) -> None:
+        try:
+            self._image = read_image(path, series)
+        except BaseException as exc:  # re-raised in the caller's thread by take()
+            self._error = exc
+
+    def take(self) -> sitk.Image:
+        """The CT (waits for the read), handing over the only reference to it."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        image, self._image = self._image, None
+        assert image is not None
+        return image
+
+
 def _segment_one(
-    segmenter, src: Path, dst: Path, progress_bar: bool, series: str | None = None
+    segmenter, read: Callable[[], sitk.Image], src: Path, dst: Path, progress_bar: bool
 ) -> dict:
-    """Read, segment and write one case; return its report."""
+    """Read (``read()``), segment and write one case; return its report. Its ``read`` time is
+    the time spent waiting for the CT."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -267,11 +311,11 @@ def _segment_one(
 
     try:
         t = time.perf_counter()
-        image = read_image(src, series)
-        series_info, read_warnings = read_notes(image)
+        ct = read()
+        series_info, read_warnings = read_notes(ct)
         read_s = time.perf_counter() - t
-        result = segmenter(image, where=str(src), progress=progress)
-        del image
+        result = segmenter(ct, where=str(src), progress=progress)
+        del ct
         t = time.perf_counter()
         write_labelmap(result.labels, dst, segmenter.package.labels)
         result.timings = {"read": read_s, **result.timings, "write": time.perf_counter() - t}
