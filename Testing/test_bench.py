@@ -139,6 +139,31 @@ def test_presets_are_sized_as_promised():
     assert "device=cpu" in small.overrides
 
 
+def test_primary_seeds_add_runs_of_the_primary_pair_only(tmp_path):
+    from hlfd_train.bench.report import markdown
+
+    cpu = PRESETS["cpu"]
+    runs = cpu.student_runs("kidney")
+    assert len(runs) == len(set(runs)) == 5 * 5 + 10 * 2
+    assert {n for s, n in runs if s in cpu.seeds} == set(cpu.methods)
+    assert {n for s, n in runs if s in cpu.primary_seeds} == {"hlfd", "none"}
+    gpu = PRESETS["gpu"]  # ablations on the first task only, no extra seeds
+    assert len(gpu.student_runs("liver")) == 5 * len(METHODS)
+    assert len(gpu.student_runs("kidney")) == 5 * (len(METHODS) + len(gpu.ablations))
+    assert toy(cpu).primary_seeds == (5,)
+    results = {
+        "preset": "cpu",
+        "settings": dataclasses.asdict(cpu),
+        "code_version": "x",
+        "machine": "m",
+        "workers": "2",
+        "seconds_total": 1.0,
+        "tasks": {},
+    }
+    text = markdown(results, tmp_path, "f")
+    assert "Seeds: 5 for every method; 15 for the two runs of the primary comparison" in text
+
+
 def test_every_method_gets_the_same_tuning_grid():
     tuning = Tuning(scales=(0.5, 1.0, 2.0), temperatures=(1.0, 4.0))
     kd = grid("kd", tuning)

@@ -70,6 +70,17 @@ class Preset:
     data: str = "phantom"  # phantom: DIFFICULTY's phantoms; synth: the synthesis engine
     synth: dict[str, Any] = dataclasses.field(default_factory=dict)  # SynthConfig settings
     bootstrap: int = BOOTSTRAP_REPLICATES  # draws of each bootstrap CI
+    # further seeds for the two runs of the primary comparison only: its CI narrows with the
+    # square root of its seeds, the other methods keep ``seeds``
+    primary_seeds: tuple[int, ...] = ()
+
+    def student_runs(self, task: str) -> list[tuple[int, str]]:
+        """(seed, method or ablation) of every student run of ``task``, seed by seed; the
+        ablations run on the first task only."""
+        ablations = self.ablations if task == self.tasks[0] else ()
+        runs = [(s, n) for s in self.seeds for n in (*self.methods, *ablations)]
+        primary = [n for n in self.methods if n in PRIMARY]
+        return runs + [(s, n) for s in self.primary_seeds for n in primary]
 
 
 # 3 mm in-plane grid and 96² crops: what 2 CPU cores can train in the benchmark's time
@@ -114,18 +125,21 @@ PRESETS = {
         minutes=10,
     ),
     # <= 100 min on 2 cores (measured step times above): teacher 500 x 2.1 s ~ 12 min alone
-    # (2 threads); tuning 4 methods x 3 scales and 5 seeds x 5 methods, 37 runs of 300 steps:
-    # 5 x (126 s + 4 x 225 s) + 12 x 225 s ~ 7,800 process-s / 2 processes ~ 65 min;
-    # evaluation ~ 37 x (40 + 4) s / 2 ~ 14 min; efficiency and plots ~ 3 min: ~ 95 min.
-    # Measured (2026-12-02, native-bf16 Xeon): 49 min with 12 test cases, 46 with 40, 56 with 60
+    # (2 threads); tuning 4 methods x 3 scales (the tuning seed's runs shared) and 5 seeds x 5
+    # methods, then 10 more seeds of none and hlfd: 5 x (126 s + 4 x 225 s) + 8 x 225 s
+    # + 10 x (126 s + 225 s) ~ 10,400 process-s / 2 processes ~ 87 min with evaluation.
+    # Measured (2026-12-02, native-bf16 Xeon, 5 seeds only): 49 min with 12 test cases, 46
+    # with 40, 56 with 60
     "cpu": Preset(
         tasks=("kidney",),
         methods=("none", "hlfd", "at", "kd", "fitnet"),
         seeds=(0, 1, 2, 3, 4),
-        # 60 test cases (every phantom bears tumour). The primary CI was 7.2 points wide on 12
-        # cases, 4.3 on 40 and 6.1 on 60: it resamples seeds as well as cases, and with 5 seeds
-        # the seed-to-seed spread of a method, not the number of cases, sets its width
-        splits=(10, 4, 60),
+        # The primary CI was 7.2 points wide on 12 cases, 4.3 on 40 and 6.1 on 60 test cases,
+        # all with 5 seeds: it resamples seeds as well as cases, and the seed-to-seed spread
+        # of HLFD - none (sd 3.5 points of the per-seed means), not the number of cases, sets
+        # its width. 15 seeds for the primary pair: 6.1 x sqrt(5 / 15) ~ 3.5 points expected
+        primary_seeds=tuple(range(5, 15)),
+        splits=(10, 4, 60),  # 60 test cases, every phantom bears tumour
         shape=(40, 160, 160),
         teacher_steps=500,
         student_steps=300,
@@ -213,6 +227,7 @@ def toy(preset: Preset) -> Preset:
         synth={**preset.synth, **TOY_SYNTH} if preset.data == "synth" else preset.synth,
         ablations=tuple(a for a in preset.ablations if a in TOY_ABLATIONS),
         seeds=preset.seeds[:1],
+        primary_seeds=preset.primary_seeds[:1],
         splits=(1, 1, 1),
         shape=(8, 64, 64),
         teacher_steps=2,

@@ -267,6 +267,13 @@ def markdown(results: dict[str, Any], out: Path, figures: str) -> str:
         "",
     ]
     seeds = len(results["settings"]["seeds"])
+    extra = len(results["settings"].get("primary_seeds", ()))
+    if extra:
+        lines += [
+            f"Seeds: {seeds} for every method; {seeds + extra} for the two runs of the primary "
+            "comparison (its CI narrows with the square root of its seeds).",
+            "",
+        ]
     if seeds < 3:
         lines += [
             f"**{seeds} seed(s) on {results['settings']['splits'][2]} held-out cases with a short "

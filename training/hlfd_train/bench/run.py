@@ -225,16 +225,17 @@ def run_bench(
     done = run_jobs(list(teachers.values()), workers, print)
     tuned = tune(out, preset, teachers, done, workers)
     students = []
-    for seed in preset.seeds:
-        for task, t in teachers.items():
-            for name in (*preset.methods, *(preset.ablations if task == preset.tasks[0] else ())):
-                chosen = tuned.get(task, {}).get(name, {}).get("chosen")
-                options = run_options(name, preset, chosen and chosen["options"])
-                # at the tuning seed the chosen grid point is this very run: trained once
-                shared = chosen and seed == preset.tuning.seed
-                run = tuning_run(name, chosen["point"]) if shared else None
-                cfg = student_config(out, task, preset, name, seed, done[t][0], options, run)
-                students.append(Job(task, name, seed, "student", cfg))
+    runs = [(seed, task, name) for task in teachers for seed, name in preset.student_runs(task)]
+    order = {s: i for i, s in enumerate((*preset.seeds, *preset.primary_seeds))}
+    for seed, task, name in sorted(runs, key=lambda r: order[r[0]]):  # seed by seed
+        chosen = tuned.get(task, {}).get(name, {}).get("chosen")
+        options = run_options(name, preset, chosen and chosen["options"])
+        # at the tuning seed the chosen grid point is this very run: trained once
+        shared = chosen and seed == preset.tuning.seed
+        run = tuning_run(name, chosen["point"]) if shared else None
+        teacher = done[teachers[task]][0]
+        cfg = student_config(out, task, preset, name, seed, teacher, options, run)
+        students.append(Job(task, name, seed, "student", cfg))
     print(f"students: {len(students)} runs", flush=True)
     done.update(run_jobs(students, workers, print))
 
