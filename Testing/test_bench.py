@@ -144,7 +144,7 @@ def test_primary_seeds_add_runs_of_the_primary_pair_only(tmp_path):
 
     cpu = PRESETS["cpu"]
     runs = cpu.student_runs("kidney")
-    assert len(runs) == len(set(runs)) == 5 * 5 + 10 * 2
+    assert len(runs) == len(set(runs)) == 5 * 5 + 25 * 2
     assert {n for s, n in runs if s in cpu.seeds} == set(cpu.methods)
     assert {n for s, n in runs if s in cpu.primary_seeds} == {"hlfd", "none"}
     gpu = PRESETS["gpu"]  # ablations on the first task only, no extra seeds
@@ -161,7 +161,7 @@ def test_primary_seeds_add_runs_of_the_primary_pair_only(tmp_path):
         "tasks": {},
     }
     text = markdown(results, tmp_path, "f")
-    assert "Seeds: 5 for every method; 15 for the two runs of the primary comparison" in text
+    assert "Seeds: 5 for every method; 30 for the two runs of the primary comparison" in text
 
 
 def test_every_method_gets_the_same_tuning_grid():
