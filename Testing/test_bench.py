@@ -283,7 +283,9 @@ def test_verdict_states_targets_primary_ranking_and_significance():
     lines = verdict(result, ["none", "kd", "hlfd"])
     assert "0.800 (meets the 0.75 target)" in lines[0] and "10.0 points below" in lines[0]
     assert "+8.0 points, 95% CI [+5.0, +11.0] (width 6.0; target <= 4)" in lines[1]
-    assert "the CI excludes 0" in lines[1]
+    assert "the CI excludes 0: hlfd is better than none" in lines[1]
+    summary["hlfd"] = _entry(0.66, p=0.001, diff=-0.04, ci=(-0.06, -0.01))
+    assert "the CI excludes 0: hlfd is worse than none" in verdict(result, ["none", "hlfd"])[1]
     assert lines[2] == "- Ranking by mean Kidney tumor Dice: hlfd 0.780, kd 0.720, none 0.700."
     assert "Holm" in lines[3] and "hlfd (+8.0 points)" in lines[3] and "kd" not in lines[3]
     assert "+6.0 points" in lines[4] and "does beat it" in lines[4]

@@ -193,7 +193,11 @@ def verdict(result: Mapping[str, Any], methods: Sequence[str]) -> list[str]:
             f"{100 * (t['mean_diff'] or 0):+.1f} points, 95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}] "
             f"(width {100 * (hi - lo):.1f}; target <= 4), Wilcoxon p "
             + ("n/a" if t["p"] is None else f"{t['p']:.3f}")
-            + f": {'the CI excludes 0' if decided else 'the CI includes 0: not shown either way'}."
+            + (
+                f": the CI excludes 0: {primary} is {'better' if lo > 0 else 'worse'} than none."
+                if decided
+                else ": the CI includes 0: not shown either way."
+            )
         )
     ranked = sorted(
         (m for m in methods if m in summary and dice(m) == dice(m)), key=dice, reverse=True
