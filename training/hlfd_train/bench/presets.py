@@ -125,9 +125,8 @@ PRESETS = {
         minutes=10,
     ),
     # <= 100 min on 2 cores. Measured with 60 test cases: 5 seeds 56 min (2026-12-02, native-
-    # bf16 Xeon); 15 seeds for the primary pair 63 min (2026-12-03, AMD EPYC: teacher 4.3 min,
-    # a run of none ~2 min and of a method ~2.5 min with its evaluation, two side by side);
-    # each further seed of the pair adds ~2.2 min there
+    # bf16 Xeon); 30 seeds for the primary pair 95 min (2026-12-03, AMD EPYC: teacher 4.3 min,
+    # a run of none ~2 min and of a method ~2.5 min with its evaluation, two side by side)
     "cpu": Preset(
         tasks=("kidney",),
         methods=("none", "hlfd", "at", "kd", "fitnet"),
