@@ -34,7 +34,7 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/bench_pipeline.py
 
-bench-kd: setup      # distillation benchmark (cpu: ~90 min here; PRESET=quick ~10 min;
+bench-kd: setup      # distillation benchmark (cpu: ~95 min here; PRESET=quick ~10 min;
                      # PRESET=gpu or synth-gpu (synthetic CT) on a GPU)
 	$(BIN)/hlfd-train bench --preset $(or $(PRESET),cpu) --out runs/kd-bench-$(or $(PRESET),cpu) \
 		--report docs/results/kd-benchmark$(if $(filter quick,$(PRESET)),-quick)$(if \
