@@ -22,7 +22,7 @@ from hlfd_train.cli import main as train_cli
 from hlfd_train.config import ConfigError, load_config
 from hlfd_train.data import PreparedData, SliceDataset
 from hlfd_train.distill import METHODS, build_method, probe_channels, run_with_taps
-from hlfd_train.engine import StudentStep, make_network, prepare_data, taps_of, train
+from hlfd_train.engine import StudentStep, Trainer, make_network, prepare_data, taps_of, train
 from hlfd_train.export import export
 from HLFDSegmentLib.modelpackage import load_package
 from HLFDSegmentLib.phantom import PhantomConfig, write_dataset
@@ -86,6 +86,15 @@ def dataset(tmp_path_factory) -> Path:
 def teacher_run(dataset, tmp_path_factory) -> tuple[dict, Path]:
     cfg = tiny_config(dataset, tmp_path_factory.mktemp("runs"))
     return cfg, train(cfg, "teacher", progress=False)
+
+
+def test_a_recipes_teacher_ignores_the_students_method_options(dataset, tmp_path):
+    """One recipe config serves both steps: its kd options are the student's, not the teacher's."""
+    cfg = tiny_config(dataset, tmp_path)
+    cfg["distill"].update(method="kd", options={"weight": 0.05, "temperature": 4.0})
+    teacher = Trainer(cfg, "teacher", progress=False)
+    assert teacher.method_name == "none" and teacher.teacher is None
+    assert teacher.folder.name == "teacher"
 
 
 @pytest.mark.slow

@@ -526,10 +526,10 @@ class Trainer:
         t_channels = (
             probe_channels(self.teacher, t_taps, example.to(self.device)) if self.teacher else {}
         )
+        # distill.options belong to the student's method; the teacher trains without one
+        options = cfg["distill"]["options"] if self.role == "student" else {}
         try:
-            self.method = build_method(
-                self.method_name, t_channels, s_channels, dims, **cfg["distill"]["options"]
-            )
+            self.method = build_method(self.method_name, t_channels, s_channels, dims, **options)
         except MissingTapError as exc:
             net = spec if exc.side == "student" else cfg["model"]["teacher"]
             check_taps(exc.side, net["architecture"], {k: "" for k in exc.known}, (exc.tap,))
