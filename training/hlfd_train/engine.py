@@ -439,7 +439,11 @@ class Trainer:
         self.device = pick_device(cfg["device"], self.rank)
         self.folder = run_folder(cfg, role)
         self.tcfg = cfg["train"]
-        self.method_name = cfg["distill"]["method"] if role == "student" else "none"
+        # the distillation method and its options are the student's; a teacher trains without
+        d = cfg["distill"]
+        self.method_name, self.method_options = (
+            (d["method"], d["options"]) if role == "student" else ("none", {})
+        )
         state = self._saved_state()
         if cfg["data"]["stream"] is not None:  # a bad stream setting leaves no run folder
             from .synth.stream import stream_settings
@@ -526,10 +530,10 @@ class Trainer:
         t_channels = (
             probe_channels(self.teacher, t_taps, example.to(self.device)) if self.teacher else {}
         )
-        # distill.options belong to the student's method; the teacher trains without one
-        options = cfg["distill"]["options"] if self.role == "student" else {}
         try:
-            self.method = build_method(self.method_name, t_channels, s_channels, dims, **options)
+            self.method = build_method(
+                self.method_name, t_channels, s_channels, dims, **self.method_options
+            )
         except MissingTapError as exc:
             net = spec if exc.side == "student" else cfg["model"]["teacher"]
             check_taps(exc.side, net["architecture"], {k: "" for k in exc.known}, (exc.tap,))
