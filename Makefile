@@ -25,7 +25,7 @@ XDIST ?= auto
 test: setup          # the full suite (CI); the 10 slowest tests are listed so growth shows
 	$(BIN)/python -m pytest -q -n $(XDIST) --durations=10
 
-test-fast: setup     # the edit loop: everything but the end-to-end tests marked slow
+test-fast: setup     # the edit loop: everything but the tests marked slow (a second or more each)
 	$(BIN)/python -m pytest -q -n $(XDIST) -m "not slow"
 
 lint: setup

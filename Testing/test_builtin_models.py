@@ -40,6 +40,7 @@ def test_slicer_selector_lists_both_without_extra_packages():
     assert any("Liver + liver tumor" in title for title, _ in choices)
 
 
+@pytest.mark.slow
 def test_segment_a_synthetic_ct_by_id(tmp_path, capsys):
     case = synth_case(SynthConfig(task="liver", inplane_mm=(2.0, 2.0), max_slices=24), 5)
     image, _ = case.to_sitk()

@@ -285,6 +285,7 @@ def test_file_url_download_and_partial_part(tmp_path):
         download((tmp_path / "nope.zip").as_uri(), out / "n.zip", PAYLOAD_SHA)
 
 
+@pytest.mark.slow
 def test_concurrent_downloaders_wait_for_the_lock(server, tmp_path):
     dest = tmp_path / "m.zip"
     results: list[Path] = []

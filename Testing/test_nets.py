@@ -42,6 +42,9 @@ CASES = {
     # Default DynUNet needs >= 64 voxels a side (InstanceNorm at a 1-voxel bottleneck fails).
     "monai_dynunet3d": ({"filters": (4, 8, 8, 16, 16, 16)}, (1, 1, 64, 64, 64)),
 }
+# the networks whose tests take a second or more here (real-size 2D, 3D at 64³): ``slow``
+BIG = {"unetpp2d", "monai_segresnet3d", "monai_dynunet3d"}
+NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in BIG else n for n in sorted(EXPECTED)]
 
 
 def _build(name: str, **extra) -> nn.Module:
@@ -70,7 +73,7 @@ def test_registry_has_every_architecture():
         assert spec.spatial_dims[0] == (3 if name.endswith("3d") else 2)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", NAMES)
 def test_forward_taps_and_gradients(name):
     net = _build(name)
     shape = CASES[name][1]
@@ -103,7 +106,7 @@ def test_forward_taps_and_gradients(name):
     assert any(p.grad.abs().sum() > 0 for p in net.parameters())
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", NAMES)
 def test_non_square_multiples_of_size_divisible(name):
     net = _build(name).eval()
     d = net.size_divisible
@@ -115,7 +118,7 @@ def test_non_square_multiples_of_size_divisible(name):
     assert y.shape == (1, 3, *spatial)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", NAMES)
 def test_state_dict_round_trips_through_safetensors(name):
     net = _build(name)
     state = net.state_dict()
@@ -229,6 +232,7 @@ def test_count_macs_matches_hand_computation():
     assert conv.training  # mode restored
 
 
+@pytest.mark.slow
 def test_meta_build_has_the_shapes_and_costs_and_draws_no_random_numbers():
     """What a package's shape check and the benchmark's cost counts build: on the meta device
     (weight init skipped there), the real network's shapes, parameters and MACs, without

@@ -82,6 +82,7 @@ def test_an_altered_onnx_graph_is_refused(tmp_path):
         load_package(pkg)
 
 
+@pytest.mark.slow
 def test_builtin_student_labels_agree_between_onnx_and_torch(phantom_ct):
     """Float32 torch (the suite pins HLFD_CPU_BF16=0) against ONNX Runtime, same weights."""
     image = sitk.ReadImage(str(phantom_ct))

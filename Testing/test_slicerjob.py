@@ -131,6 +131,7 @@ def test_detect_device_names_cpu_here():
 # -- sample data ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sample_ct_is_generated_once_and_cached(tmp_path):
     for task in ("kidney", "liver"):
         path = samples.sample_ct(task, tmp_path)

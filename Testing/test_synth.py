@@ -23,6 +23,7 @@ def ml(case, value) -> float:
     return float((case.labels == value).sum() * np.prod(case.spacing) / 1000)
 
 
+@pytest.mark.slow
 def test_same_seed_same_case_other_seed_other_case():
     a, b, c = (synth_case(fast(), s) for s in (5, 5, 6))
     assert np.array_equal(a.image, b.image) and np.array_equal(a.labels, b.labels)
@@ -61,6 +62,7 @@ def test_organ_volumes_and_lesions_are_plausible():
     assert kidneys and all(150 <= v <= 600 for v in kidneys), kidneys
 
 
+@pytest.mark.slow
 def test_field_of_view_cuts_through_the_body():
     """With fov_cut=1 the body reaches the image border (the real-CT failure the engine trains
     for); with fov_cut=0 and the full field it does not."""
@@ -130,6 +132,7 @@ def test_robustness_metrics_count_border_and_tumour_free_false_positives():
     assert both["tumour_dice"] == 0.5  # NaN (no tumour) cases left out of the tumour Dice
 
 
+@pytest.mark.slow
 def test_exophytic_kidney_tumours_push_neighbours_aside():
     """Kidney tumours grow into fat and kidney, never over the spleen, liver or bowel: a tumour
     painted over the spleen keeps the spleen's shape, which taught the kidney model to call a
@@ -154,6 +157,7 @@ def test_exophytic_kidney_tumours_push_neighbours_aside():
     assert grown > 0 and replaced == 0
 
 
+@pytest.mark.slow
 def test_other_organ_lesions_are_painted_and_never_labelled():
     """``other_organ_lesions``: a kidney case carries liver tumours (the kidney model meets the
     liver tumours of a liver CT) labelled background; off (0) it draws no random number, so
