@@ -69,6 +69,7 @@ def tiny_config(root: Path, out: Path, dims: int = 2, **train_keys) -> dict:
             "checkpoint_every": 3,
             "warmup_steps": 2,
             "tensorboard": False,
+            "curves": False,  # curves.png where a test reads it (the teacher run's)
             **train_keys,
         },
     }
@@ -84,7 +85,7 @@ def dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher_run(dataset, tmp_path_factory) -> tuple[dict, Path]:
-    cfg = tiny_config(dataset, tmp_path_factory.mktemp("runs"))
+    cfg = tiny_config(dataset, tmp_path_factory.mktemp("runs"), curves=True)
     return cfg, train(cfg, "teacher", progress=False)
 
 
@@ -228,7 +229,7 @@ def test_method_flag_leaves_the_config_methods_options_behind(teacher_run, tmp_p
     cfg = json.loads(json.dumps(teacher_run[0]))
     cfg["distill"] = {"method": "fitnet", "teacher": str(teacher_run[1])}
     cfg["distill"]["options"] = {"schedule": "joint"}
-    cfg["train"].update(steps=1, val_every=1)
+    cfg["train"].update(steps=1, val_every=1, curves=False)
     cfg["output"] = str(tmp_path)
     path = _write_config(cfg, tmp_path / "fitnet.yaml")
     flags = ["--method", "kd", "--set", "distill.options.temperature=2"]
@@ -244,7 +245,7 @@ def test_killed_run_resumes_to_the_same_weights(dataset, teacher_run, tmp_path, 
     identical student weights (resumed in this process: the checkpoint crosses processes)."""
     cfg = json.loads(json.dumps(teacher_run[0]))
     cfg["distill"] = {"method": "hlfd", "teacher": str(teacher_run[1]), "options": {}}
-    cfg["train"].update(steps=12, checkpoint_every=4, val_every=4, log_every=2)
+    cfg["train"].update(steps=12, checkpoint_every=4, val_every=4, log_every=2, curves=False)
     cfg["data"]["prepared"] = str(prepare_data(teacher_run[0], 0))
     results, confs = {}, {}
     for label in ("straight", "killed"):
