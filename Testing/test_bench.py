@@ -13,6 +13,7 @@ import pytest
 from hlfd_train.bench import (
     METHODS,
     PRESETS,
+    PRIMARY,
     Tuning,
     bootstrap_ci,
     grid,
@@ -94,7 +95,9 @@ def test_gpu_preset_flow_at_toy_size_on_the_cpu(tmp_path):
     assert set(METHODS) <= set(kidney["summary"]) and "fitnet-joint" in kidney["summary"]
     assert set(kidney["tuning"]) == set(METHODS) - {"none"}
     others = {e["architecture"] for e in kidney["efficiency"][2:]}  # timed in the first task
-    assert "unetpp2d" in others and len(results["tasks"]["liver"]["efficiency"]) == 2
+    liver = results["tasks"]["liver"]
+    assert "unetpp2d" in others and len(liver["efficiency"]) == 2
+    assert set(liver["summary"]) == {"teacher", *PRIMARY} and set(liver["tuning"]) == {"hlfd"}
 
 
 def test_synth_preset_writes_the_engines_ct_and_says_so(tmp_path):
@@ -136,6 +139,7 @@ def test_presets_are_sized_as_promised():
     small = toy(gpu)
     assert small.methods == gpu.methods and small.tasks == gpu.tasks and small.student_steps < 5
     assert set(small.ablations) == set(TOY_ABLATIONS) < set(gpu.ablations)
+    assert small.methods_of("liver") == ("none", "hlfd") and gpu.methods_of("liver") == METHODS
     assert "device=cpu" in small.overrides
 
 

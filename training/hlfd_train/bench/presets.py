@@ -73,13 +73,22 @@ class Preset:
     # further seeds for the two runs of the primary comparison only: its CI narrows with the
     # square root of its seeds, the other methods keep ``seeds``
     primary_seeds: tuple[int, ...] = ()
+    # the methods of the tasks after the first (None: ``methods``): the toy runs every method
+    # on the first task and the primary pair on the others (the same code, other labels)
+    later_methods: tuple[str, ...] | None = None
+
+    def methods_of(self, task: str) -> tuple[str, ...]:
+        """The methods ``task`` runs (tuned, trained and compared)."""
+        first = task == self.tasks[0] or self.later_methods is None
+        return self.methods if first else self.later_methods
 
     def student_runs(self, task: str) -> list[tuple[int, str]]:
         """(seed, method or ablation) of every student run of ``task``, seed by seed; the
         ablations run on the first task only."""
         ablations = self.ablations if task == self.tasks[0] else ()
-        runs = [(s, n) for s in self.seeds for n in (*self.methods, *ablations)]
-        primary = [n for n in self.methods if n in PRIMARY]
+        methods = self.methods_of(task)
+        runs = [(s, n) for s in self.seeds for n in (*methods, *ablations)]
+        primary = [n for n in methods if n in PRIMARY]
         return runs + [(s, n) for s in self.primary_seeds for n in primary]
 
 
@@ -214,7 +223,7 @@ TOY_ABLATIONS = ("hlfd-pixel-only", "deep-mse", "fitnet-joint")
 
 def toy(preset: Preset) -> Preset:
     """The same tasks, methods and grid axes at toy size on the CPU (tests), with one ablation
-    of each kind."""
+    of each kind; the tasks after the first run the primary pair only."""
     tuning = preset.tuning and dataclasses.replace(
         preset.tuning,
         scales=preset.tuning.scales[:1],
@@ -224,6 +233,7 @@ def toy(preset: Preset) -> Preset:
         preset,
         synth={**preset.synth, **TOY_SYNTH} if preset.data == "synth" else preset.synth,
         ablations=tuple(a for a in preset.ablations if a in TOY_ABLATIONS),
+        later_methods=tuple(m for m in preset.methods if m in PRIMARY),
         seeds=preset.seeds[:1],
         primary_seeds=preset.primary_seeds[:1],
         splits=(1, 1, 1),

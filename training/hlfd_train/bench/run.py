@@ -150,7 +150,7 @@ def tune(out: Path, preset: Preset, teachers: dict[str, Job], done: dict, worker
     seed = preset.tuning.seed
     jobs: dict[tuple[str, str, str], tuple[Job, dict]] = {}
     for task, t in teachers.items():
-        for name in preset.methods:
+        for name in preset.methods_of(task):
             if name == "none":
                 continue
             base = run_options(name, preset)
@@ -255,7 +255,7 @@ def run_bench(
             seconds[job.name] = seconds.get(job.name, 0.0) + secs
             folders.setdefault(job.name, folder)
         teacher = folders.pop("teacher")
-        family = [m for m in preset.methods if m != "none"]
+        family = [m for m in preset.methods_of(task) if m != "none"]
         summary = summarise_task(evals, labels, family, preset.bootstrap)
         print(f"[{task}] efficiency on a {preset.timing_slices}x512x512 CT", flush=True)
         results["tasks"][task] = {
@@ -266,7 +266,7 @@ def run_bench(
             "train_seconds": seconds,
             "efficiency": efficiency(
                 teacher,
-                folders[preset.methods[0]],
+                folders[preset.methods_of(task)[0]],
                 preset.timing_slices,
                 # other networks' speed is the same in each task
                 others=preset.time_others and task == preset.tasks[0],
