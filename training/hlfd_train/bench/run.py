@@ -195,7 +195,7 @@ def run_bench(
 
     ``workers``: training processes side by side (default: the preset's, else one per two
     cores, at least two). ``toy_size``: the preset's tasks, methods and grid at toy size on the
-    CPU (checks a GPU preset's flow).
+    CPU (checks a GPU preset's flow; see ``toy``).
     """
     preset = PRESETS[preset_name]
     if toy_size:
