@@ -8,8 +8,10 @@
     hlfd-train teacher  --config C [--set train.steps=500 ...]
     hlfd-train distill  --config C --method hlfd --teacher runs/teacher [--set ...]
     hlfd-train evaluate MODEL --run RUN | --config C [--split test] [--protocol paper]
+    hlfd-train compare  NEW/metrics.json OLD/metrics.json [--metric dice]
     hlfd-train export   RUN -o MODEL_DIR [--onnx]
     hlfd-train add-onnx MODEL_DIR...
+    hlfd-train soup     OUT MODEL_DIR MODEL_DIR [...] [--version V]
     hlfd-train explain  --config C --models RUN_OR_MODEL ... [--case ID] [--slices 10 20]
     hlfd-train bench    [--preset cpu|gpu|synth-gpu|quick|smoke|full] [--toy] [--out DIR]
                         [--report R.md]
@@ -195,6 +197,13 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         print(f"written to {package.path / 'model.json'} (inference.logit_offsets, seed_offsets)")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import compare, markdown, read_evaluation
+
+    result = compare(read_evaluation(args.new), read_evaluation(args.old), args.metric)
+    print(markdown(result, args.metric))
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import export
 
@@ -219,6 +228,13 @@ def cmd_add_onnx(args: argparse.Namespace) -> None:
     for package in args.packages:
         out = add_onnx(package)
         print(f"{out}: model.onnx added ({(out / 'model.onnx').stat().st_size / 1e6:.1f} MB)")
+
+
+def cmd_soup(args: argparse.Namespace) -> None:
+    from .soup import soup
+
+    out = soup(args.packages, args.out, version=args.version)
+    print(f"model package: {out} (mean of {len(args.packages)}; calibrate it next)")
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
@@ -355,6 +371,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true", help="write the choice into the card")
     p.set_defaults(func=cmd_calibrate)
 
+    p = sub.add_parser("compare", help="paired comparison of two evaluations of the same cases")
+    p.add_argument("new", type=Path, help="metrics.json of hlfd-train evaluate (or its folder)")
+    p.add_argument("old", type=Path)
+    p.add_argument("--metric", default="dice", choices=["dice", "iou", "hd95", "assd", "rvd"])
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("export", help="write the model package of a run")
     p.add_argument("run", type=Path)
     p.add_argument("--out", "-o", type=Path, required=True)
@@ -374,6 +396,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("packages", type=Path, nargs="+")
     p.set_defaults(func=cmd_add_onnx)
+
+    p = sub.add_parser(
+        "soup", help="average the weights of packages fine-tuned from one start (model soup)"
+    )
+    p.add_argument("out", type=Path)
+    p.add_argument("packages", type=Path, nargs="+")
+    p.add_argument("--version", help="model card version (default: the first's +soupN)")
+    p.set_defaults(func=cmd_soup)
 
     p = sub.add_parser("explain", help="attention maps of teacher and students")
     with_config(p)

@@ -1,0 +1,99 @@
+"""Model soups (weight averages of packages) and paired comparisons of two evaluations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from HLFDSegmentLib.modelpackage import load_package
+
+from conftest import build_package
+
+
+def test_soup_is_the_mean_of_the_weights_and_names_its_ingredients(tmp_path, onnx_package):
+    import torch
+    from safetensors.torch import load
+
+    from hlfd_train.soup import soup
+
+    other = build_package(tmp_path / "other", seed=1)
+    out = soup([onnx_package, other], tmp_path / "soup")
+    package = load_package(out)  # checksums and card hold
+    a, b, mean = (load(load_package(p).weights) for p in (onnx_package, other, out))
+    floats = [k for k, v in a.items() if v.is_floating_point()]
+    assert floats and any(not torch.equal(a[k], b[k]) for k in floats)
+    for k, v in a.items():
+        want = (v + b[k]) / 2 if v.is_floating_point() else v  # step counters: the first's
+        torch.testing.assert_close(mean[k], want, rtol=1e-6, atol=1e-7)
+        assert mean[k].dtype == v.dtype
+    card = package.card
+    assert card["version"] == "0.0.1+soup2" and card["provenance"]["method"].startswith("weight")
+    shas = [
+        load_package(p).card["files"]["model.safetensors"]["sha256"] for p in (onnx_package, other)
+    ]
+    assert [i["sha256"] for i in card["provenance"]["ingredients"]] == shas
+    assert package.onnx is not None and set(card["metrics"]) == {"onnx_max_probability_error"}
+    package.build_network()
+
+
+def test_soup_refuses_packages_of_other_networks_and_writes_nothing(tmp_path, capsys):
+    from hlfd_train.cli import main as train_cli
+
+    a = build_package(tmp_path / "a")
+    wider = build_package(tmp_path / "wider", network_kwargs={"base": 8})
+    code = train_cli(["soup", str(tmp_path / "soup"), str(a), str(wider)])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "field 'network' differs" in err and str(wider) in err
+    assert train_cli(["soup", str(tmp_path / "soup"), str(a)]) == 1
+    assert "two or more" in capsys.readouterr().err
+    assert not (tmp_path / "soup").exists()
+
+
+def _report(cases: dict[str, tuple[float | None, float | None]]) -> dict:
+    """An evaluation report of ``{case: (organ Dice, tumour Dice or None: tumour-free)}``."""
+    rows = []
+    for case, (organ, tumour) in cases.items():
+        fp = None if tumour is not None else 2.0
+        rows.append(
+            {
+                "case": case,
+                "labels": {
+                    "Kidney": {"dice": organ, "fp_ml": None},
+                    "Kidney tumor": {"dice": tumour, "fp_ml": fp},
+                },
+                "lesions": {"tp": 1, "fn": 0, "fp": 0 if tumour is None else 1},
+            }
+        )
+    return {"cases": rows}
+
+
+def test_compare_pairs_cases_and_leaves_undefined_values_out(tmp_path, capsys):
+    from hlfd_train.cli import main as train_cli
+    from hlfd_train.compare import compare
+
+    old = _report({"a": (0.8, 0.5), "b": (0.8, 0.4), "c": (0.9, None), "d": (0.7, 0.6)})
+    new = _report({"d": (0.7, 0.7), "b": (0.9, 0.5), "a": (0.8, 0.6), "c": (0.9, None)})
+    result = compare(new, old)
+    tumour = result["Kidney tumor"]
+    assert tumour["n"] == 3 and tumour["mean_diff"] == pytest.approx(0.1)
+    assert tumour["better"] == 3 and tumour["worse"] == 0 and tumour["fp_cases"] == 1
+    lo, hi = tumour["ci95"]
+    assert lo == pytest.approx(0.1) and hi == pytest.approx(0.1)  # every pair differs by 0.1
+    organ = result["Kidney"]
+    assert organ["n"] == 4 and (organ["better"], organ["worse"]) == (1, 0)
+    assert result["lesions"]["new"] == {"tp": 4, "fn": 0, "fp": 3}
+    for name, report in (("new", new), ("old", old)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(report))
+    assert (
+        train_cli(["compare", str(tmp_path / "new"), str(tmp_path / "old" / "metrics.json")]) == 0
+    )
+    assert "| Kidney tumor | 3 | +0.1000 | [+0.1000, +0.1000] |" in capsys.readouterr().out
+    del new["cases"][0]
+    (tmp_path / "new" / "metrics.json").write_text(json.dumps(new))
+    assert train_cli(["compare", str(tmp_path / "new"), str(tmp_path / "old")]) == 1
+    assert "other cases (1 differ)" in capsys.readouterr().err
+    assert train_cli(["compare", str(tmp_path / "new"), str(tmp_path / "missing.json")]) == 1
+    assert "not an evaluation report" in capsys.readouterr().err

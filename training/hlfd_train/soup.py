@@ -1,0 +1,97 @@
+"""Weight averaging of model packages (a "model soup", Wortsman et al., ICML 2022).
+
+Students fine-tuned from one starting point stay in one basin of the loss, and the mean of
+their weights is often better than each of them, above all on data unlike the training data,
+at no cost in training or inference. The soup keeps the first package's card (labels,
+pre-processing, inference settings) and records its ingredients; calibrate it afterwards
+(``hlfd-train calibrate --write``): the thresholds of the first package were chosen for other
+weights.
+
+    hlfd-train soup OUT PKG PKG [PKG ...] [--version V]
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from HLFDSegmentLib.errors import ModelError
+from HLFDSegmentLib.modelpackage import CARD_NAME, load_package, save_package
+
+from .cards import code_version
+from .export import add_onnx
+
+SAME = ("task", "network", "labels", "preprocessing")  # card fields every ingredient shares
+
+
+def mean_state(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of floating-point tensors (in float64, stored in each tensor's dtype);
+    integer tensors such as BatchNorm's step counters come from the first state."""
+    return {
+        k: torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype)
+        if v.is_floating_point()
+        else v.clone()
+        for k, v in states[0].items()
+    }
+
+
+def soup(packages: Sequence[Path], out: Path, *, version: str | None = None) -> Path:
+    """Write the package whose weights are the mean of ``packages``' (two or more, of one
+    network and pipeline); it gets an ONNX graph where the first package has one."""
+    from safetensors.torch import load as load_safetensors
+
+    if len(packages) < 2:
+        raise ModelError("soup: give two or more model packages to average")
+    loaded = [load_package(p) for p in packages]
+    base = loaded[0]
+    states = []
+    for package in loaded:
+        for field in SAME:
+            if package.card[field] != base.card[field]:
+                raise ModelError(
+                    f"{package.path / CARD_NAME}: field {field!r} differs from that of "
+                    f"{base.path}; only packages of one network and pipeline can be averaged"
+                )
+        state = load_safetensors(package.weights)
+        shapes = {k: (v.shape, v.dtype.is_floating_point) for k, v in state.items()}
+        if states and shapes != {
+            k: (v.shape, v.dtype.is_floating_point) for k, v in states[0].items()
+        }:
+            raise ModelError(
+                f"{package.path / base.card['weights']}: tensor names or shapes differ from "
+                f"those of {base.path}"
+            )
+        states.append(state)
+    card = copy.deepcopy(base.card)
+    for field in ("onnx", "runtimes"):
+        card.pop(field, None)
+    card["metrics"] = {}  # the first package's figures are not the soup's
+    card["version"] = version or f"{base.version}+soup{len(loaded)}"
+    card["description"] = (
+        f"{card.get('description', '')} Weights: the mean of {len(loaded)} packages "
+        "fine-tuned from one start (provenance.ingredients)."
+    ).strip()
+    card["provenance"] = {
+        **card["provenance"],
+        "method": f"weight average of {len(loaded)} packages",
+        "ingredients": [
+            {
+                "name": p.name,
+                "version": p.version,
+                "run": p.card["provenance"].get("run"),
+                "method": p.card["provenance"].get("method"),
+                "sha256": p.card["files"][p.card["weights"]]["sha256"],
+            }
+            for p in loaded
+        ],
+        "code_version": code_version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    save_package(out, card, mean_state(states))
+    if base.card.get("onnx"):
+        add_onnx(Path(out))
+    return Path(out)
