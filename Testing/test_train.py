@@ -393,6 +393,7 @@ def test_cli_errors_are_one_line(dataset, tmp_path, capsys):
     assert train_cli(["distill", "-c", str(conf), "-m", "hlfd", "-t", str(tmp_path / "none")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "teacher weights not found" in err[0]
+    assert not (tmp_path / "t").exists()  # the run folder appears only once every check passed
 
     broken = tmp_path / "broken"
     write_dataset(broken, "kits19", PhantomConfig(shape=(8, 32, 32)), 2)

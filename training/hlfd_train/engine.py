@@ -449,15 +449,15 @@ class Trainer:
             from .synth.stream import stream_settings
 
             stream_settings(cfg["data"]["stream"], cfg["data"]["task"])
-        if self.rank == 0:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.folder / "config.yaml")
         seed_everything(int(cfg["seed"]), bool(cfg["deterministic"]))
 
         from .data import PreparedData
 
         self.prepared = PreparedData(prepare_data(cfg, self.rank))
         self._build_networks()
+        if self.rank == 0:  # after every check of data, networks and method: no folder on error
+            self.folder.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.folder / "config.yaml")
         self.step_module = StudentStep(self.student, self.method, self.s_taps).to(self.device)
         self.params = [p for p in self.step_module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, self.tcfg)
