@@ -43,7 +43,8 @@ bench-kd: setup      # distillation benchmark (cpu: ~95 min here; PRESET=quick ~
 # The built-in students, from nothing: synthetic CT -> teacher -> distilled student -> package
 # (about 60 min per task on 2 cores; TASKS="liver" for one), then a 45-minute stage on the
 # on-the-fly stream (liver: two, the second 55 min); the tumour threshold (kidney) and lesion
-# seed (hysteresis; both) are calibrated on separate cases. Overwrites
+# seed (hysteresis; both) are calibrated on separate cases; the liver model (0.5.0) is then the
+# weight average (hlfd-train soup) of 0.4.1 and three fine-tunes of it (kd, stream). Overwrites
 # Resources/Models/<task>. (The shipped kidney student had one more stage in between,
 # synth-kidney-ft.yaml, on data of a corrected generator; from nothing, the first stage uses it.)
 TASKS ?= liver kidney
@@ -67,7 +68,23 @@ models: setup
 	    --layout msd --jobs 2 && \
 	  $(BIN)/hlfd-train calibrate HLFDSegment/Resources/Models/liver \
 	    -c training/configs/synth-liver-stream2.yaml --set data.root=data/synth-liver-cal \
-	    'data.splits=[0,20,0]' --offsets=0 --seed-offsets=-6,-5,-4,-3 --max-fp-ml 1000 --write; \
+	    'data.splits=[0,20,0]' --offsets=0 --seed-offsets=-6,-5,-4,-3 --max-fp-ml 1000 --write && \
+	  rm -rf runs/liver-0.4.1 && cp -r HLFDSegment/Resources/Models/liver runs/liver-0.4.1 && \
+	  OMP_NUM_THREADS=1 $(BIN)/hlfd-train teacher -c training/configs/synth-liver-kd.yaml -q && \
+	  OMP_NUM_THREADS=1 $(BIN)/hlfd-train distill -c training/configs/synth-liver-kd.yaml -q \
+	    --set train.minutes=20 train.lr=2.0e-4 && \
+	  for w in best last; do $(BIN)/hlfd-train export runs/synth-liver-kd/kd-seed0 --which $$w \
+	    --half --no-timing -o runs/liver-kd-$$w || exit 1; done && \
+	  OMP_NUM_THREADS=1 $(BIN)/hlfd-train distill -c training/configs/synth-liver-ing31.yaml -q && \
+	  $(BIN)/hlfd-train export runs/synth-liver-ing31/none-seed0 --which last --half --no-timing \
+	    -o runs/liver-ing31 && \
+	  $(BIN)/hlfd-train soup runs/liver-soup4 runs/liver-0.4.1 runs/liver-kd-best \
+	    runs/liver-kd-last runs/liver-ing31 --version 0.5.0 && \
+	  $(BIN)/hlfd-train calibrate runs/liver-soup4 -c training/configs/synth-liver-stream2.yaml \
+	    --split val --set data.root=data/synth-liver-cal 'data.splits=[0,20,0]' --offsets=0 \
+	    --seed-offsets=-8,-7,-6,-5,-4 --max-fp-ml 1000 --write && \
+	  rm -rf HLFDSegment/Resources/Models/liver && \
+	  cp -r runs/liver-soup4 HLFDSegment/Resources/Models/liver; \
 	fi
 	if echo " $(TASKS) " | grep -q " kidney "; then \
 	  rm -rf runs/kidney-0.2.0 && cp -r HLFDSegment/Resources/Models/kidney runs/kidney-0.2.0 && \

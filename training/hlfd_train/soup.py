@@ -67,8 +67,7 @@ def soup(packages: Sequence[Path], out: Path, *, version: str | None = None) -> 
             )
         states.append(state)
     card = copy.deepcopy(base.card)
-    for field in ("onnx", "runtimes"):
-        card.pop(field, None)
+    card.pop("onnx", None)  # made again below; the run times stay (same network, same pipeline)
     card["metrics"] = {}  # the first package's figures are not the soup's
     card["version"] = version or f"{base.version}+soup{len(loaded)}"
     card["description"] = (
