@@ -44,7 +44,8 @@ bench-kd: setup      # distillation benchmark (cpu: ~95 min here; PRESET=quick ~
 # (about 60 min per task on 2 cores; TASKS="liver" for one), then a 45-minute stage on the
 # on-the-fly stream (liver: two, the second 55 min); the tumour threshold (kidney) and lesion
 # seed (hysteresis; both) are calibrated on separate cases; the liver model (0.5.0) is then the
-# weight average (hlfd-train soup) of 0.4.1 and three fine-tunes of it (kd, stream). Overwrites
+# weight average (hlfd-train soup) of 0.4.1 and three fine-tunes of it (kd, stream), the
+# kidney model (0.4.0) likewise of 0.3.2 and three fine-tunes. Overwrites
 # Resources/Models/<task>. (The shipped kidney student had one more stage in between,
 # synth-kidney-ft.yaml, on data of a corrected generator; from nothing, the first stage uses it.)
 TASKS ?= liver kidney
@@ -101,7 +102,25 @@ models: setup
 	    --set tumour_free=0.55 --jobs 2 && \
 	  $(BIN)/hlfd-train calibrate HLFDSegment/Resources/Models/kidney \
 	    -c training/configs/synth-kidney-stream.yaml --set data.root=data/synth-kidney-cal40 \
-	    'data.splits=[0,40,0]' --offsets=-3,-2 --seed-offsets=-8,-7,-6,-5 --write; \
+	    'data.splits=[0,40,0]' --offsets=-3,-2 --seed-offsets=-8,-7,-6,-5 --write && \
+	  rm -rf runs/kidney-0.3.2 && cp -r HLFDSegment/Resources/Models/kidney runs/kidney-0.3.2 && \
+	  $(BIN)/hlfd-train synth write data/synth-kidney-val --task kidney --cases 6 --seed 2000 \
+	    --jobs 2 && \
+	  OMP_NUM_THREADS=1 $(BIN)/hlfd-train teacher -c training/configs/synth-kidney-kd.yaml -q && \
+	  OMP_NUM_THREADS=1 $(BIN)/hlfd-train distill -c training/configs/synth-kidney-kd.yaml -q \
+	    --set train.minutes=20 train.lr=2.0e-4 && \
+	  for w in best last; do $(BIN)/hlfd-train export runs/synth-kidney-kd/kd-seed0 --which $$w \
+	    --half --no-timing -o runs/kidney-kd-$$w || exit 1; done && \
+	  OMP_NUM_THREADS=1 $(BIN)/hlfd-train distill -c training/configs/synth-kidney-ing41.yaml -q && \
+	  $(BIN)/hlfd-train export runs/synth-kidney-ing41/none-seed0 --which last --half --no-timing \
+	    -o runs/kidney-ing41 && \
+	  $(BIN)/hlfd-train soup runs/kidney-soup4 runs/kidney-0.3.2 runs/kidney-kd-best \
+	    runs/kidney-kd-last runs/kidney-ing41 --version 0.4.0 && \
+	  $(BIN)/hlfd-train calibrate runs/kidney-soup4 -c training/configs/synth-kidney-stream.yaml \
+	    --split val --set data.root=data/synth-kidney-cal40 'data.splits=[0,40,0]' \
+	    --offsets=-4,-3,-2 --seed-offsets=-8,-7,-6 --write && \
+	  rm -rf HLFDSegment/Resources/Models/kidney && \
+	  cp -r runs/kidney-soup4 HLFDSegment/Resources/Models/kidney; \
 	fi
 
 clean:

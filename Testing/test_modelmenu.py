@@ -115,10 +115,12 @@ def test_built_in_card_summary_says_data_accuracy_licence_and_not_for_diagnosis(
     assert "<b>Liver + liver tumor (student, synthetic CT)</b>" in text
     assert "Task: liver CT segmentation: Liver, Liver tumor" in text
     assert "Training data: synthetic CT only" in text
-    dice = card["metrics"]["validation_dice"]  # the shipped card's own figures
-    liver, tumour = dice["val.Liver"], dice["val.Liver tumor"]
-    accuracy = f"validation Dice: Liver {liver:.2f}, Liver tumor {tumour:.2f}"
+    dice = card["metrics"]["synthetic_test_dice"]  # the shipped card's own figures
+    liver, tumour = dice["Liver"], dice["Liver tumor"]
+    accuracy = f"synthetic test Dice: Liver {liver:.2f}, Liver tumor {tumour:.2f}"
     assert f"Measured accuracy: {accuracy}" in text
+    soup = len(card["provenance"]["ingredients"])  # 0.5.0: a model soup, said as one
+    assert f"Training: the mean of the weights of {soup} fine-tuned students (model soup)" in text
     seconds = card["runtimes"][0]["seconds"]
     assert f"Measured time: {seconds:.2f} s on cpu" in text
     assert "Licence: Apache-2.0" in text

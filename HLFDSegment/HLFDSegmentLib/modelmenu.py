@@ -182,7 +182,10 @@ def card_summary(card: Mapping[str, Any] | None) -> str:
     provenance = card.get("provenance") or {}
     if provenance.get("data"):
         rows.append(f"Training data: {e(str(provenance['data']))}")
-    if provenance.get("method"):
+    if provenance.get("ingredients"):  # hlfd-train soup
+        n = len(provenance["ingredients"])
+        rows.append(f"Training: the mean of the weights of {n} fine-tuned students (model soup)")
+    elif provenance.get("method"):
         teacher = f" from {provenance['teacher']}" if provenance.get("teacher") else ""
         rows.append(f"Training: {e(str(provenance['method']))} distillation{e(teacher)}")
     accuracy = metric_lines(card.get("metrics") or {})
