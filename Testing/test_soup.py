@@ -7,11 +7,13 @@ import json
 import pytest
 
 from HLFDSegmentLib.modelpackage import load_package
+from HLFDSegmentLib.pipeline import Segmenter
 
-from conftest import build_package
+from conftest import block_ct, build_package, make_image
 
 
 def test_soup_is_the_mean_of_the_weights_and_names_its_ingredients(tmp_path, onnx_package):
+    import SimpleITK as sitk
     import torch
     from safetensors.torch import load
 
@@ -34,7 +36,11 @@ def test_soup_is_the_mean_of_the_weights_and_names_its_ingredients(tmp_path, onn
     ]
     assert [i["sha256"] for i in card["provenance"]["ingredients"]] == shas
     assert package.onnx is not None and set(card["metrics"]) == {"onnx_max_probability_error"}
-    package.build_network()
+    image = make_image(block_ct())  # the graph reads the soup's weights: both backends agree
+    onnx, torch_ = (Segmenter(package, "cpu", backend=b)(image) for b in ("onnx", "torch"))
+    assert onnx.backend == "onnx" and torch_.backend == "torch"
+    agree = sitk.GetArrayFromImage(onnx.labels) == sitk.GetArrayFromImage(torch_.labels)
+    assert agree.mean() > 0.999
 
 
 def test_soup_refuses_packages_of_other_networks_and_writes_nothing(tmp_path, capsys):
@@ -48,6 +54,10 @@ def test_soup_refuses_packages_of_other_networks_and_writes_nothing(tmp_path, ca
     assert "field 'network' differs" in err and str(wider) in err
     assert train_cli(["soup", str(tmp_path / "soup"), str(a)]) == 1
     assert "two or more" in capsys.readouterr().err
+    before = (a / "model.safetensors").read_bytes()
+    assert train_cli(["soup", str(a), str(a), str(build_package(tmp_path / "b", seed=1))]) == 1
+    assert "is one of the packages to average" in capsys.readouterr().err
+    assert (a / "model.safetensors").read_bytes() == before  # the ingredient is untouched
     assert not (tmp_path / "soup").exists()
 
 

@@ -164,12 +164,9 @@ def compact_onnx(data: bytes, metadata: dict[str, str], weights: bytes | None = 
     return model.SerializeToString()
 
 
-def add_onnx(package_dir: Path, example_size: tuple[int, ...] | None = None) -> Path:
-    """Add a checked ``model.onnx`` to an existing package folder; the weights file and every
-    other card field stay as they are (the card gains ``onnx`` and its checksum)."""
-    from safetensors.torch import load as load_safetensors
-
-    package = load_package(package_dir)
+def onnx_for(package: Any, example_size: tuple[int, ...] | None = None) -> tuple[dict, bytes]:
+    """The checked ONNX graph of a (possibly in-memory) package, sharing its weights as external
+    data, and its card with ``onnx`` and the measured error added."""
     net = package.build_network()
     dims = package.spatial_dims
     size = example_size or (
@@ -179,6 +176,16 @@ def add_onnx(package_dir: Path, example_size: tuple[int, ...] | None = None) -> 
     _check_onnx_error(package.card, err)
     card = {**package.card, "onnx": ONNX_NAME}
     card["metrics"] = {**card.get("metrics", {}), "onnx_max_probability_error": err}
+    return card, data
+
+
+def add_onnx(package_dir: Path, example_size: tuple[int, ...] | None = None) -> Path:
+    """Add a checked ``model.onnx`` to an existing package folder; the weights file and every
+    other card field stay as they are (the card gains ``onnx`` and its checksum)."""
+    from safetensors.torch import load as load_safetensors
+
+    package = load_package(package_dir)
+    card, data = onnx_for(package, example_size)
     return save_package(package_dir, card, load_safetensors(package.weights), {ONNX_NAME: data})
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from HLFDSegmentLib.errors import ModelError
-from HLFDSegmentLib.modelpackage import CARD_NAME, load_package, save_package
+from HLFDSegmentLib.modelpackage import CARD_NAME, ONNX_NAME, load_package, save_package
 
-from .cards import code_version
-from .export import add_onnx
+from .cards import code_version, package_from_state
+from .export import onnx_for
 
 SAME = ("task", "network", "labels", "preprocessing")  # card fields every ingredient shares
 
@@ -46,6 +46,8 @@ def soup(packages: Sequence[Path], out: Path, *, version: str | None = None) -> 
 
     if len(packages) < 2:
         raise ModelError("soup: give two or more model packages to average")
+    if any(Path(out).resolve() == Path(p).resolve() for p in packages):
+        raise ModelError(f"{out}: is one of the packages to average; write the soup elsewhere")
     loaded = [load_package(p) for p in packages]
     base = loaded[0]
     states = []
@@ -57,10 +59,7 @@ def soup(packages: Sequence[Path], out: Path, *, version: str | None = None) -> 
                     f"{base.path}; only packages of one network and pipeline can be averaged"
                 )
         state = load_safetensors(package.weights)
-        shapes = {k: (v.shape, v.dtype.is_floating_point) for k, v in state.items()}
-        if states and shapes != {
-            k: (v.shape, v.dtype.is_floating_point) for k, v in states[0].items()
-        }:
+        if states and _layout(state) != _layout(states[0]):
             raise ModelError(
                 f"{package.path / base.card['weights']}: tensor names or shapes differ from "
                 f"those of {base.path}"
@@ -90,7 +89,12 @@ def soup(packages: Sequence[Path], out: Path, *, version: str | None = None) -> 
         "code_version": code_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    save_package(out, card, mean_state(states))
-    if base.card.get("onnx"):
-        add_onnx(Path(out))
-    return Path(out)
+    state = mean_state(states)
+    extra = {}
+    if base.card.get("onnx"):  # made before anything is written: a failed check writes nothing
+        card, extra[ONNX_NAME] = onnx_for(package_from_state(card, state, Path(out)))
+    return save_package(out, card, state, extra)
+
+
+def _layout(state: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], bool]]:
+    return {k: (tuple(v.shape), v.is_floating_point()) for k, v in state.items()}
