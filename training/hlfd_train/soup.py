@@ -73,8 +73,12 @@ def soup(packages: Sequence[Path], out: Path, *, version: str | None = None) -> 
         f"{card.get('description', '')} Weights: the mean of {len(loaded)} packages "
         "fine-tuned from one start (provenance.ingredients)."
     ).strip()
+    data = [p.card["provenance"].get("data") for p in loaded]
     card["provenance"] = {
         **card["provenance"],
+        "data": data[0]
+        if len(set(data)) == 1
+        else f"{data[0]}; the other ingredients': provenance.ingredients",
         "method": f"weight average of {len(loaded)} packages",
         "ingredients": [
             {
@@ -82,6 +86,7 @@ def soup(packages: Sequence[Path], out: Path, *, version: str | None = None) -> 
                 "version": p.version,
                 "run": p.card["provenance"].get("run"),
                 "method": p.card["provenance"].get("method"),
+                "data": p.card["provenance"].get("data"),
                 "sha256": p.card["files"][p.card["weights"]]["sha256"],
             }
             for p in loaded
