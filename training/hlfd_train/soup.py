@@ -73,12 +73,8 @@ def soup(packages: Sequence[Path], out: Path, *, version: str | None = None) -> 
         f"{card.get('description', '')} Weights: the mean of {len(loaded)} packages "
         "fine-tuned from one start (provenance.ingredients)."
     ).strip()
-    data = [p.card["provenance"].get("data") for p in loaded]
     card["provenance"] = {
         **card["provenance"],
-        "data": data[0]
-        if len(set(data)) == 1
-        else f"{data[0]}; the other ingredients': provenance.ingredients",
         "method": f"weight average of {len(loaded)} packages",
         "ingredients": [
             {
@@ -94,6 +90,9 @@ def soup(packages: Sequence[Path], out: Path, *, version: str | None = None) -> 
         "code_version": code_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    data = [p.card["provenance"].get("data") for p in loaded]
+    if data[0] and len(set(data)) > 1:
+        card["provenance"]["data"] = f"{data[0]}; the other ingredients': provenance.ingredients"
     state = mean_state(states)
     extra = {}
     if base.card.get("onnx"):  # made before anything is written: a failed check writes nothing
