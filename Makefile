@@ -49,6 +49,32 @@ bench-kd: setup      # distillation benchmark (cpu: ~95 min here; PRESET=quick ~
 # Resources/Models/<task>. (The shipped kidney student had one more stage in between,
 # synth-kidney-ft.yaml, on data of a corrected generator; from nothing, the first stage uses it.)
 TASKS ?= liver kidney
+# $(call soup,TASK,OLD,INGREDIENT,NEW): the shipped TASK model OLD, the best and last checkpoints
+# of its kd fine-tune (synth-TASK-kd.yaml) and the last of the stream fine-tune
+# synth-TASK-INGREDIENT.yaml, averaged (hlfd-train soup), calibrated and installed as NEW
+liver_soup_calibration = training/configs/synth-liver-stream2.yaml \
+  --set data.root=data/synth-liver-cal 'data.splits=[0,20,0]' --offsets=0 \
+  --seed-offsets=-8,-7,-6,-5,-4 --max-fp-ml 1000
+kidney_soup_calibration = training/configs/synth-kidney-stream.yaml \
+  --set data.root=data/synth-kidney-cal40 'data.splits=[0,40,0]' --offsets=-4,-3,-2 \
+  --seed-offsets=-8,-7,-6
+define soup
+rm -rf runs/$(1)-$(2) && cp -r HLFDSegment/Resources/Models/$(1) runs/$(1)-$(2) && \
+	  OMP_NUM_THREADS=1 $(BIN)/hlfd-train teacher -c training/configs/synth-$(1)-kd.yaml -q && \
+	  OMP_NUM_THREADS=1 $(BIN)/hlfd-train distill -c training/configs/synth-$(1)-kd.yaml -q \
+	    --set train.minutes=20 train.lr=2.0e-4 && \
+	  for w in best last; do $(BIN)/hlfd-train export runs/synth-$(1)-kd/kd-seed0 --which $$w \
+	    --half --no-timing -o runs/$(1)-kd-$$w || exit 1; done && \
+	  OMP_NUM_THREADS=1 $(BIN)/hlfd-train distill -c training/configs/synth-$(1)-$(3).yaml -q && \
+	  $(BIN)/hlfd-train export runs/synth-$(1)-$(3)/none-seed0 --which last --half --no-timing \
+	    -o runs/$(1)-$(3) && \
+	  $(BIN)/hlfd-train soup runs/$(1)-soup4 runs/$(1)-$(2) runs/$(1)-kd-best runs/$(1)-kd-last \
+	    runs/$(1)-$(3) --version $(4) && \
+	  $(BIN)/hlfd-train calibrate runs/$(1)-soup4 --split val --write -c $($(1)_soup_calibration) && \
+	  rm -rf HLFDSegment/Resources/Models/$(1) && \
+	  cp -r runs/$(1)-soup4 HLFDSegment/Resources/Models/$(1)
+endef
+
 models: setup
 	for t in $(TASKS); do \
 	  $(BIN)/hlfd-train synth write data/synth-$$t --task $$t --cases 56 --jobs 2 && \
@@ -70,22 +96,7 @@ models: setup
 	  $(BIN)/hlfd-train calibrate HLFDSegment/Resources/Models/liver \
 	    -c training/configs/synth-liver-stream2.yaml --set data.root=data/synth-liver-cal \
 	    'data.splits=[0,20,0]' --offsets=0 --seed-offsets=-6,-5,-4,-3 --max-fp-ml 1000 --write && \
-	  rm -rf runs/liver-0.4.1 && cp -r HLFDSegment/Resources/Models/liver runs/liver-0.4.1 && \
-	  OMP_NUM_THREADS=1 $(BIN)/hlfd-train teacher -c training/configs/synth-liver-kd.yaml -q && \
-	  OMP_NUM_THREADS=1 $(BIN)/hlfd-train distill -c training/configs/synth-liver-kd.yaml -q \
-	    --set train.minutes=20 train.lr=2.0e-4 && \
-	  for w in best last; do $(BIN)/hlfd-train export runs/synth-liver-kd/kd-seed0 --which $$w \
-	    --half --no-timing -o runs/liver-kd-$$w || exit 1; done && \
-	  OMP_NUM_THREADS=1 $(BIN)/hlfd-train distill -c training/configs/synth-liver-ing31.yaml -q && \
-	  $(BIN)/hlfd-train export runs/synth-liver-ing31/none-seed0 --which last --half --no-timing \
-	    -o runs/liver-ing31 && \
-	  $(BIN)/hlfd-train soup runs/liver-soup4 runs/liver-0.4.1 runs/liver-kd-best \
-	    runs/liver-kd-last runs/liver-ing31 --version 0.5.0 && \
-	  $(BIN)/hlfd-train calibrate runs/liver-soup4 -c training/configs/synth-liver-stream2.yaml \
-	    --split val --set data.root=data/synth-liver-cal 'data.splits=[0,20,0]' --offsets=0 \
-	    --seed-offsets=-8,-7,-6,-5,-4 --max-fp-ml 1000 --write && \
-	  rm -rf HLFDSegment/Resources/Models/liver && \
-	  cp -r runs/liver-soup4 HLFDSegment/Resources/Models/liver; \
+	  $(call soup,liver,0.4.1,ing31,0.5.0); \
 	fi
 	if echo " $(TASKS) " | grep -q " kidney "; then \
 	  rm -rf runs/kidney-0.2.0 && cp -r HLFDSegment/Resources/Models/kidney runs/kidney-0.2.0 && \
@@ -103,24 +114,9 @@ models: setup
 	  $(BIN)/hlfd-train calibrate HLFDSegment/Resources/Models/kidney \
 	    -c training/configs/synth-kidney-stream.yaml --set data.root=data/synth-kidney-cal40 \
 	    'data.splits=[0,40,0]' --offsets=-3,-2 --seed-offsets=-8,-7,-6,-5 --write && \
-	  rm -rf runs/kidney-0.3.2 && cp -r HLFDSegment/Resources/Models/kidney runs/kidney-0.3.2 && \
 	  $(BIN)/hlfd-train synth write data/synth-kidney-val --task kidney --cases 6 --seed 2000 \
 	    --jobs 2 && \
-	  OMP_NUM_THREADS=1 $(BIN)/hlfd-train teacher -c training/configs/synth-kidney-kd.yaml -q && \
-	  OMP_NUM_THREADS=1 $(BIN)/hlfd-train distill -c training/configs/synth-kidney-kd.yaml -q \
-	    --set train.minutes=20 train.lr=2.0e-4 && \
-	  for w in best last; do $(BIN)/hlfd-train export runs/synth-kidney-kd/kd-seed0 --which $$w \
-	    --half --no-timing -o runs/kidney-kd-$$w || exit 1; done && \
-	  OMP_NUM_THREADS=1 $(BIN)/hlfd-train distill -c training/configs/synth-kidney-ing41.yaml -q && \
-	  $(BIN)/hlfd-train export runs/synth-kidney-ing41/none-seed0 --which last --half --no-timing \
-	    -o runs/kidney-ing41 && \
-	  $(BIN)/hlfd-train soup runs/kidney-soup4 runs/kidney-0.3.2 runs/kidney-kd-best \
-	    runs/kidney-kd-last runs/kidney-ing41 --version 0.4.0 && \
-	  $(BIN)/hlfd-train calibrate runs/kidney-soup4 -c training/configs/synth-kidney-stream.yaml \
-	    --split val --set data.root=data/synth-kidney-cal40 'data.splits=[0,40,0]' \
-	    --offsets=-4,-3,-2 --seed-offsets=-8,-7,-6 --write && \
-	  rm -rf HLFDSegment/Resources/Models/kidney && \
-	  cp -r runs/kidney-soup4 HLFDSegment/Resources/Models/kidney; \
+	  $(call soup,kidney,0.3.2,ing41,0.4.0); \
 	fi
 
 clean:
