@@ -94,6 +94,13 @@ def test_compare_pairs_cases_and_leaves_undefined_values_out(tmp_path, capsys):
     organ = result["Kidney"]
     assert organ["n"] == 4 and (organ["better"], organ["worse"]) == (1, 0)
     assert result["lesions"]["new"] == {"tp": 4, "fn": 0, "fp": 3}
+    for label in ("Kidney", "Kidney tumor"):  # a distance that falls is an improvement
+        for report, scale in ((new, 10.0), (old, 20.0)):
+            for row in report["cases"]:
+                dice = row["labels"][label]["dice"]
+                row["labels"][label]["hd95"] = None if dice is None else scale
+    distance = compare(new, old, "hd95")["Kidney tumor"]
+    assert distance["mean_diff"] == pytest.approx(-10.0) and distance["better"] == 3
     for name, report in (("new", new), ("old", old)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps(report))

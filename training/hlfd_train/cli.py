@@ -374,7 +374,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="paired comparison of two evaluations of the same cases")
     p.add_argument("new", type=Path, help="metrics.json of hlfd-train evaluate (or its folder)")
     p.add_argument("old", type=Path)
-    p.add_argument("--metric", default="dice", choices=["dice", "iou", "hd95", "assd", "rvd"])
+    p.add_argument("--metric", default="dice", choices=["assd", "dice", "hd95", "iou", "rvd"])
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="write the model package of a run")

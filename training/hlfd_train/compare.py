@@ -19,6 +19,15 @@ import numpy as np
 from .bench.stats import bootstrap_ci, paired_test
 from .config import ConfigError
 
+# how much better NEW is than OLD per case: overlap up, distances down, volume error towards 0
+BETTER = {
+    "dice": lambda new, old: new - old,
+    "iou": lambda new, old: new - old,
+    "hd95": lambda new, old: old - new,
+    "assd": lambda new, old: old - new,
+    "rvd": lambda new, old: abs(old) - abs(new),
+}
+
 
 def read_evaluation(path: Path) -> dict[str, Any]:
     """An evaluation report (``metrics.json``, or the folder holding it)."""
@@ -51,6 +60,7 @@ def compare(new: Mapping[str, Any], old: Mapping[str, Any], metric: str = "dice"
         ]
         pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
         diff = np.array([x - y for x, y in pairs], float)
+        gain = np.array([BETTER[metric](x, y) for x, y in pairs], float)
         fp = [
             [
                 r[c]["labels"][label]["fp_ml"]
@@ -64,8 +74,8 @@ def compare(new: Mapping[str, Any], old: Mapping[str, Any], metric: str = "dice"
             "mean_diff": float(diff.mean()) if len(pairs) else None,
             "ci95": bootstrap_ci(diff[:, None]) if len(pairs) > 1 else None,
             "p": paired_test([x for x, _ in pairs], [y for _, y in pairs])["p"],
-            "better": int((diff > 0).sum()),
-            "worse": int((diff < 0).sum()),
+            "better": int((gain > 0).sum()),
+            "worse": int((gain < 0).sum()),
             "fp_ml": tuple(float(np.mean(v)) if v else None for v in fp),
             "fp_cases": len(fp[0]),
         }
