@@ -108,7 +108,7 @@ def test_mean_sd_is_the_sample_sd():
 
 
 def test_calibration_picks_the_best_tumour_dice_within_the_false_tumour_limit():
-    from hlfd_train.calibrate import choose
+    from hlfd_train.calibrate import choose, why_chosen
 
     rows = [
         {"offset": -4.0, "tumour_dice": 0.50, "fp_ml_cases": [1.0, 0.0]},
@@ -118,6 +118,9 @@ def test_calibration_picks_the_best_tumour_dice_within_the_false_tumour_limit():
     ]
     assert choose(rows, 5.0)["offset"] == -1.0
     assert choose(rows, 0.5)["offset"] == -4.0  # none within the limit: the least worst case
+    assert why_chosen(choose(rows, 0.5), 0.5).startswith("no point keeps every tumour-free")
+    assert "the least worst, 1.0 mL" in why_chosen(choose(rows, 0.5), 0.5)
+    assert why_chosen(choose(rows, 5.0), 5.0).startswith("best tumour Dice with at most 5 mL")
     assert choose(rows, 50.0)["offset"] == 0.0
     no_free = [{**r, "fp_ml_cases": []} for r in rows]  # no tumour-free case: Dice decides
     assert choose(no_free, 0.0)["offset"] == 0.0

@@ -123,6 +123,20 @@ def choose(rows: Sequence[dict[str, Any]], max_fp_ml: float = DEFAULT_MAX_FP_ML)
     return max(within, key=lambda r: (r["tumour_dice"] or 0.0, *simplest(r)))
 
 
+def why_chosen(row: dict[str, Any], max_fp_ml: float) -> str:
+    """What ``choose`` went by for this row, in words (the limit may not have been met)."""
+    worst = worst_fp_ml(row)
+    if worst <= max_fp_ml:
+        return (
+            f"best tumour Dice with at most {max_fp_ml:g} mL of false tumour in each "
+            "tumour-free case"
+        )
+    return (
+        f"no point keeps every tumour-free case within {max_fp_ml:g} mL of false tumour: "
+        f"the least worst, {worst:.1f} mL"
+    )
+
+
 def worst_fp_ml(row: dict[str, Any]) -> float:
     """The largest false tumour volume (mL) of a sweep row's tumour-free cases (0 when none)."""
     return max(row["fp_ml_cases"], default=0.0)

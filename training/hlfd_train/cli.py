@@ -170,7 +170,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from HLFDSegmentLib.modelpackage import load_package
 
-    from .calibrate import DEFAULT_OFFSETS, choose, markdown, require_folder, sweep, write_offsets
+    from .calibrate import (
+        DEFAULT_OFFSETS,
+        choose,
+        markdown,
+        require_folder,
+        sweep,
+        why_chosen,
+        write_offsets,
+    )
 
     prepared = _eval_data(args)
     package = load_package(args.model)
@@ -187,9 +195,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(
         f"chosen tumour logit offset {chosen['offset']:+.1f}"
         + ("" if seed is None else f", seed offset {seed:+.1f}")
-        + f" on {len(cases)} {args.split} cases "
-        f"(best tumour Dice with at most {args.max_fp_ml:g} mL of false tumour in each "
-        "tumour-free case)"
+        + f" on {len(cases)} {args.split} cases ({why_chosen(chosen, args.max_fp_ml)})"
     )
     if args.write:
         source = f"{args.split} split of {args.config or args.run}"
