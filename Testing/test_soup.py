@@ -76,7 +76,17 @@ def _report(cases: dict[str, tuple[float | None, float | None]]) -> dict:
                 "lesions": {"tp": 1, "fn": 0, "fp": 0 if tumour is None else 1},
             }
         )
-    return {"cases": rows}
+    fp = [r["labels"]["Kidney tumor"]["fp_ml"] for r in rows if tumour_free(r)]
+    summary = {  # the fields of evaluate.summarise that compare reads
+        "Kidney": {"fp_ml": {"mean": None, "n": 0}},
+        "Kidney tumor": {"fp_ml": {"mean": sum(fp) / len(fp) if fp else None, "n": len(fp)}},
+        "lesions": {k: sum(r["lesions"][k] for r in rows) for k in ("tp", "fn", "fp")},
+    }
+    return {"cases": rows, "summary": summary}
+
+
+def tumour_free(row: dict) -> bool:
+    return row["labels"]["Kidney tumor"]["dice"] is None
 
 
 def test_compare_pairs_cases_and_leaves_undefined_values_out(tmp_path, capsys):

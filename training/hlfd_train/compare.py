@@ -36,6 +36,7 @@ def read_evaluation(path: Path) -> dict[str, Any]:
     try:
         report = json.loads(path.read_text())
         report["cases"] = list(report["cases"])
+        report["summary"] = dict(report["summary"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(
             f"{path}: not an evaluation report of hlfd-train evaluate ({exc})"
@@ -61,14 +62,7 @@ def compare(new: Mapping[str, Any], old: Mapping[str, Any], metric: str = "dice"
         pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
         diff = np.array([x - y for x, y in pairs], float)
         gain = np.array([BETTER[metric](x, y) for x, y in pairs], float)
-        fp = [
-            [
-                r[c]["labels"][label]["fp_ml"]
-                for c in cases
-                if r[c]["labels"][label].get("fp_ml") is not None
-            ]
-            for r in (a, b)
-        ]
+        fp = [rep["summary"][label]["fp_ml"] for rep in (new, old)]  # evaluate.summarise's
         out[label] = {
             "n": len(pairs),
             "mean_diff": float(diff.mean()) if len(pairs) else None,
@@ -76,13 +70,11 @@ def compare(new: Mapping[str, Any], old: Mapping[str, Any], metric: str = "dice"
             "p": paired_test([x for x, _ in pairs], [y for _, y in pairs])["p"],
             "better": int((gain > 0).sum()),
             "worse": int((gain < 0).sum()),
-            "fp_ml": tuple(float(np.mean(v)) if v else None for v in fp),
-            "fp_cases": len(fp[0]),
+            "fp_ml": tuple(f["mean"] for f in fp),
+            "fp_cases": fp[0]["n"],
         }
     out["lesions"] = {
-        name: {
-            k: sum(r.get("lesions", {}).get(k, 0) for r in rep["cases"]) for k in ("tp", "fn", "fp")
-        }
+        name: {k: rep["summary"].get("lesions", {}).get(k, 0) for k in ("tp", "fn", "fp")}
         for name, rep in (("new", new), ("old", old))
     }
     return out
