@@ -74,7 +74,8 @@ def build_package(
 
     kwargs = card.pop("network_kwargs", {"base": 4} if architecture == "tiny_unet2d" else {})
     torch.manual_seed(seed)
-    net = build_network(architecture, spatial_dims, 1, 3, **kwargs)
+    channels = 2 * card.get("preprocessing", {}).get("context_slices", 0) + 1
+    net = build_network(architecture, spatial_dims, channels, 3, **kwargs)
     card = make_card(
         name="test-model",
         version="0.0.1",

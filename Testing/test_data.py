@@ -17,6 +17,7 @@ from hlfd_train.data import (
     PreparedData,
     SliceDataset,
     VolumeDataset,
+    context_crop,
     detect_layout,
     discover,
     label_map,
@@ -349,6 +350,29 @@ def test_slice_dataset_items(data):
     assert not all(torch.equal(ds[i]["image"], other[i]["image"]) for i in range(4))
     big = SliceDataset(data, "train", crop=(200, 200), samples_per_epoch=4)[0]  # padded
     assert big["image"].shape == (1, 200, 200) and float(big["image"][0, 0, 0]) == 0.0
+
+
+def test_context_crop_stacks_neighbour_slices_with_padding():
+    vol = np.arange(3, dtype=np.float32)[:, None, None] + np.zeros((3, 4, 5), dtype=np.float32)
+    crop = context_crop(vol, 0, (-2, 1), (4, 3), 1, fill=-1.0)
+    assert crop.shape == (3, 4, 3)
+    assert (crop[:, :2] == -1).all()  # above the slice: padding
+    np.testing.assert_array_equal(crop[:, 2:, :].mean(axis=(1, 2)), [0, 0, 1])  # z-1 -> z = 0
+
+
+def test_slice_dataset_with_context_slices(kits, data, tmp_path):
+    """context_slices = 1 in the preprocessing: 3-slice crops whose centre is the one-slice
+    crop of the same draw, with that slice's label."""
+    pre = {"context_slices": 1}
+    wide = PreparedData(prepare(kits, tmp_path / "c", splits=(3, 1, 1), preprocessing=pre))
+    one = SliceDataset(data, "train", crop=(64, 64), samples_per_epoch=12, seed=3)
+    three = SliceDataset(wide, "train", crop=(64, 64), samples_per_epoch=12, seed=3)
+    for i in range(12):
+        a, b = one[i], three[i]
+        assert b["image"].shape == (3, 64, 64) and b["label"].shape == (1, 64, 64)
+        assert b["slice"] == a["slice"] and torch.equal(b["label"], a["label"])
+        assert torch.equal(b["image"][1:2], a["image"])
+    assert any(not torch.equal(three[i]["image"][0], three[i]["image"][1]) for i in range(12))
 
 
 def test_foreground_fraction_is_honoured(data):

@@ -111,6 +111,14 @@ def test_tampered_weights_are_refused(pkg):
         (lambda c: c["labels"][1].update(value=3), r"field 'labels': values must be 1..2"),
         (lambda c: c["labels"][1].update(inside=7), r"labels/1/inside': no label 7"),
         (lambda c: c.update(format_version=2), r"field 'format_version'"),
+        (
+            lambda c: c["preprocessing"].update(context_slices=1),
+            r"'network/in_channels' is 1 but 1 context slice\(s\) on each side need 3",
+        ),
+        (
+            lambda c: c["preprocessing"].update(context_slices=5),
+            r"field 'preprocessing/context_slices'",
+        ),
     ],
 )
 def test_invalid_cards_are_refused_naming_the_field(pkg, change, message):

@@ -20,6 +20,7 @@ from HLFDSegmentLib.pipeline import (
     respaced_grid,
     segment_volumes,
     softmax,
+    with_context,
 )
 
 from conftest import block_ct, build_package, make_image, oblique_direction
@@ -41,6 +42,20 @@ class ThresholdNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
+
+
+class NextSliceNet(ThresholdNet):
+    """ThresholdNet of the third of three input channels: with context_slices = 1 the label of
+    slice z is the threshold of slice z + 1."""
+
+    def __init__(self):
+        super().__init__(2)
+        weight = self.conv.weight.detach()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, 2:] = weight
+            self.conv.bias.copy_(torch.tensor([0.3, 0.0, -1.2]))
 
 
 def expected_threshold(arr: np.ndarray) -> np.ndarray:
@@ -341,3 +356,33 @@ def test_bf16_path_agrees_with_float32(monkeypatch, tmp_path):
     assert probs["0"].dtype == probs["1"].dtype == np.float32
     assert np.abs(probs["1"] - probs["0"]).max() < 0.05
     assert (labels["1"] == labels["0"]).mean() >= 0.98
+
+
+def test_with_context_stacks_neighbours_and_repeats_the_end_slices():
+    arr = np.arange(4, dtype=np.float32)[:, None, None] * np.ones((4, 2, 3), dtype=np.float32)
+    stack = with_context(arr, [0, 2, 3], 1)
+    assert stack.shape == (3, 3, 2, 3) and stack.dtype == np.float32
+    np.testing.assert_array_equal(stack[:, :, 0, 0], [[0, 0, 1], [1, 2, 3], [2, 3, 3]])
+    np.testing.assert_array_equal(with_context(arr, [1], 0), arr[1:2][None])
+    np.testing.assert_array_equal(with_context(arr, [0], 2)[0, :, 0, 0], [0, 0, 0, 1, 2])
+
+
+def test_context_slices_feed_the_neighbours_in_order(tmp_path):
+    """A 2.5D card (context_slices 1) gets slices z-1, z, z+1 as channels, across slice
+    batches, the last slice standing in for the one after it."""
+    arr = block_ct((7, 24, 20))  # the bright block of slices 1-3 makes the shift visible
+    pkg = build_package(
+        tmp_path / "pkg",
+        network_kwargs={"base": 4},
+        preprocessing={"spacing": [None, None, None], "context_slices": 1},
+        postprocessing={"enabled": False},
+        inference={"slice_batch": 3},
+    )
+    package = load_package(pkg)
+    assert package.card["network"]["in_channels"] == 3
+    seg = Segmenter(package, device="cpu", backend="torch")
+    seg.runner = TorchRunner(package, "cpu", net=NextSliceNet())
+    labels = sitk.GetArrayFromImage(seg(make_image(arr)).labels)
+    nxt = np.minimum(np.arange(7) + 1, 6)
+    np.testing.assert_array_equal(labels, expected_threshold(arr[nxt]))
+    assert not np.array_equal(labels, expected_threshold(arr))

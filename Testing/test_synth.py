@@ -174,11 +174,12 @@ def test_other_organ_lesions_are_painted_and_never_labelled():
         SynthConfig(other_organ_lesions=2.0)
 
 
-def stream(workers=0, **kw):
+def stream(workers=0, context=0, **kw):
     from hlfd_train.synth.stream import SynthSliceStream, stream_settings
 
     s = stream_settings({"synth": {"max_slices": 24, "inplane_mm": [2.5, 3.0]}}, "kidney")
     pre = {"orientation": "LPS", "spacing": [3.0, 3.0, None], "window": [-200.0, 300.0]}
+    pre["context_slices"] = context
     args = dict(crop=(64, 64), samples=10**6, crops_per_case=8, pool=2, batch=4, seed=3)
     return SynthSliceStream(
         s["config"], {**pre, "normalize": {"mode": "minmax"}}, **{**args, **kw}, workers=workers
@@ -229,6 +230,17 @@ def test_stream_items_are_reproducible_and_workers_do_not_change_them():
     assert torch.equal(resumed[0]["image"], a[2]["image"])
     labels = torch.cat([x["label"] for x in a])
     assert set(labels.unique().tolist()) <= {0, 1, 2} and (labels > 0).any()
+
+
+@pytest.mark.slow
+def test_stream_with_context_slices_centres_the_one_slice_crop():
+    import torch
+
+    one, three = stream(0), stream(0, context=1)
+    for i in (0, 1, 5):
+        a, b = one[i], three[i]
+        assert b["image"].shape == (3, 64, 64) and b["slice"] == a["slice"]
+        assert torch.equal(b["image"][1:2], a["image"]) and torch.equal(b["label"], a["label"])
 
 
 def test_stream_settings_are_checked():

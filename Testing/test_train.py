@@ -22,7 +22,15 @@ from hlfd_train.cli import main as train_cli
 from hlfd_train.config import ConfigError, load_config
 from hlfd_train.data import PreparedData, SliceDataset
 from hlfd_train.distill import METHODS, build_method, probe_channels, run_with_taps
-from hlfd_train.engine import StudentStep, Trainer, make_network, prepare_data, taps_of, train
+from hlfd_train.engine import (
+    StudentStep,
+    Trainer,
+    lift_input_channels,
+    make_network,
+    prepare_data,
+    taps_of,
+    train,
+)
 from hlfd_train.export import export
 from HLFDSegmentLib.modelpackage import load_package
 from HLFDSegmentLib.phantom import PhantomConfig, write_dataset
@@ -451,3 +459,55 @@ def test_half_export_and_fine_tuning_from_a_package(teacher_run, tmp_path):
     wrong["model"]["student"]["kwargs"] = {"base": 4}
     with pytest.raises(ConfigError, match="init"):
         train(wrong, "student", progress=False)
+
+
+def test_context_slices_are_checked(dataset, tmp_path):
+    for value in (5, -1, "two", True):
+        with pytest.raises(ConfigError, match=r"data\.preprocessing\.context_slices.*0-4"):
+            load_config(
+                None,
+                [f"data.preprocessing.context_slices={value}"],
+                base=tiny_config(dataset, tmp_path),
+            )
+    with pytest.raises(ConfigError, match=r"needs model\.spatial_dims = 2"):
+        load_config(
+            None, ["data.preprocessing.context_slices=1"], base=tiny_config(dataset, tmp_path, 3)
+        )
+
+
+@pytest.mark.slow
+def test_a_one_slice_package_starts_a_25d_student_its_teacher_sees_the_centre(
+    teacher_run, tmp_path
+):
+    """context_slices = 1: a one-slice package lifts exactly into a network of 3 input slices
+    (neighbour weights zero); a 2.5D student distils from the one-slice teacher (which sees
+    the centre slice) and exports a 2.5D package that the runtime runs, ONNX graph included."""
+    cfg, folder = teacher_run
+    one = load_package(export(folder, tmp_path / "pkg", timing=False))
+    net = one.build_network()
+    wide = make_network(cfg["model"]["teacher"], 2, 3, in_channels=3)
+    lifted = lift_input_channels(net.state_dict(), wide).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(lifted(x), net(x[:, 1:2]), rtol=0, atol=0)
+    student = load_config(
+        None,
+        [
+            "data.preprocessing.context_slices=1",
+            f"model.student.init={one.path}",
+            "model.student.kwargs={base: 8}",
+            "distill.method=kd",
+            f"distill.teacher={folder}",
+            "train.steps=2",
+            f"output={tmp_path / 'runs'}",
+        ],
+        base=cfg,
+    )
+    run = train(student, "student", progress=False)
+    pkg = load_package(export(run, tmp_path / "wide", which="last", onnx=True, timing=False))
+    assert pkg.card["network"]["in_channels"] == 3
+    assert pkg.card["preprocessing"]["context_slices"] == 1
+    arr = np.random.default_rng(0).uniform(0, 1, (5, 64, 64)).astype(np.float32)
+    by_torch = Segmenter(pkg, device="cpu", backend="torch").infer(arr)
+    by_onnx = Segmenter(pkg, device="cpu", backend="onnx").infer(arr)
+    assert by_torch.shape == arr.shape and (by_torch == by_onnx).mean() > 0.99

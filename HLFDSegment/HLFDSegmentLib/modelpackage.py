@@ -111,6 +111,14 @@ def validate_card(card: Any, where: str = CARD_NAME) -> None:
         raise ModelError(f"{where}: field 'files': ONNX file {card['onnx']!r} has no checksum")
     _check_sense(card, where)
     spatial = card["network"]["spatial_dims"]
+    context = int(card["preprocessing"].get("context_slices", 0))
+    if context and spatial != 2:
+        raise ModelError(f"{where}: field 'preprocessing/context_slices': 2D networks only")
+    if card["network"]["in_channels"] != 2 * context + 1:
+        raise ModelError(
+            f"{where}: field 'network/in_channels' is {card['network']['in_channels']} but "
+            f"{context} context slice(s) on each side need {2 * context + 1} input channels"
+        )
     if spatial == 3 and "roi_size" not in card["inference"]:
         raise ModelError(f"{where}: field 'inference/roi_size' is required for a 3D network")
     from .nets import ARCHITECTURE_NAMES  # torch-free: the ONNX path never imports torch
@@ -450,7 +458,7 @@ def make_card(
         "network": {
             "architecture": architecture,
             "spatial_dims": spatial_dims,
-            "in_channels": 1,
+            "in_channels": 2 * int((preprocessing or {}).get("context_slices", 0)) + 1,
             "out_channels": len(labels) + 1,
             "kwargs": dict(network_kwargs or {}),
         },

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,6 +204,19 @@ def background_value(pre: dict[str, Any]) -> float:
     if norm["mode"] == "minmax":
         return 0.0
     return (lo - norm.get("mean", 0.0)) / norm.get("std", 1.0)
+
+
+def context_slices(pre: Mapping[str, Any]) -> int:
+    """Neighbour slices fed on each side of an axial slice to a 2D network (0: the slice alone)."""
+    return int(pre.get("context_slices", 0))
+
+
+def with_context(arr: np.ndarray, zs: Sequence[int] | np.ndarray, context: int) -> np.ndarray:
+    """(len(zs), 2 * context + 1, *rest) float32: for each z, slices z - context .. z + context of
+    ``arr`` (z, *rest) as channels; the first and last slice stand in beyond the ends."""
+    offsets = np.arange(-context, context + 1)
+    index = np.clip(np.asarray(zs)[:, None] + offsets, 0, arr.shape[0] - 1)
+    return np.ascontiguousarray(arr[index], dtype=np.float32)
 
 
 def body_box(arr: np.ndarray, background: float, margin: int = 8) -> tuple[slice, ...] | None:
@@ -449,8 +462,9 @@ class Segmenter:
         out = np.empty((z, h, w), dtype=np.uint8)
         seeds = None if self.seed_offsets is None else np.empty((z, h, w), dtype=bool)
         fill = background_value(self.card["preprocessing"])
+        context = context_slices(self.card["preprocessing"])
         for start in range(0, z, batch):
-            chunk = arr[start : start + batch, None]
+            chunk = with_context(arr, range(start, min(z, start + batch)), context)
             if ph or pw:
                 chunk = np.pad(chunk, ((0, 0), (0, 0), (0, ph), (0, pw)), constant_values=fill)
             labels, chunk_seeds = self.decide(self._scores(chunk)[..., :h, :w], not self.tta)

@@ -42,6 +42,13 @@ def preprocessing_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def input_channels(cfg: Mapping[str, Any]) -> int:
+    """The networks' input channels: 2k + 1 for ``data.preprocessing.context_slices`` = k."""
+    from HLFDSegmentLib.pipeline import context_slices
+
+    return 2 * context_slices(cfg["data"]["preprocessing"]) + 1
+
+
 def code_version() -> str:
     """``git describe`` of the source tree, else the package version."""
     from HLFDSegmentLib import __version__

@@ -185,6 +185,16 @@ def check(cfg: Mapping[str, Any]) -> None:
                 f"config key '{section}.{key}' = {value!r}: expected one of "
                 f"{', '.join(map(str, sorted(allowed, key=str)))}"
             )
+    context = cfg["data"]["preprocessing"].get("context_slices", 0)
+    if isinstance(context, bool) or not isinstance(context, int) or not 0 <= context <= 4:
+        raise ConfigError(
+            f"config key 'data.preprocessing.context_slices' = {context!r}: expected an integer "
+            "0-4 (neighbour slices on each side)"
+        )
+    if context and cfg["model"]["spatial_dims"] != 2:
+        raise ConfigError(
+            "config key 'data.preprocessing.context_slices' needs model.spatial_dims = 2"
+        )
     for key in ("steps", "batch_size", "log_every", "val_every", "checkpoint_every"):
         value = cfg["train"][key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -41,7 +41,14 @@ from HLFDSegmentLib.modelpackage import load_package
 from HLFDSegmentLib.nets import build_network, tap_paths
 from HLFDSegmentLib.pipeline import Segmenter
 
-from .cards import N_CLASSES, card_for, load_weights, package_from_state, state_bytes
+from .cards import (
+    N_CLASSES,
+    card_for,
+    input_channels,
+    load_weights,
+    package_from_state,
+    state_bytes,
+)
 from .config import ConfigError, load_config, save_config
 from .distill import (
     FeatureTaps,
@@ -220,8 +227,45 @@ def synth_stream(cfg: Mapping[str, Any], prepared: Any, samples: int):
     )
 
 
-def make_network(spec: Mapping[str, Any], dims: int, classes: int) -> nn.Module:
-    return build_network(spec["architecture"], dims, 1, classes, **spec["kwargs"])
+def make_network(
+    spec: Mapping[str, Any], dims: int, classes: int, in_channels: int = 1
+) -> nn.Module:
+    return build_network(spec["architecture"], dims, in_channels, classes, **spec["kwargs"])
+
+
+def lift_input_channels(state: Mapping[str, torch.Tensor], net: nn.Module) -> nn.Module:
+    """Load a one-slice network's ``state`` into ``net``, the same network fed 2k + 1 slices:
+    the input convolution's weights go to the centre channel and the neighbour channels start
+    at zero, so the lifted network computes exactly what the one-slice network did."""
+    own = net.state_dict()
+    lifted = {}
+    for key, value in state.items():
+        want = own.get(key)
+        if (
+            want is not None
+            and want.shape != value.shape
+            and value.ndim == want.ndim >= 3
+            and value.shape[1] == 1
+            and want.shape[:1] + want.shape[2:] == value.shape[:1] + value.shape[2:]
+        ):
+            centre = want.shape[1] // 2
+            value = torch.zeros_like(want).index_copy_(
+                1, torch.tensor([centre]), value.to(want.dtype)
+            )
+        lifted[key] = value
+    net.load_state_dict(lifted, strict=True)
+    return net
+
+
+def centre_channels(given: int, wanted: int) -> slice:
+    """The ``wanted`` centre channels of ``given`` slice channels (odd counts)."""
+    if wanted > given or (given - wanted) % 2:
+        raise ConfigError(
+            f"the teacher takes {wanted} input channels, the student's input has {given}: "
+            "a teacher may see fewer context slices than its student, never more"
+        )
+    start = (given - wanted) // 2
+    return slice(start, start + wanted)
 
 
 def taps_of(net: nn.Module, spec: Mapping[str, Any]) -> dict[str, str]:
@@ -252,8 +296,9 @@ def load_teacher(cfg: Mapping[str, Any], classes: int) -> tuple[nn.Module, dict,
 def initial_network(spec: Mapping[str, Any], cfg: Mapping[str, Any], classes: int, role: str):
     """The run's network: fresh, or with the weights named by ``model.<role>.init`` (a model
     package or a ``.safetensors`` file of the same architecture) for fine-tuning."""
+    dims, channels = cfg["model"]["spatial_dims"], input_channels(cfg)
     if not spec.get("init"):
-        return make_network(spec, cfg["model"]["spatial_dims"], classes)
+        return make_network(spec, dims, classes, channels)
     net, got = trained_network(spec["init"], dict(spec), cfg, classes, role)
     want = (spec["architecture"], dict(spec.get("kwargs") or {}))
     if (got["architecture"], dict(got.get("kwargs") or {})) != want:
@@ -261,6 +306,13 @@ def initial_network(spec: Mapping[str, Any], cfg: Mapping[str, Any], classes: in
             f"model.{role}.init = {spec['init']!r}: a {got['architecture']!r} network with "
             f"kwargs {got.get('kwargs') or {}}, model.{role} asks {want[0]!r} with {want[1]}"
         )
+    if got["in_channels"] != channels:
+        if got["in_channels"] != 1:
+            raise ConfigError(
+                f"model.{role}.init = {spec['init']!r}: a network of {got['in_channels']} input "
+                f"channels; this run feeds {channels} (data.preprocessing.context_slices)"
+            )
+        net = lift_input_channels(net.state_dict(), make_network(spec, dims, classes, channels))
     return net.train()
 
 
@@ -277,13 +329,18 @@ def trained_network(
             "architecture": pkg.card["network"]["architecture"],
             "kwargs": pkg.card["network"].get("kwargs", {}),
             "taps": spec.get("taps", {}),
+            "in_channels": pkg.card["network"]["in_channels"],
         }
     else:
         if path.is_dir():
             if not (path / "config.yaml").is_file():
                 raise ConfigError(f"{path}: not a teacher run folder (no config.yaml)")
             run_cfg = load_config(path / "config.yaml")
-            spec = {**run_cfg["model"]["teacher"], "taps": spec.get("taps") or {}}
+            spec = {
+                **run_cfg["model"]["teacher"],
+                "taps": spec.get("taps") or {},
+                "in_channels": input_channels(run_cfg),
+            }
             path = next(
                 (
                     path / n
@@ -294,7 +351,8 @@ def trained_network(
             )
         if not path.is_file():
             raise ConfigError(f"{path}: {role} weights not found")
-        net = make_network(spec, cfg["model"]["spatial_dims"], classes)
+        spec = {"in_channels": input_channels(cfg), **spec}
+        net = make_network(spec, cfg["model"]["spatial_dims"], classes, spec["in_channels"])
         try:
             net.load_state_dict(load_weights(path), strict=True)
         except (RuntimeError, ValueError, ModelError) as exc:
@@ -525,10 +583,16 @@ class Trainer:
         s_taps = taps_of(self.student, spec)
 
         crop = cfg["data"]["crop"] if dims == 2 else cfg["data"]["patch"]
-        example = torch.zeros(1, 1, *crop)
+        example = torch.zeros(1, input_channels(cfg), *crop)
         s_channels = probe_channels(self.student, s_taps, example)
+        # a one-slice teacher of a 2.5D student sees the centre slice of the student's input
+        self.teacher_input = (
+            centre_channels(example.shape[1], t_spec["in_channels"]) if self.teacher else None
+        )
         t_channels = (
-            probe_channels(self.teacher, t_taps, example.to(self.device)) if self.teacher else {}
+            probe_channels(self.teacher, t_taps, example[:, self.teacher_input].to(self.device))
+            if self.teacher
+            else {}
         )
         try:
             self.method = build_method(
@@ -612,7 +676,9 @@ class Trainer:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             t_logits, t_feats = None, {}
             if self.teacher is not None:
-                t_logits, t_feats = run_with_taps(self.teacher, self.t_taps, x, teacher=True)
+                t_logits, t_feats = run_with_taps(
+                    self.teacher, self.t_taps, x[:, self.teacher_input], teacher=True
+                )
             terms = self.model(x, y, t_feats, t_logits if self.needs_t_logits else None)
         loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)

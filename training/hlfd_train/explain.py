@@ -15,20 +15,21 @@ import numpy as np
 import torch
 
 from HLFDSegmentLib.modelpackage import load_package
+from HLFDSegmentLib.pipeline import context_slices, with_context
 
-from .cards import N_CLASSES, load_weights
+from .cards import N_CLASSES, input_channels, load_weights
 from .config import ConfigError, load_config
 from .distill import attention_map, run_with_taps
 from .engine import make_network, taps_of
 
 
-def load_model(src: Path) -> tuple[torch.nn.Module, dict[str, str], str]:
-    """(eval network, taps, label) from a run folder or a model package."""
+def load_model(src: Path) -> tuple[torch.nn.Module, dict[str, str], str, int]:
+    """(eval network, taps, label, context slices) from a run folder or a model package."""
     src = Path(src)
     if (src / "model.json").is_file():
         pkg = load_package(src)
         net = pkg.build_network()
-        return net, taps_of(net, {}), pkg.name
+        return net, taps_of(net, {}), pkg.name, context_slices(pkg.card["preprocessing"])
     if not (src / "config.yaml").is_file():
         raise ConfigError(f"{src}: neither a run folder nor a model package")
     cfg = load_config(src / "config.yaml")
@@ -37,7 +38,8 @@ def load_model(src: Path) -> tuple[torch.nn.Module, dict[str, str], str]:
         json.loads(summary.read_text()).get("role", "student") if summary.is_file() else "student"
     )
     spec = cfg["model"][role]
-    net = make_network(spec, cfg["model"]["spatial_dims"], N_CLASSES[cfg["data"]["labelset"]])
+    classes = N_CLASSES[cfg["data"]["labelset"]]
+    net = make_network(spec, cfg["model"]["spatial_dims"], classes, input_channels(cfg))
     found = [src / n for n in ("best.safetensors", "last.safetensors") if (src / n).is_file()]
     weights = found[0] if found else None
     if weights is None:
@@ -45,7 +47,7 @@ def load_model(src: Path) -> tuple[torch.nn.Module, dict[str, str], str]:
     net.load_state_dict(load_weights(weights))
     method = cfg["distill"]["method"] if role == "student" else "teacher"
     label = f"{spec['architecture']} ({method})"
-    return net.eval(), taps_of(net, spec), label
+    return net.eval(), taps_of(net, spec), label, context_slices(cfg["data"]["preprocessing"])
 
 
 def explain(
@@ -69,13 +71,13 @@ def explain(
     cols = 2 + len(taps)
     fig, axes = plt.subplots(len(rows), cols, figsize=(2.4 * cols, 2.4 * len(rows)), squeeze=False)
     for r, (i, z) in enumerate(rows):
-        net, net_taps, label_text = loaded[i]
+        net, net_taps, label_text, context = loaded[i]
         if names:
             label_text = names[i]
         missing = [t for t in taps if t not in net_taps]
         if missing:
             raise ConfigError(f"{models[i]}: no tap {missing[0]!r} to explain")
-        x = torch.from_numpy(np.ascontiguousarray(image[z], dtype=np.float32))[None, None]
+        x = torch.from_numpy(with_context(image, [z], context))
         m = int(getattr(net, "size_divisible", 1))
         h, w = x.shape[-2:]
         x = torch.nn.functional.pad(x, (0, (-w) % m, 0, (-h) % m))

@@ -172,7 +172,8 @@ def onnx_for(package: Any, example_size: tuple[int, ...] | None = None) -> tuple
     size = example_size or (
         (256, 256) if dims == 2 else tuple(package.card["inference"]["roi_size"])
     )
-    data, err = to_onnx(net, dims, torch.randn(2, 1, *size), package.weights)
+    channels = package.card["network"]["in_channels"]
+    data, err = to_onnx(net, dims, torch.randn(2, channels, *size), package.weights)
     _check_onnx_error(package.card, err)
     card = {**package.card, "onnx": ONNX_NAME}
     card["metrics"] = {**card.get("metrics", {}), "onnx_max_probability_error": err}
@@ -302,7 +303,8 @@ def export(
     if onnx:
         dims = cfg["model"]["spatial_dims"]
         crop = cfg["data"]["crop"] if dims == 2 else cfg["data"]["patch"]
-        data, err = to_onnx(net, dims, torch.randn(2, 1, *crop), state_bytes(state))
+        example = torch.randn(2, card["network"]["in_channels"], *crop)
+        data, err = to_onnx(net, dims, example, state_bytes(state))
         _check_onnx_error(card, err)
         extra[ONNX_NAME] = data
         card["onnx"] = ONNX_NAME

@@ -7,7 +7,7 @@ train = SliceDataset(data, "train", crop=(160, 160), augment={"flip": 0.5})
 """
 
 from .augment import make_augment
-from .datasets import PreparedData, SliceDataset, VolumeDataset
+from .datasets import PreparedData, SliceDataset, VolumeDataset, context_crop
 from .labels import (
     CYST_OPTIONS,
     LABELSETS,
@@ -47,6 +47,7 @@ __all__ = [
     "PreparedData",
     "SliceDataset",
     "VolumeDataset",
+    "context_crop",
     "default_preprocessing",
     "detect_layout",
     "discover",

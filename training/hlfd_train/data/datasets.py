@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from HLFDSegmentLib.pipeline import background_value
+from HLFDSegmentLib.pipeline import background_value, context_slices, with_context
 
 from .augment import make_augment
 from .labels import DataError, tumour_value
@@ -123,9 +123,10 @@ def window_start(centre: int, size: int, total: int, jitter: int) -> int:
 
 
 def finish_sample(augment, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> dict:
-    """A (H, W) or (D, H, W) crop as channel-first tensors, through ``augment`` (MONAI Compose
-    seeded from ``rng``): {"image": float32, "label": int64}."""
-    data = {"image": torch.from_numpy(image[None]), "label": torch.from_numpy(label[None])}
+    """A channel-first (C, H, W) or (C, D, H, W) image crop and its (H, W) or (D, H, W) label as
+    tensors, through ``augment`` (MONAI Compose seeded from ``rng``): {"image": float32,
+    "label": int64}, both channel-first."""
+    data = {"image": torch.from_numpy(image), "label": torch.from_numpy(label[None])}
     if augment.transforms:
         augment.set_random_state(seed=int(rng.integers(2**31)))
         data = augment(data)
@@ -133,6 +134,20 @@ def finish_sample(augment, image: np.ndarray, label: np.ndarray, rng: np.random.
     img = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(img)
     lab = lab.as_tensor() if hasattr(lab, "as_tensor") else torch.as_tensor(lab)
     return {"image": img.float().contiguous(), "label": lab.round().long().contiguous()}
+
+
+def context_crop(
+    volume: np.ndarray,
+    z: int,
+    corner: Sequence[int],
+    size: Sequence[int],
+    context: int,
+    fill: float,
+) -> np.ndarray:
+    """(2 * context + 1, H, W): the ``size`` crop at ``corner`` of slices z - context .. z +
+    context of ``volume`` (the runtime's :func:`with_context`: end slices repeat)."""
+    stack = with_context(volume, [z], context)[0]
+    return window(stack, (0, *corner), (len(stack), *size), fill)
 
 
 class _Sampled(Dataset):
@@ -152,6 +167,7 @@ class _Sampled(Dataset):
         seed: int,
     ):
         self.prepared = prepared if isinstance(prepared, PreparedData) else PreparedData(prepared)
+        self.context = context_slices(self.prepared.preprocessing)
         self.split = split
         self.case_ids = self.prepared.cases(split)
         if not self.case_ids:
@@ -197,12 +213,13 @@ class _Sampled(Dataset):
 
 
 class SliceDataset(_Sampled):
-    """Random 2D crops (1, H, W) of axial slices, foreground-biased.
+    """Random 2D crops (C, H, W) of axial slices, foreground-biased: C = 1, or 2k + 1 slices
+    centred on the labelled one for ``context_slices`` = k in the preprocessing (2.5D).
 
     A share ``foreground_fraction`` of samples is centred (with jitter of up to a quarter crop)
     on a foreground pixel of a slice holding it; ``tumour_fraction`` of those on tumour. The rest
     are uniform over slices and positions. Crops larger than a slice are padded with the
-    normalised background (image) and 0 (label). Items: {"image": float32 (1, H, W),
+    normalised background (image) and 0 (label). Items: {"image": float32 (C, H, W),
     "label": int64 (1, H, W), "case": id, "slice": z}."""
 
     dims = 2
@@ -253,7 +270,7 @@ class SliceDataset(_Sampled):
             k = int(rng.integers(len(ys)))
             top = window_start(int(ys[k]), ch, h, int(rng.integers(-(ch // 4), ch // 4 + 1)))
             left = window_start(int(xs[k]), cw, w, int(rng.integers(-(cw // 4), cw // 4 + 1)))
-        img = window(image[z], (top, left), self.size, self.prepared.background)
+        img = context_crop(image, z, (top, left), self.size, self.context, self.prepared.background)
         lab = window(label[z], (top, left), self.size, 0).astype(np.uint8)
         out = self._finish(img, lab, rng)
         return {**out, "case": case, "slice": z}
@@ -309,5 +326,5 @@ class VolumeDataset(_Sampled):
             ]
         img = window(image, start, self.size, self.prepared.background)
         lab = window(label, start, self.size, 0).astype(np.uint8)
-        out = self._finish(img, lab, rng)
+        out = self._finish(img[None], lab, rng)
         return {**out, "case": case, "start": torch.tensor(start, dtype=torch.int64)}

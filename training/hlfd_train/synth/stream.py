@@ -26,11 +26,11 @@ import numpy as np
 import SimpleITK as sitk
 from torch.utils.data import Dataset
 
-from HLFDSegmentLib.pipeline import background_value, model_grid, normalise
+from HLFDSegmentLib.pipeline import background_value, context_slices, model_grid, normalise
 
 from ..config import ConfigError
 from ..data.augment import make_augment
-from ..data.datasets import finish_sample, window, window_start
+from ..data.datasets import context_crop, finish_sample, window, window_start
 from .generator import SynthConfig, SynthError, synth_case
 
 STREAM_KEYS = {"crops_per_case": 32, "pool": 8, "seed": 1, "synth": {}}
@@ -81,10 +81,11 @@ def stream_case(config: SynthConfig, seed: int, pre: Mapping[str, Any]) -> Strea
 
 
 class SynthSliceStream(Dataset):
-    """Random 2D crops (1, H, W) of synthetic cases made on the fly (see the module doc).
+    """Random 2D crops (C, H, W) of synthetic cases made on the fly (see the module doc); C = 1,
+    or 2k + 1 slices centred on the labelled one for ``context_slices`` = k (2.5D).
 
     ``batch`` and ``workers`` must be the DataLoader's (they lay the cases out per worker);
-    ``world``: data-parallel ranks, each with its own cases. Items: {"image": float32 (1, H, W),
+    ``world``: data-parallel ranks, each with its own cases. Items: {"image": float32 (C, H, W),
     "label": int64 (1, H, W), "case": "synth-<seed>", "slice": z}."""
 
     def __init__(
@@ -116,6 +117,7 @@ class SynthSliceStream(Dataset):
         # a case lives `life` of its worker's batches, serving batch / pool crops in each
         self.life = max(self.pool, round(crops_per_case * self.pool / self.batch))
         self.background = background_value(self.pre)
+        self.context = context_slices(self.pre)
         self._cached: dict[int, tuple[int, StreamCase]] = {}  # pool slot -> (seed, case)
 
     def __len__(self) -> int:
@@ -156,7 +158,7 @@ class SynthSliceStream(Dataset):
             z, y, x = (int(v) for v in points[rng.integers(len(points))])
             top = window_start(y, ch, h, int(rng.integers(-(ch // 4), ch // 4 + 1)))
             left = window_start(x, cw, w, int(rng.integers(-(cw // 4), cw // 4 + 1)))
-        img = window(case.image[z], (top, left), self.size, self.background)
+        img = context_crop(case.image, z, (top, left), self.size, self.context, self.background)
         lab = window(case.label[z], (top, left), self.size, 0).astype(np.uint8)
         out = finish_sample(self.augment, img, lab, rng)
         return {**out, "case": f"synth-{seed}", "slice": z}
