@@ -61,6 +61,41 @@ def test_soup_refuses_packages_of_other_networks_and_writes_nothing(tmp_path, ca
     assert not (tmp_path / "soup").exists()
 
 
+def test_a_one_slice_ingredient_is_lifted_into_a_25d_soup(tmp_path, capsys):
+    """A 2.5D package first: a one-slice ingredient joins with zero neighbour weights, so the
+    soup's input convolution is half the 2.5D one's on the neighbour channels; the other way
+    round is one clear line and nothing written."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load
+
+    from hlfd_train.cli import main as train_cli
+    from hlfd_train.soup import soup
+
+    wide = build_package(
+        tmp_path / "wide",
+        seed=1,
+        preprocessing={"context_slices": 1},
+        postprocessing={"enabled": False},
+    )
+    one = build_package(tmp_path / "one", postprocessing={"enabled": False})
+    package = load_package(soup([wide, one], tmp_path / "soup"))
+    assert package.card["network"]["in_channels"] == 3
+    assert package.card["preprocessing"]["context_slices"] == 1
+    w, o, mean = (load(load_package(p).weights) for p in (wide, one, package.path))
+    first = [k for k, v in w.items() if v.ndim == 4 and v.shape[1] == 3]
+    assert len(first) == 1 and o[first[0]].shape[1] == 1
+    k = first[0]
+    torch.testing.assert_close(mean[k][:, ::2], w[k][:, ::2] / 2)
+    torch.testing.assert_close(mean[k][:, 1:2], (w[k][:, 1:2] + o[k]) / 2)
+    arr = np.random.default_rng(0).uniform(0, 1, (4, 32, 32)).astype(np.float32)
+    assert Segmenter(package, "cpu", backend="torch").infer(arr).shape == arr.shape
+    assert train_cli(["soup", str(tmp_path / "bad"), str(one), str(wide)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "most context_slices first" in err
+    assert not (tmp_path / "bad").exists()
+
+
 def _report(cases: dict[str, tuple[float | None, float | None]]) -> dict:
     """An evaluation report of ``{case: (organ Dice, tumour Dice or None: tumour-free)}``."""
     rows = []

@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from hlfd_train.cards import N_CLASSES, load_weights
+from hlfd_train.cards import N_CLASSES, lifted_state, load_weights
 from hlfd_train.cli import main as train_cli
 from hlfd_train.config import ConfigError, load_config
 from hlfd_train.data import PreparedData, SliceDataset
@@ -25,7 +25,6 @@ from hlfd_train.distill import METHODS, build_method, probe_channels, run_with_t
 from hlfd_train.engine import (
     StudentStep,
     Trainer,
-    lift_input_channels,
     make_network,
     prepare_data,
     taps_of,
@@ -485,8 +484,8 @@ def test_a_one_slice_package_starts_a_25d_student_its_teacher_sees_the_centre(
     cfg, folder = teacher_run
     one = load_package(export(folder, tmp_path / "pkg", timing=False))
     net = one.build_network()
-    wide = make_network(cfg["model"]["teacher"], 2, 3, in_channels=3)
-    lifted = lift_input_channels(net.state_dict(), wide).eval()
+    lifted = make_network(cfg["model"]["teacher"], 2, 3, in_channels=3).eval()
+    lifted.load_state_dict(lifted_state(net.state_dict(), lifted.state_dict()))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(lifted(x), net(x[:, 1:2]), rtol=0, atol=0)

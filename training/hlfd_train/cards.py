@@ -49,6 +49,31 @@ def input_channels(cfg: Mapping[str, Any]) -> int:
     return 2 * context_slices(cfg["data"]["preprocessing"]) + 1
 
 
+def lifted_state(
+    state: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``state`` of a network fed fewer slices (odd channel counts, e.g. 1) made to fit ``like``,
+    the same network fed more: each input-convolution weight goes to the centre channels and
+    the extra neighbour channels are zero, so the lifted network computes exactly what the
+    narrower one did. Tensors of matching shape pass unchanged."""
+    out = {}
+    for key, value in state.items():
+        want = like.get(key)
+        if (
+            want is not None
+            and value.ndim == want.ndim >= 3
+            and value.shape[1] < want.shape[1]
+            and (want.shape[1] - value.shape[1]) % 2 == 0
+            and want.shape[:1] + want.shape[2:] == value.shape[:1] + value.shape[2:]
+        ):
+            start = (want.shape[1] - value.shape[1]) // 2
+            wide = torch.zeros(want.shape, dtype=value.dtype)
+            wide[:, start : start + value.shape[1]] = value
+            value = wide
+        out[key] = value
+    return out
+
+
 def code_version() -> str:
     """``git describe`` of the source tree, else the package version."""
     from HLFDSegmentLib import __version__

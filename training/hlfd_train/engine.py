@@ -45,6 +45,7 @@ from .cards import (
     N_CLASSES,
     card_for,
     input_channels,
+    lifted_state,
     load_weights,
     package_from_state,
     state_bytes,
@@ -233,30 +234,6 @@ def make_network(
     return build_network(spec["architecture"], dims, in_channels, classes, **spec["kwargs"])
 
 
-def lift_input_channels(state: Mapping[str, torch.Tensor], net: nn.Module) -> nn.Module:
-    """Load a one-slice network's ``state`` into ``net``, the same network fed 2k + 1 slices:
-    the input convolution's weights go to the centre channel and the neighbour channels start
-    at zero, so the lifted network computes exactly what the one-slice network did."""
-    own = net.state_dict()
-    lifted = {}
-    for key, value in state.items():
-        want = own.get(key)
-        if (
-            want is not None
-            and want.shape != value.shape
-            and value.ndim == want.ndim >= 3
-            and value.shape[1] == 1
-            and want.shape[:1] + want.shape[2:] == value.shape[:1] + value.shape[2:]
-        ):
-            centre = want.shape[1] // 2
-            value = torch.zeros_like(want).index_copy_(
-                1, torch.tensor([centre]), value.to(want.dtype)
-            )
-        lifted[key] = value
-    net.load_state_dict(lifted, strict=True)
-    return net
-
-
 def centre_channels(given: int, wanted: int) -> slice:
     """The ``wanted`` centre channels of ``given`` slice channels (odd counts)."""
     if wanted > given or (given - wanted) % 2:
@@ -295,7 +272,8 @@ def load_teacher(cfg: Mapping[str, Any], classes: int) -> tuple[nn.Module, dict,
 
 def initial_network(spec: Mapping[str, Any], cfg: Mapping[str, Any], classes: int, role: str):
     """The run's network: fresh, or with the weights named by ``model.<role>.init`` (a model
-    package or a ``.safetensors`` file of the same architecture) for fine-tuning."""
+    package or a ``.safetensors`` file of the same architecture) for fine-tuning; a package
+    fed fewer slices than this run's ``context_slices`` is lifted (:func:`lifted_state`)."""
     dims, channels = cfg["model"]["spatial_dims"], input_channels(cfg)
     if not spec.get("init"):
         return make_network(spec, dims, classes, channels)
@@ -307,12 +285,14 @@ def initial_network(spec: Mapping[str, Any], cfg: Mapping[str, Any], classes: in
             f"kwargs {got.get('kwargs') or {}}, model.{role} asks {want[0]!r} with {want[1]}"
         )
     if got["in_channels"] != channels:
-        if got["in_channels"] != 1:
+        if got["in_channels"] > channels:
             raise ConfigError(
                 f"model.{role}.init = {spec['init']!r}: a network of {got['in_channels']} input "
                 f"channels; this run feeds {channels} (data.preprocessing.context_slices)"
             )
-        net = lift_input_channels(net.state_dict(), make_network(spec, dims, classes, channels))
+        wide = make_network(spec, dims, classes, channels)  # started where the narrow one was
+        wide.load_state_dict(lifted_state(net.state_dict(), wide.state_dict()), strict=True)
+        net = wide
     return net.train()
 
 

@@ -3,7 +3,10 @@
 Students fine-tuned from one starting point stay in one basin of the loss, and the mean of
 their weights is often better than each of them, above all on data unlike the training data,
 at no cost in training or inference. The soup keeps the first package's card (labels,
-pre-processing, inference settings) and records its ingredients; calibrate it afterwards
+pre-processing, inference settings) and records its ingredients. Where the first package is
+fed neighbour slices (``context_slices``, 2.5D), an ingredient fed fewer is lifted first (its
+neighbour weights are zero: the same function), so a 2.5D fine-tune can be averaged with the
+one-slice model it started from. Calibrate the soup afterwards
 (``hlfd-train calibrate --write``): the thresholds of the first package were chosen for other
 weights.
 
@@ -22,10 +25,18 @@ import torch
 from HLFDSegmentLib.errors import ModelError
 from HLFDSegmentLib.modelpackage import CARD_NAME, ONNX_NAME, load_package, save_package
 
-from .cards import code_version, package_from_state
+from .cards import code_version, lifted_state, package_from_state
 from .export import onnx_for
 
 SAME = ("task", "network", "labels", "preprocessing")  # card fields every ingredient shares
+
+
+def _pipeline(card: dict) -> dict:
+    """The card fields every ingredient shares, input depth left out (it may be lifted)."""
+    same = copy.deepcopy({field: card[field] for field in SAME})
+    same["network"].pop("in_channels")
+    same["preprocessing"].pop("context_slices", None)
+    return same
 
 
 def mean_state(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -53,12 +64,20 @@ def soup(packages: Sequence[Path], out: Path, *, version: str | None = None) -> 
     states = []
     for package in loaded:
         for field in SAME:
-            if package.card[field] != base.card[field]:
+            if _pipeline(package.card)[field] != _pipeline(base.card)[field]:
                 raise ModelError(
                     f"{package.path / CARD_NAME}: field {field!r} differs from that of "
                     f"{base.path}; only packages of one network and pipeline can be averaged"
                 )
+        channels = package.card["network"]["in_channels"]
+        if channels > base.card["network"]["in_channels"]:
+            raise ModelError(
+                f"{package.path / CARD_NAME}: fed more slices ({channels} input channels) than "
+                f"{base.path}; put the package with the most context_slices first"
+            )
         state = load_safetensors(package.weights)
+        if states:
+            state = lifted_state(state, states[0])
         if states and _layout(state) != _layout(states[0]):
             raise ModelError(
                 f"{package.path / base.card['weights']}: tensor names or shapes differ from "
