@@ -555,7 +555,7 @@ class Trainer:
         classes = N_CLASSES[cfg["data"]["labelset"]]
         self.spec = spec = cfg["model"][self.role]
         self.student = initial_network(spec, cfg, classes, self.role)
-        self.teacher, t_taps, self.teacher_name = None, {}, None
+        self.teacher, t_taps, t_spec, self.teacher_name = None, {}, {}, None
         if self.method_name != "none":
             teacher, t_spec, self.teacher_name = load_teacher(cfg, classes)
             self.teacher = teacher.to(self.device)
