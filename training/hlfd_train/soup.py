@@ -61,10 +61,11 @@ def soup(packages: Sequence[Path], out: Path, *, version: str | None = None) -> 
         raise ModelError(f"{out}: is one of the packages to average; write the soup elsewhere")
     loaded = [load_package(p) for p in packages]
     base = loaded[0]
-    states = []
+    states, shared = [], _pipeline(base.card)
     for package in loaded:
+        own = _pipeline(package.card)
         for field in SAME:
-            if _pipeline(package.card)[field] != _pipeline(base.card)[field]:
+            if own[field] != shared[field]:
                 raise ModelError(
                     f"{package.path / CARD_NAME}: field {field!r} differs from that of "
                     f"{base.path}; only packages of one network and pipeline can be averaged"
