@@ -94,6 +94,11 @@ def test_a_one_slice_ingredient_is_lifted_into_a_25d_soup(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "most context_slices first" in err
     assert not (tmp_path / "bad").exists()
+    named = ["--version", "0.5.0", "--name", "kidney-student", "--title", "Kidney (2.5D)"]
+    assert train_cli(["soup", str(tmp_path / "named"), str(wide), str(one), *named]) == 0
+    card = load_package(tmp_path / "named").card
+    assert (card["name"], card["version"], card["title"]) == ("kidney-student", "0.5.0", named[5])
+    assert card["description"] == package.card["description"]  # not given: the first's + soup
 
 
 def _report(cases: dict[str, tuple[float | None, float | None]]) -> dict:

@@ -239,7 +239,9 @@ def cmd_add_onnx(args: argparse.Namespace) -> None:
 def cmd_soup(args: argparse.Namespace) -> None:
     from .soup import soup
 
-    out = soup(args.packages, args.out, version=args.version)
+    fields = {k: getattr(args, k) for k in ("name", "title", "description")}
+    card_fields = {k: v for k, v in fields.items() if v is not None}
+    out = soup(args.packages, args.out, version=args.version, card_fields=card_fields)
     print(f"model package: {out} (mean of {len(args.packages)}; calibrate it next)")
 
 
@@ -409,6 +411,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path)
     p.add_argument("packages", type=Path, nargs="+")
     p.add_argument("--version", help="model card version (default: the first's +soupN)")
+    for field in ("name", "title", "description"):
+        p.add_argument(f"--{field}", help=f"model card {field} (default: the first package's)")
     p.set_defaults(func=cmd_soup)
 
     p = sub.add_parser("explain", help="attention maps of teacher and students")

@@ -10,7 +10,7 @@ one-slice model it started from. Calibrate the soup afterwards
 (``hlfd-train calibrate --write``): the thresholds of the first package were chosen for other
 weights.
 
-    hlfd-train soup OUT PKG PKG [PKG ...] [--version V]
+    hlfd-train soup OUT PKG PKG [PKG ...] [--version V] [--name N] [--title T] [--description D]
 """
 
 from __future__ import annotations
@@ -50,9 +50,16 @@ def mean_state(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
     }
 
 
-def soup(packages: Sequence[Path], out: Path, *, version: str | None = None) -> Path:
+def soup(
+    packages: Sequence[Path],
+    out: Path,
+    *,
+    version: str | None = None,
+    card_fields: dict[str, str] | None = None,
+) -> Path:
     """Write the package whose weights are the mean of ``packages``' (two or more, of one
-    network and pipeline); it gets an ONNX graph where the first package has one."""
+    network and pipeline); it gets an ONNX graph where the first package has one.
+    ``card_fields`` (name, title, description) replace the first package's."""
     from safetensors.torch import load as load_safetensors
 
     if len(packages) < 2:
@@ -93,6 +100,7 @@ def soup(packages: Sequence[Path], out: Path, *, version: str | None = None) -> 
         f"{card.get('description', '')} Weights: the mean of {len(loaded)} packages "
         "fine-tuned from one start (provenance.ingredients)."
     ).strip()
+    card.update(card_fields or {})
     card["provenance"] = {
         **card["provenance"],
         "method": f"weight average of {len(loaded)} packages",

@@ -24,10 +24,10 @@ from .render import average_slices, ct_noise, metal_streaks, render
 from .tissues import PHASE_WEIGHTS, PHASES, T
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-MAX_INPLANE = 288
+MAX_INPLANE = 288  # voxels per in-plane axis
 # tumour-free share: the kidney model must call no tumour in the (mostly tumour-free) kidneys
 # of a liver CT, so it sees more healthy kidneys than KiTS (every case has a tumour) would give
-TUMOUR_FREE = {"liver": 0.2, "kidney": 0.35}  # voxels per in-plane axis
+TUMOUR_FREE = {"liver": 0.2, "kidney": 0.35}
 TASK_LABELS = {"liver": ("Liver", "Liver tumor"), "kidney": ("Kidney", "Kidney tumor")}
 
 
