@@ -45,7 +45,8 @@ bench-kd: setup      # distillation benchmark (cpu: ~95 min here; PRESET=quick ~
 # on-the-fly stream (liver: two, the second 55 min); the tumour threshold (kidney) and lesion
 # seed (hysteresis; both) are calibrated on separate cases; the liver model (0.5.0) is then the
 # weight average (hlfd-train soup) of 0.4.1 and three fine-tunes of it (kd, stream), the
-# kidney model (0.4.0) likewise of 0.3.2 and three fine-tunes. Overwrites
+# kidney model 0.4.0 likewise of 0.3.2 and three fine-tunes, and the kidney model 0.5.0 the
+# soup of two 2.5D stream fine-tunes of 0.4.0 (three slices in) and 0.4.0 lifted. Overwrites
 # Resources/Models/<task>. (The shipped kidney student had one more stage in between,
 # synth-kidney-ft.yaml, on data of a corrected generator; from nothing, the first stage uses it.)
 TASKS ?= liver kidney
@@ -116,7 +117,21 @@ models: setup
 	    'data.splits=[0,40,0]' --offsets=-3,-2 --seed-offsets=-8,-7,-6,-5 --write && \
 	  $(BIN)/hlfd-train synth write data/synth-kidney-val --task kidney --cases 6 --seed 2000 \
 	    --jobs 2 && \
-	  $(call soup,kidney,0.3.2,ing41,0.4.0); \
+	  $(call soup,kidney,0.3.2,ing41,0.4.0) && \
+	  rm -rf runs/kidney-0.4.0 && cp -r HLFDSegment/Resources/Models/kidney runs/kidney-0.4.0 && \
+	  for r in 25d 25db; do \
+	    OMP_NUM_THREADS=1 $(BIN)/hlfd-train distill -c training/configs/synth-kidney-$$r.yaml -q && \
+	    $(BIN)/hlfd-train export runs/synth-kidney-$$r/none-seed0 --which last --half --no-timing \
+	      -o runs/kidney-$$r || exit 1; \
+	  done && \
+	  $(BIN)/hlfd-train soup runs/kidney-soup3 runs/kidney-25d runs/kidney-25db runs/kidney-0.4.0 \
+	    --version 0.5.0 --name synth-kidney-student \
+	    --title "Kidney + kidney tumor (student, synthetic CT)" && \
+	  $(BIN)/hlfd-train calibrate runs/kidney-soup3 --split val --write \
+	    -c $(kidney_soup_calibration) && \
+	  $(BIN)/hlfd-train add-onnx runs/kidney-soup3 && \
+	  rm -rf HLFDSegment/Resources/Models/kidney && \
+	  cp -r runs/kidney-soup3 HLFDSegment/Resources/Models/kidney; \
 	fi
 
 clean:
