@@ -169,8 +169,9 @@ def metric_lines(metrics: Mapping[str, Any]) -> list[str]:
 
 
 def card_summary(card: Mapping[str, Any] | None) -> str:
-    """The model card as short rich text for the panel: title, task and labels, training data,
-    measured accuracy and run time, licence, and that it is not for diagnosis."""
+    """The model card as short rich text for the panel: title, task and labels, the input depth
+    of a 2.5D model, training data, measured accuracy and run time, licence, and that it is not
+    for diagnosis."""
     if not card:
         return f"<i>No model card available.</i><br><b>{NOT_FOR_DIAGNOSIS}</b>"
     e = html.escape
@@ -179,6 +180,12 @@ def card_summary(card: Mapping[str, Any] | None) -> str:
     labels = [str(lab.get("name")) for lab in card.get("labels", []) if isinstance(lab, dict)]
     task = f"{card.get('task', '?')} CT segmentation"
     rows.append(f"Task: {e(task)}" + (f": {e(', '.join(labels))}" if labels else ""))
+    context = (card.get("preprocessing") or {}).get("context_slices") or 0
+    if context:  # 2.5D: neighbour slices as input channels
+        rows.append(
+            f"Input: each axial slice with {context} neighbouring slice(s) on each side "
+            f"({2 * context + 1} slices, 2.5D)"
+        )
     provenance = card.get("provenance") or {}
     if provenance.get("data"):
         rows.append(f"Training data: {e(str(provenance['data']))}")
