@@ -19,7 +19,7 @@ import torch
 
 from hlfd_train.cards import N_CLASSES, lifted_state, load_weights
 from hlfd_train.cli import main as train_cli
-from hlfd_train.config import ConfigError, load_config
+from hlfd_train.config import ConfigError, check, load_config
 from hlfd_train.data import PreparedData, SliceDataset
 from hlfd_train.distill import METHODS, build_method, probe_channels, run_with_taps
 from hlfd_train.engine import (
@@ -510,3 +510,14 @@ def test_a_one_slice_package_starts_a_25d_student_its_teacher_sees_the_centre(
     by_torch = Segmenter(pkg, device="cpu", backend="torch").infer(arr)
     by_onnx = Segmenter(pkg, device="cpu", backend="onnx").infer(arr)
     assert by_torch.shape == arr.shape and (by_torch == by_onnx).mean() > 0.99
+
+
+RECIPES = sorted((Path(__file__).parents[1] / "training" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_shipped_recipe_is_a_valid_config(recipe):
+    cfg = load_config(recipe)  # unknown keys, bad values: ConfigError
+    check(cfg)
+    assert cfg["name"] == recipe.stem
+
