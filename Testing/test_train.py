@@ -520,4 +520,3 @@ def test_every_shipped_recipe_is_a_valid_config(recipe):
     cfg = load_config(recipe)  # unknown keys, bad values: ConfigError
     check(cfg)
     assert cfg["name"] == recipe.stem
-
