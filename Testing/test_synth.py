@@ -106,6 +106,34 @@ def test_write_command_writes_a_dataset_the_loaders_read(tmp_path, capsys):
     assert "fov_cut" in capsys.readouterr().err
 
 
+def test_matrix_resamples_in_plane_over_the_same_field_of_view():
+    """``synth write --matrix``: a scanner's 512 x 512 reconstruction of the same case: the
+    field of view, slices and organ volumes stay; labels stay labels."""
+    import SimpleITK as sitk
+
+    from hlfd_train.synth.write import on_matrix
+
+    image, labels = synth_case(fast(), 11).to_sitk()
+    fine, fine_labels = on_matrix(image, labels, 128)
+
+    def edges(img):  # the outer corners of the first and last voxels
+        return np.array(
+            [img.TransformContinuousIndexToPhysicalPoint(i) for i in
+             ([-0.5] * 3, [n - 0.5 for n in img.GetSize()])]
+        )  # fmt: skip
+
+    assert fine.GetSize()[:2] == (128, 128) and fine.GetSize()[2] == image.GetSize()[2]
+    assert fine.GetSpacing()[2] == image.GetSpacing()[2]
+    np.testing.assert_allclose(edges(fine), edges(image), atol=1e-3)
+    assert fine.GetPixelID() == image.GetPixelID() and fine_labels.GetPixelID() == sitk.sitkUInt8
+    before, after = (sitk.GetArrayFromImage(x) for x in (labels, fine_labels))
+    assert set(np.unique(after)) == set(np.unique(before))
+    voxel = [np.prod(x.GetSpacing()) for x in (labels, fine_labels)]
+    for value in np.unique(before)[1:]:
+        ml_before, ml_after = ((a == value).sum() * v for a, v in zip((before, after), voxel))
+        assert abs(ml_after - ml_before) / ml_before < 0.1
+
+
 @pytest.mark.slow
 def test_realism_report_has_its_figures(tmp_path):
     from hlfd_train.synth.report import write_report

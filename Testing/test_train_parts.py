@@ -225,3 +225,35 @@ def test_run_log_resume_drops_later_rows(tmp_path):
     plot_curves(tmp_path / "log.csv", tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert math.isclose(float(text[-1].split(",")[1]), 0.1)
+
+
+def test_runtime_command_times_a_package_and_writes_only_the_card(tmp_path, capsys):
+    """``hlfd-train runtime PKG IMAGE --write``: the median seconds land in the card's
+    runtimes; the weights and their checksums stay; a missing image or a folder that is not a
+    package is one line, exit 1, nothing written."""
+    import json
+
+    from hlfd_train.cli import main as train_cli
+    from HLFDSegmentLib.modelpackage import load_package
+
+    from conftest import block_ct, build_package, make_image
+
+    package = build_package(tmp_path / "pkg")
+    image = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(make_image(block_ct()), str(image))
+    weights = (package / "model.safetensors").read_bytes()
+    assert train_cli(["runtime", str(package), str(image), "--runs", "2"]) == 0
+    assert "median of 2" in capsys.readouterr().out
+    assert "runtimes" not in json.loads((package / "model.json").read_text())
+    assert train_cli(["runtime", str(package), str(image), "--runs", "2", "--write"]) == 0
+    runtime = load_package(package).card["runtimes"]  # checksums still hold
+    assert len(runtime) == 1 and runtime[0]["seconds"] > 0
+    where = f"{tmp_path.name}/ct.nii.gz 36x40x12 voxels of 0.7x0.8x2.5"
+    assert runtime[0]["input"].startswith(where)
+    assert (package / "model.safetensors").read_bytes() == weights
+    capsys.readouterr()
+    card = (package / "model.json").read_text()
+    for args in ([str(package), str(tmp_path / "none.nii.gz")], [str(tmp_path), str(image)]):
+        assert train_cli(["runtime", *args, "--write"]) == 1
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert (package / "model.json").read_text() == card

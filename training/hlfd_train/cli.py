@@ -2,6 +2,7 @@
 
     hlfd-train phantom OUT --task kidney --cases 12
     hlfd-train synth write OUT --task liver --cases 60 [--jobs 2] [--set noise_hu=[6,20]]
+                           [--matrix 512]
     hlfd-train synth report OUT [--task liver] [--cases 24]
     hlfd-train synth robustness OUT --task liver --models TEACHER STUDENT [--cases 3]
     hlfd-train prepare  --config C [--set data.root=...]
@@ -11,6 +12,7 @@
     hlfd-train compare  NEW/metrics.json OLD/metrics.json [--metric dice]
     hlfd-train export   RUN -o MODEL_DIR [--onnx]
     hlfd-train add-onnx MODEL_DIR...
+    hlfd-train runtime  MODEL_DIR IMAGE [--runs 5] [--write]
     hlfd-train soup     OUT MODEL_DIR MODEL_DIR [...] [--version V]
     hlfd-train explain  --config C --models RUN_OR_MODEL ... [--case ID] [--slices 10 20]
     hlfd-train bench    [--preset cpu|gpu|synth-gpu|quick|smoke|full] [--toy] [--out DIR]
@@ -87,7 +89,7 @@ def cmd_synth_write(args: argparse.Namespace) -> None:
     from .synth.write import write_synth
 
     cfg = _synth_config(args)
-    paths = write_synth(args.out, cfg, args.cases, args.seed, args.layout, args.jobs)
+    paths = write_synth(args.out, cfg, args.cases, args.seed, args.layout, args.jobs, args.matrix)
     print(f"{len(paths)} synthetic {args.task} CTs in {args.out}")
 
 
@@ -236,6 +238,22 @@ def cmd_add_onnx(args: argparse.Namespace) -> None:
         print(f"{out}: model.onnx added ({(out / 'model.onnx').stat().st_size / 1e6:.1f} MB)")
 
 
+def cmd_runtime(args: argparse.Namespace) -> None:
+    from HLFDSegmentLib.errors import InputError
+    from HLFDSegmentLib.modelpackage import load_package
+
+    from .export import time_pipeline, write_runtimes
+
+    if not args.image.is_file():
+        raise InputError(f"{args.image}: no such image file")
+    runtimes = time_pipeline(load_package(args.package), args.image, runs=args.runs)
+    r = runtimes[0]
+    print(f"{args.package}: {r['seconds']} s (median of {args.runs}), {r['device']}, {r['input']}")
+    if args.write:
+        write_runtimes(args.package, runtimes)
+        print(f"{args.package}: card runtimes written")
+
+
 def cmd_soup(args: argparse.Namespace) -> None:
     from .soup import soup
 
@@ -318,6 +336,12 @@ def parser() -> argparse.ArgumentParser:
         if name == "write":
             q.add_argument("--layout", choices=["kits19", "lits", "msd", "nnunet"])
             q.add_argument("--jobs", type=positive_int, default=1, help="processes")
+            q.add_argument(
+                "--matrix",
+                type=positive_int,
+                help="resample each case in-plane to N x N voxels over its field of view "
+                "(a scanner's 512 matrix); default: the generator's grid",
+            )
         q.set_defaults(func=func)
     q = synth.add_parser("robustness", help="models on held-out synthetic conditions")
     q.add_argument("out", type=Path)
@@ -404,6 +428,15 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("packages", type=Path, nargs="+")
     p.set_defaults(func=cmd_add_onnx)
+
+    p = sub.add_parser(
+        "runtime", help="time a package through the runtime pipeline on this CPU (card runtimes)"
+    )
+    p.add_argument("package", type=Path)
+    p.add_argument("image", type=Path, help="a CT volume (NIfTI, NRRD, ...)")
+    p.add_argument("--runs", type=positive_int, default=5, help="timed runs; the median counts")
+    p.add_argument("--write", action="store_true", help="write the figure into the card")
+    p.set_defaults(func=cmd_runtime)
 
     p = sub.add_parser(
         "soup", help="average the weights of packages fine-tuned from one start (model soup)"

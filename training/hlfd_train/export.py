@@ -19,14 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from HLFDSegmentLib.atomic import atomic_write
 from HLFDSegmentLib.backends import onnx_metadata
+from HLFDSegmentLib.errors import ModelError
 from HLFDSegmentLib.io import read_image
 from HLFDSegmentLib.modelpackage import (
+    CARD_NAME,
     ONNX_NAME,
     WEIGHTS_NAME,
     load_package,
     safetensors_arrays,
     save_package,
+    validate_card,
 )
 from HLFDSegmentLib.pipeline import Segmenter
 
@@ -198,25 +202,43 @@ def _check_onnx_error(card: dict[str, Any], err: float) -> None:
         )
 
 
-def time_pipeline(package: Any, image_path: Path | None) -> list[dict[str, Any]]:
-    """Seconds for one volume through the runtime pipeline on this machine's CPU."""
+def time_pipeline(package: Any, image_path: Path | None, runs: int = 1) -> list[dict[str, Any]]:
+    """Seconds for one volume through the runtime pipeline on this machine's CPU: the median
+    of ``runs`` timed runs after a warm-up (``[]`` without an image)."""
     if image_path is None or not Path(image_path).is_file():
         return []
     image = read_image(image_path)
     seg = Segmenter(package, device="cpu")
     seg(image)  # warm-up (allocations, oneDNN kernels)
-    t0 = time.perf_counter()
-    seg(image)
-    seconds = time.perf_counter() - t0
+    seconds = []
+    for _ in range(max(1, runs)):
+        t0 = time.perf_counter()
+        seg(image)
+        seconds.append(time.perf_counter() - t0)
     size = "x".join(map(str, image.GetSize()))
+    spacing = "x".join(f"{s:.3g}" for s in image.GetSpacing())
     cpu = platform.processor() or platform.machine()
     return [
         {
             "device": f"cpu ({torch.get_num_threads()} threads, {cpu})",
-            "seconds": round(seconds, 2),
-            "input": f"{Path(image_path).parent.name}/{Path(image_path).name} {size}",
+            "seconds": round(float(np.median(seconds)), 2),
+            "input": f"{Path(image_path).parent.name}/{Path(image_path).name} {size}"
+            f" voxels of {spacing} mm",
         }
     ]
+
+
+def write_runtimes(package_dir: Path, runtimes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Replace the runtimes of a package folder's card (atomically; the weights and their
+    checksums are untouched) with ``runtimes``; returns the new card."""
+    card_path = Path(package_dir) / CARD_NAME
+    if not card_path.is_file():
+        raise ModelError(f"{package_dir}: --write needs a model package folder (with {CARD_NAME})")
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card["runtimes"] = runtimes
+    validate_card(card, str(card_path))
+    atomic_write(card_path, json.dumps(card, indent=2) + "\n")
+    return card
 
 
 def _run_name(path: Path) -> str:
