@@ -55,6 +55,10 @@ def test_estimate_seconds_picks_the_device_kind():
     assert estimate_seconds(runtimes, "cuda") == 1.5
     assert estimate_seconds(runtimes, "mps") is None
     assert estimate_seconds(None, "cpu") is None
+    # the form ``hlfd-train export`` / ``runtime`` write (the built-in cards)
+    card = [{"device": "cpu (2 threads, x86_64)", "seconds": 0.85}]
+    assert estimate_seconds(card, "cpu") == 0.85 and estimate_seconds(card, "cuda") is None
+    assert estimate_seconds([{"device": "cuda (NVIDIA H200)", "seconds": 0.2}], "gpu") == 0.2
 
 
 def test_volume_rows_and_tumour_burden():

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -521,12 +522,17 @@ def device_argument(choice: str, platform: str = sys.platform) -> str:
 
 
 def estimate_seconds(runtimes: Iterable[Mapping[str, Any]] | None, device: str) -> float | None:
-    """The measured run time (card or registry ``runtimes``) for a device like ``device``."""
-    kind = "cuda" if device.startswith(("cuda", "gpu")) else device.split(":")[0]
+    """The measured run time (card or registry ``runtimes``) for a device like ``device``:
+    the kind is the device's first word (``cuda:0``, ``cpu (2 threads, x86_64)``)."""
+
+    def kind(name: str) -> str:
+        word = re.match(r"[a-z]*", name.strip().lower()).group()
+        return "cuda" if word == "gpu" else word
+
     matches = [
         float(r["seconds"])
         for r in runtimes or ()
-        if str(r.get("device", "")).lower().split(":")[0] == kind and "seconds" in r
+        if kind(str(r.get("device", ""))) == kind(device) and "seconds" in r
     ]
     return min(matches) if matches else None
 
