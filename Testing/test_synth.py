@@ -106,6 +106,23 @@ def test_write_command_writes_a_dataset_the_loaders_read(tmp_path, capsys):
     assert "fov_cut" in capsys.readouterr().err
 
 
+def test_scan_range_of_the_other_task():
+    """``scan=liver`` on the kidney task: a liver CT's range (the scored real-CT kidney case),
+    the very slices the liver task draws for that seed; bad values are one clear error."""
+    liver, kidney_on_liver, kidney = (
+        synth_case(fast(task=t, scan=s, max_slices=160), 4)
+        for t, s in (("liver", ""), ("kidney", "liver"), ("kidney", ""))
+    )
+    assert kidney_on_liver.origin[2] == liver.origin[2]
+    assert kidney_on_liver.image.shape[0] == liver.image.shape[0]
+    assert kidney.origin[2] != liver.origin[2]
+    assert set(np.unique(kidney_on_liver.labels)) <= {0, 1, 2}
+    with pytest.raises(SynthError, match="scan"):
+        SynthConfig(task="kidney", scan="lung")
+    with pytest.raises(SynthError, match="scan"):
+        SynthConfig.from_dict("kidney", {"scan": 3})
+
+
 def test_matrix_resamples_in_plane_over_the_same_field_of_view():
     """``synth write --matrix``: a scanner's 512 x 512 reconstruction of the same case: the
     field of view, slices and organ volumes stay; labels stay labels."""

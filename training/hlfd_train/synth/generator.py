@@ -56,6 +56,9 @@ class SynthConfig:
     other_organ_lesions: float = 0.0
     deform_mm: float = 8.0
     max_slices: int = 160
+    # whose scan range: "liver" (dome to below the liver: kidneys often cut, as in a LiTS CT) or
+    # "kidney" (both kidneys with margins, as in KiTS); "" = the task's own
+    scan: str = ""
 
     def __post_init__(self):
         if self.task not in TASK_LABELS:
@@ -71,6 +74,8 @@ class SynthConfig:
                 raise SynthError(
                     f"synth {name}: a probability in [0, 1], got {getattr(self, name)}"
                 )
+        if self.scan and self.scan not in TASK_LABELS:
+            raise SynthError(f"synth scan: expected liver, kidney or empty, got {self.scan!r}")
         unknown = set(self.phases) - set(PHASES)
         if unknown:
             raise SynthError(f"synth phases: unknown {sorted(unknown)}; known: {', '.join(PHASES)}")
@@ -91,6 +96,9 @@ class SynthConfig:
                 if not isinstance(v, list) or not all(_is_number(x) for x in v):
                     raise SynthError(f"synth {k}: a list of numbers, got {v!r}")
                 values[k] = tuple(float(x) for x in v)
+            elif isinstance(want, str):
+                if not isinstance(v, str):
+                    raise SynthError(f"synth {k}: a word, got {v!r}")
             elif isinstance(want, dict):
                 if not isinstance(v, dict) or not all(_is_number(x) for x in v.values()):
                     raise SynthError(f"synth {k}: a mapping of phase -> weight, got {v!r}")
@@ -135,7 +143,7 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
     sx = u(*cfg.inplane_mm)
     sz = float(rng.choice(cfg.slice_mm, p=np.asarray(cfg.slice_weights) / sum(cfg.slice_weights)))
     k = 1 if sz <= 3.0 else 2  # fine sub-slices per slice
-    z_lo, z_hi = _z_range(cfg.task, p, rng)
+    z_lo, z_hi = _z_range(cfg.scan or cfg.task, p, rng)
     n_slices = max(8, min(cfg.max_slices, round((z_hi - z_lo) / sz)))
     z_lo = (z_lo + z_hi) / 2 - n_slices * sz / 2
     fov = u(*cfg.fov_mm)
