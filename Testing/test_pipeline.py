@@ -239,6 +239,38 @@ def test_postprocess_keeps_two_kidneys_and_lesions_inside(tiny_package):
     assert (kept[2:14, 15:30, 8:22] == 2).all()
 
 
+def test_cyst_rule_turns_water_density_lesions_into_organ(tiny_package, ct_image):
+    """``cyst_max_hu``: a lesion component whose median HU (in the image the network read) is
+    water, as a simple cyst's (-9..20 HU, Bosniak 2019), joins its organ; an enhancing one stays;
+    the rule needs the image, and the whole pipeline hands it over."""
+    from HLFDSegmentLib.pipeline import hounsfield
+
+    seg = Segmenter(load_package(tiny_package), device="cpu")
+    pre = seg.card["preprocessing"]
+    labels = np.zeros((20, 40, 40), dtype=np.uint8)
+    labels[2:16, 5:35, 5:35] = 1  # kidney
+    labels[4:10, 8:16, 8:16] = 2  # cyst: 8 HU
+    labels[4:10, 20:30, 20:30] = 2  # tumour: 60 HU
+    hu = np.full(labels.shape, 150.0, np.float32)
+    hu[4:10, 8:16, 8:16] = 8.0
+    hu[4:10, 20:30, 20:30] = 60.0
+    lo, hi = pre["window"]
+    image = (hu - lo) / (hi - lo)  # as ``normalise`` makes it (minmax)
+    np.testing.assert_allclose(hounsfield(image, pre), hu, atol=1e-3)
+    seg.card["postprocessing"]["cyst_max_hu"] = 20.0
+    out = seg.postprocess(labels.copy(), 1e-3, image=image)
+    assert (out[4:10, 8:16, 8:16] == 1).all() and (out[4:10, 20:30, 20:30] == 2).all()
+    assert np.array_equal(seg.postprocess(labels.copy(), 1e-3), labels)  # no image: no rule
+    # end to end: every lesion is "water" below 3071 HU, none below -1024
+    seg.card["postprocessing"]["cyst_max_hu"] = 3071.0
+    assert 2 not in sitk.GetArrayFromImage(seg(ct_image).labels)
+    seg.card["postprocessing"]["cyst_max_hu"] = -1024.0
+    strict = sitk.GetArrayFromImage(seg(ct_image).labels)
+    del seg.card["postprocessing"]["cyst_max_hu"]
+    plain = sitk.GetArrayFromImage(seg(ct_image).labels)
+    assert np.array_equal(strict, plain) and 2 in plain
+
+
 def test_postprocess_in_the_label_box_equals_the_whole_volume(tiny_package):
     """The rules run on the box around the labels: the same result as on the whole grid
     (the box's view carries the edits back), blobs at the grid's edges included."""

@@ -197,6 +197,15 @@ def normalise(image: sitk.Image, grid: Grid, pre: dict[str, Any]) -> np.ndarray:
     return arr
 
 
+def hounsfield(values: np.ndarray, pre: dict[str, Any]) -> np.ndarray:
+    """HU of normalised values (the inverse of :func:`normalise`, within its window)."""
+    lo, hi = pre["window"]
+    norm = pre["normalize"]
+    if norm["mode"] == "minmax":
+        return values * (hi - lo) + lo
+    return values * norm.get("std", 1.0) + norm.get("mean", 0.0)
+
+
 def background_value(pre: dict[str, Any]) -> float:
     """Normalised value of the window's low end: what air becomes, and the padding value."""
     lo = float(pre["window"][0])
@@ -491,17 +500,28 @@ class Segmenter:
         )
 
     def postprocess(
-        self, labels: np.ndarray, voxel_ml: float, seeds: np.ndarray | None = None
+        self,
+        labels: np.ndarray,
+        voxel_ml: float,
+        seeds: np.ndarray | None = None,
+        image: np.ndarray | None = None,
     ) -> np.ndarray:
         """Apply the card's rules in place: organs keep their largest components, lesions stay
         inside/touching their organ, lesion islands below ``min_island_ml`` join the organ, and
-        so do lesion components without a seed voxel (when ``seeds`` are given)."""
+        so do lesion components without a seed voxel (when ``seeds`` are given) and, with
+        ``cyst_max_hu``, those of water density in ``image`` (the normalised model-grid array)."""
         rules = self.card["postprocessing"]
         box = mask_box(labels != 0)  # every rule acts on labelled voxels only
         if not rules.get("enabled", True) or box is None:
             return labels
         # views: edits land in ``labels``
-        self._apply_rules(labels[box], rules, voxel_ml, None if seeds is None else seeds[box])
+        self._apply_rules(
+            labels[box],
+            rules,
+            voxel_ml,
+            None if seeds is None else seeds[box],
+            None if image is None else image[box],
+        )
         return labels
 
     def _apply_rules(
@@ -510,8 +530,10 @@ class Segmenter:
         rules: dict[str, Any],
         voxel_ml: float,
         seeds: np.ndarray | None = None,
+        image: np.ndarray | None = None,
     ) -> None:
         min_voxels = round(rules.get("min_island_ml", 0.0) / voxel_ml)
+        cyst_max_hu = rules.get("cyst_max_hu") if image is not None else None
         for organ in (lab for lab in self.card["labels"] if "keep_largest" in lab):
             value = organ["value"]
             lesions = [lab["value"] for lab in self.card["labels"] if lab.get("inside") == value]
@@ -532,6 +554,11 @@ class Segmenter:
                     keep[:] = False
                     keep[numbers[seeds & mask]] = True
                 keep[0] = False  # below min_island_ml
+                if cyst_max_hu is not None:  # water density: a simple cyst, not a tumour
+                    ids, values = numbers[mask], image[mask]
+                    for k in np.flatnonzero(keep):
+                        median = np.median(values[ids == k])
+                        keep[k] = hounsfield(median, self.card["preprocessing"]) > cyst_max_hu
                 labels[mask & ~keep[numbers]] = value
                 del numbers, kept
 
@@ -555,13 +582,14 @@ class Segmenter:
 
         t = time.perf_counter()
         labels, seeds = self.infer_with_seeds(arr, report)
-        del arr
+        if "cyst_max_hu" not in self.card["postprocessing"]:
+            arr = None  # freed: only the cyst rule reads the image after inference
         timings["infer"] = time.perf_counter() - t
 
         t = time.perf_counter()
         report("postprocess", 0.0)
-        labels = self.postprocess(labels, math.prod(grid.spacing) / 1000.0, seeds)
-        del seeds
+        labels = self.postprocess(labels, math.prod(grid.spacing) / 1000.0, seeds, arr)
+        del seeds, arr
         timings["postprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
