@@ -46,7 +46,8 @@ bench-kd: setup      # distillation benchmark (cpu: ~95 min here; PRESET=quick ~
 # seed (hysteresis; both) are calibrated on separate cases; the liver model (0.5.0) is then the
 # weight average (hlfd-train soup) of 0.4.1 and three fine-tunes of it (kd, stream), the
 # kidney model 0.4.0 likewise of 0.3.2 and three fine-tunes, and the kidney model 0.5.0 the
-# soup of two 2.5D stream fine-tunes of 0.4.0 (three slices in) and 0.4.0 lifted. Overwrites
+# soup of two 2.5D stream fine-tunes of 0.4.0 (three slices in) and 0.4.0 lifted (0.5.1: the
+# same weights, lesions of water density become kidney: cyst_max_hu). Overwrites
 # Resources/Models/<task>. (The shipped kidney student had one more stage in between,
 # synth-kidney-ft.yaml, on data of a corrected generator; from nothing, the first stage uses it.)
 # Last, each card's run time: median of 5 through the runtime pipeline on a 512 x 512 x 97 CT.
@@ -132,7 +133,9 @@ models: setup
 	    -c $(kidney_soup_calibration) && \
 	  $(BIN)/hlfd-train add-onnx runs/kidney-soup3 && \
 	  rm -rf HLFDSegment/Resources/Models/kidney && \
-	  cp -r runs/kidney-soup3 HLFDSegment/Resources/Models/kidney; \
+	  cp -r runs/kidney-soup3 HLFDSegment/Resources/Models/kidney && \
+	  $(BIN)/hlfd-train card HLFDSegment/Resources/Models/kidney \
+	    --set postprocessing.cyst_max_hu=20 version=0.5.1; \
 	fi
 	$(BIN)/hlfd-train synth write data/timing --task liver --cases 1 --seed 7700 --matrix 512 \
 	  --set fov_cut=0 'fov_mm=[400,400]' 'slice_mm=[2.5]' 'slice_weights=[1]'

@@ -257,3 +257,28 @@ def test_runtime_command_times_a_package_and_writes_only_the_card(tmp_path, caps
         assert train_cli(["runtime", *args, "--write"]) == 1
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert (package / "model.json").read_text() == card
+
+
+def test_card_command_sets_checked_fields_and_nothing_else(tmp_path, capsys):
+    """``hlfd-train card PKG --set``: dotted fields land in the card (YAML values), the
+    package still loads; an unknown field, a checksum field or a bad value is one line,
+    exit 1, card unchanged."""
+    from hlfd_train.cli import main as train_cli
+    from HLFDSegmentLib.modelpackage import load_package
+
+    from conftest import build_package
+
+    package = build_package(tmp_path / "pkg")
+    args = ["card", str(package), "--set", "postprocessing.cyst_max_hu=20", "version=0.5.1"]
+    assert train_cli(args) == 0
+    card = load_package(package).card
+    assert card["postprocessing"]["cyst_max_hu"] == 20 and card["version"] == "0.5.1"
+    assert card["postprocessing"]["min_island_ml"] == 0.1  # the rest of the mapping stays
+    capsys.readouterr()
+    before = (package / "model.json").read_text()
+    for bad in ("postprocessing.cyst_max=20", "files.model.safetensors.size=1", "version=[1]"):
+        assert train_cli(["card", str(package), "--set", bad]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and bad.split("=")[0].split(".")[-1] in err[0], err
+    assert train_cli(["card", str(tmp_path), "--set", "version=1"]) == 1
+    assert (package / "model.json").read_text() == before

@@ -13,6 +13,7 @@
     hlfd-train export   RUN -o MODEL_DIR [--onnx]
     hlfd-train add-onnx MODEL_DIR...
     hlfd-train runtime  MODEL_DIR IMAGE [--runs 5] [--write]
+    hlfd-train card     MODEL_DIR --set postprocessing.cyst_max_hu=20 version=0.5.1
     hlfd-train soup     OUT MODEL_DIR MODEL_DIR [...] [--version V]
     hlfd-train explain  --config C --models RUN_OR_MODEL ... [--case ID] [--slices 10 20]
     hlfd-train bench    [--preset cpu|gpu|synth-gpu|quick|smoke|full] [--toy] [--out DIR]
@@ -242,7 +243,7 @@ def cmd_runtime(args: argparse.Namespace) -> None:
     from HLFDSegmentLib.errors import InputError
     from HLFDSegmentLib.modelpackage import load_package
 
-    from .export import time_pipeline, write_runtimes
+    from .export import time_pipeline, update_card
 
     if not args.image.is_file():
         raise InputError(f"{args.image}: no such image file")
@@ -250,8 +251,23 @@ def cmd_runtime(args: argparse.Namespace) -> None:
     r = runtimes[0]
     print(f"{args.package}: {r['seconds']} s (median of {args.runs}), {r['device']}, {r['input']}")
     if args.write:
-        write_runtimes(args.package, runtimes)
+        update_card(args.package, {"runtimes": runtimes})
         print(f"{args.package}: card runtimes written")
+
+
+def cmd_card(args: argparse.Namespace) -> None:
+    from .config import parse_override
+    from .export import update_card
+
+    changes = {}
+    for text in args.set:
+        key, _, _ = text.partition("=")
+        value = parse_override(text)
+        for part in key.strip().split("."):
+            value = value[part]
+        changes[key.strip()] = value
+    card = update_card(args.package, changes)
+    print(f"{args.package}: {', '.join(changes)} set ({card['name']} {card['version']})")
 
 
 def cmd_soup(args: argparse.Namespace) -> None:
@@ -437,6 +453,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=positive_int, default=5, help="timed runs; the median counts")
     p.add_argument("--write", action="store_true", help="write the figure into the card")
     p.set_defaults(func=cmd_runtime)
+
+    p = sub.add_parser("card", help="set model card fields of a package folder (checked)")
+    p.add_argument("package", type=Path)
+    p.add_argument(
+        "--set", "-s", action="extend", nargs="+", metavar="KEY=VALUE", required=True,
+        help="dotted card fields, YAML values: postprocessing.cyst_max_hu=20 version=0.5.1",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_card)
 
     p = sub.add_parser(
         "soup", help="average the weights of packages fine-tuned from one start (model soup)"

@@ -13,6 +13,7 @@ import json
 import platform
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -228,14 +229,24 @@ def time_pipeline(package: Any, image_path: Path | None, runs: int = 1) -> list[
     ]
 
 
-def write_runtimes(package_dir: Path, runtimes: list[dict[str, Any]]) -> dict[str, Any]:
-    """Replace the runtimes of a package folder's card (atomically; the weights and their
-    checksums are untouched) with ``runtimes``; returns the new card."""
+def update_card(package_dir: Path, changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Set dotted card fields (``{"postprocessing.cyst_max_hu": 20}``) of a package folder's
+    card, checked against the schema and written atomically; the weights and their checksums
+    (``files``, ``weights``) are not the card's to change. Returns the new card."""
     card_path = Path(package_dir) / CARD_NAME
     if not card_path.is_file():
-        raise ModelError(f"{package_dir}: --write needs a model package folder (with {CARD_NAME})")
+        raise ModelError(f"{package_dir}: not a model package folder (no {CARD_NAME})")
     card = json.loads(card_path.read_text(encoding="utf-8"))
-    card["runtimes"] = runtimes
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        if parents[:1] in (["files"], ["weights"]) or key in ("files", "weights"):
+            raise ModelError(f"{card_path}: field {key!r} is the package's checksums, not editable")
+        node = card
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ModelError(f"{card_path}: field {part!r} of {key!r} is not a mapping")
+        node[leaf] = value
     validate_card(card, str(card_path))
     atomic_write(card_path, json.dumps(card, indent=2) + "\n")
     return card
