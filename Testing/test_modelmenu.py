@@ -129,12 +129,14 @@ def test_built_in_card_summary_says_data_accuracy_licence_and_not_for_diagnosis(
     assert "Input:" not in text  # one slice at a time
 
 
-def test_built_in_kidney_card_summary_says_it_reads_three_slices():
+def test_built_in_kidney_card_summary_says_it_reads_three_slices_and_keeps_cysts():
     text = modelmenu.card_summary(modelmenu.read_card("kidney"))
     assert (
         "Input: each axial slice with 1 neighbouring slice(s) on each side (3 slices, 2.5D)" in text
     )
     assert "Training: the mean of the weights of 3 fine-tuned students (model soup)" in text
+    assert "Cyst rule: a lesion whose median is at most 20 HU" in text
+    assert "Cyst rule" not in modelmenu.card_summary(modelmenu.read_card("liver"))
 
 
 def test_cards_of_a_zip_a_folder_and_a_registry_listing(tmp_path, monkeypatch, tiny_package):

@@ -170,8 +170,8 @@ def metric_lines(metrics: Mapping[str, Any]) -> list[str]:
 
 def card_summary(card: Mapping[str, Any] | None) -> str:
     """The model card as short rich text for the panel: title, task and labels, the input depth
-    of a 2.5D model, training data, measured accuracy and run time, licence, and that it is not
-    for diagnosis."""
+    of a 2.5D model, a cyst rule, training data, measured accuracy and run time, licence, and
+    that it is not for diagnosis."""
     if not card:
         return f"<i>No model card available.</i><br><b>{NOT_FOR_DIAGNOSIS}</b>"
     e = html.escape
@@ -185,6 +185,12 @@ def card_summary(card: Mapping[str, Any] | None) -> str:
         rows.append(
             f"Input: each axial slice with {context} neighbouring slice(s) on each side "
             f"({2 * context + 1} slices, 2.5D)"
+        )
+    cyst_hu = (card.get("postprocessing") or {}).get("cyst_max_hu")
+    if cyst_hu is not None:  # a radiologist must know what the model will never call tumour
+        rows.append(
+            f"Cyst rule: a lesion whose median is at most {float(cyst_hu):g} HU (water "
+            "density, a simple cyst) is counted as organ, not tumour"
         )
     provenance = card.get("provenance") or {}
     if provenance.get("data"):
