@@ -187,7 +187,7 @@ def card_summary(card: Mapping[str, Any] | None) -> str:
             f"({2 * context + 1} slices, 2.5D)"
         )
     cyst_hu = (card.get("postprocessing") or {}).get("cyst_max_hu")
-    if cyst_hu is not None:  # a radiologist must know what the model will never call tumour
+    if isinstance(cyst_hu, (int, float)):  # what the model will never call tumour
         rows.append(
             f"Cyst rule: a lesion whose median is at most {float(cyst_hu):g} HU (water "
             "density, a simple cyst) is counted as organ, not tumour"
