@@ -276,7 +276,8 @@ def test_card_command_sets_checked_fields_and_nothing_else(tmp_path, capsys):
     assert card["postprocessing"]["min_island_ml"] == 0.1  # the rest of the mapping stays
     capsys.readouterr()
     before = (package / "model.json").read_text()
-    for bad in ("postprocessing.cyst_max=20", "files.model.safetensors.size=1", "version=[1]"):
+    bad_sets = ("postprocessing.cyst_max=20", "files.model.safetensors.size=1", "version=[1]")
+    for bad in (*bad_sets, "network.in_channels=3", "weights=x.safetensors"):
         assert train_cli(["card", str(package), "--set", bad]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and bad.split("=")[0].split(".")[-1] in err[0], err

@@ -38,6 +38,7 @@ from HLFDSegmentLib.pipeline import Segmenter
 from .cards import card_for, load_weights, package_from_state, state_bytes
 from .config import ConfigError, load_config
 
+FIXED_CARD_FIELDS = ("files", "weights", "network", "format_version")  # the weights' own
 ONNX_TOLERANCE = 1e-3  # max |p_onnx - p_torch| over softmax probabilities
 
 
@@ -231,16 +232,16 @@ def time_pipeline(package: Any, image_path: Path | None, runs: int = 1) -> list[
 
 def update_card(package_dir: Path, changes: Mapping[str, Any]) -> dict[str, Any]:
     """Set dotted card fields (``{"postprocessing.cyst_max_hu": 20}``) of a package folder's
-    card, checked against the schema and written atomically; the weights and their checksums
-    (``files``, ``weights``) are not the card's to change. Returns the new card."""
+    card, checked against the schema and written atomically; what describes the weights
+    (:data:`FIXED_CARD_FIELDS`) is not the card's to change. Returns the new card."""
     card_path = Path(package_dir) / CARD_NAME
     if not card_path.is_file():
         raise ModelError(f"{package_dir}: not a model package folder (no {CARD_NAME})")
     card = json.loads(card_path.read_text(encoding="utf-8"))
     for key, value in changes.items():
         *parents, leaf = key.split(".")
-        if parents[:1] in (["files"], ["weights"]) or key in ("files", "weights"):
-            raise ModelError(f"{card_path}: field {key!r} is the package's checksums, not editable")
+        if (parents[:1] or [leaf])[0] in FIXED_CARD_FIELDS:
+            raise ModelError(f"{card_path}: field {key!r} describes the weights, not editable")
         node = card
         for part in parents:
             node = node.setdefault(part, {})
