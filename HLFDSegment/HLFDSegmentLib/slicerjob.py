@@ -523,7 +523,8 @@ def device_argument(choice: str, platform: str = sys.platform) -> str:
 
 def estimate_seconds(runtimes: Iterable[Mapping[str, Any]] | None, device: str) -> float | None:
     """The measured run time (card or registry ``runtimes``) for a device like ``device``:
-    the kind is the device's first word (``cuda:0``, ``cpu (2 threads, x86_64)``)."""
+    the kind is the device's first word (a torch device string with its index, or
+    ``cpu (2 threads, x86_64)`` as ``hlfd-train`` writes it)."""
 
     def kind(name: str) -> str:
         word = re.match(r"[a-z]*", name.strip().lower()).group()

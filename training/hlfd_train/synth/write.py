@@ -7,9 +7,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
 from HLFDSegmentLib.phantom import case_seed, write_layout
+from HLFDSegmentLib.pipeline import Grid, respaced_grid
 
 from .generator import SynthConfig, synth_case
 
@@ -21,22 +20,13 @@ def on_matrix(image, labels, matrix: int):
     of view, as a scanner reconstructs (512 x 512): image linear, labels nearest."""
     import SimpleITK as sitk
 
-    nx, ny, nz = image.GetSize()
-    sx, sy, sz = image.GetSpacing()
-    spacing = (sx * nx / matrix, sy * ny / matrix, sz)
-    d = np.reshape(image.GetDirection(), (3, 3))
-    # the field of view's corner stays where it was: centres move by half the voxel change
-    corner = np.asarray(image.GetOrigin()) - d @ (np.array([sx, sy, 0.0]) / 2)
-    origin = corner + d @ (np.array([spacing[0], spacing[1], 0.0]) / 2)
-    size = (matrix, matrix, nz)
-
-    def resample(img, interpolator, fill):
-        return sitk.Resample(
-            img, size, sitk.Transform(), interpolator, tuple(origin), spacing,
-            img.GetDirection(), fill, img.GetPixelID(),
-        )  # fmt: skip
-
-    return resample(image, sitk.sitkLinear, -1024), resample(labels, sitk.sitkNearestNeighbor, 0)
+    grid = Grid.of(image)
+    (nx, ny, _), (sx, sy, _) = grid.size, grid.spacing
+    target = respaced_grid(grid, (sx * nx / matrix, sy * ny / matrix, None))
+    return (
+        target.resample(image, sitk.sitkLinear, image.GetPixelID(), -1024),
+        target.resample(labels, sitk.sitkNearestNeighbor, labels.GetPixelID(), 0),
+    )
 
 
 def _make(config: SynthConfig, seed: int, matrix: int | None, index: int):
