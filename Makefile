@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= out/demo
 
-.PHONY: setup demo test test-fast lint bench bench-kd models clean
+.PHONY: setup demo test test-fast lint bench bench-kd models models-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -144,3 +144,9 @@ models: setup
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
+
+# The GPU variant of both students (synth-{liver,kidney}-gpu.yaml: teacher, then kd from it, both
+# tasks side by side on one GPU; needs a CUDA build of torch in $(VENV) instead of the CPU pin),
+# exported to runs/gpu/<task>-{best,last}; calibrate and compare them as for `models`.
+models-gpu: setup
+	HLFD_TRAIN=$(BIN)/hlfd-train training/models_gpu.sh runs/gpu

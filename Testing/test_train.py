@@ -520,3 +520,36 @@ def test_every_shipped_recipe_is_a_valid_config(recipe):
     cfg = load_config(recipe)  # unknown keys, bad values: ConfigError
     check(cfg)
     assert cfg["name"] == recipe.stem
+
+
+@pytest.mark.slow
+def test_gpu_recipe_script_makes_both_students(tmp_path):
+    """training/models_gpu.sh end to end, on the CPU and on budgets of two steps per stage."""
+    repo = Path(__file__).parents[1]
+    for part in ("training", "HLFDSegment"):
+        (tmp_path / part).symlink_to(repo / part)
+    tiny = (
+        "train.steps=2 data.workers=0 train.batch_size=2 data.crop=[64,64] data.stream.pool=1 "
+        "data.stream.crops_per_case=4 data.splits=[0,1,0] data.val_cases=1 device=cpu"
+    )
+    env = {
+        **os.environ,
+        "HLFD_TRAIN": f"{sys.executable} -m hlfd_train.cli",
+        "VAL_CASES": "1",
+        "SET": tiny,
+    }
+    done = subprocess.run(
+        ["bash", str(repo / "training" / "models_gpu.sh"), "out"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    logs = "".join((tmp_path / "out" / f"{t}.log").read_text() for t in ("liver", "kidney"))
+    assert done.returncode == 0, done.stderr + logs[-3000:]
+    for task in ("liver", "kidney"):
+        for which in ("best", "last"):
+            card = load_package(tmp_path / "out" / f"{task}-{which}").card
+            assert card["task"] == task and card["name"] == f"synth-{task}-gpu"
+    assert load_package(tmp_path / "out" / "kidney-last").card["network"]["in_channels"] == 3

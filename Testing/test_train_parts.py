@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 
 from hlfd_train.config import ConfigError, load_config, parse_override
-from hlfd_train.engine import StepSampler, lr_factor
+from hlfd_train.engine import StepSampler, device_name, lr_factor
 from hlfd_train.evaluate import (
     axial_axis,
     dice,
@@ -190,6 +190,17 @@ def test_axial_axis_and_tumour_slices():
     ref[1, 0, 0] = ref[3, 2, 2] = 2
     ref[4, 1, 1] = 1
     assert tumour_slices(ref, 2, 0).tolist() == [1, 3]
+
+
+def test_device_name_gives_cuda_an_index():
+    # torch.cuda.set_device refuses a bare "cuda" (a single-GPU run stopped at its first line)
+    assert device_name("auto", cuda=True) == "cuda:0"
+    assert device_name("cuda", cuda=True) == "cuda:0"
+    assert device_name("auto", cuda=True, local_rank=3) == "cuda:3"
+    assert device_name("cuda:1", cuda=True, local_rank=3) == "cuda:1"
+    assert device_name("auto", cuda=False) == "cpu"
+    assert device_name("cpu", cuda=True) == "cpu"
+    assert torch.device(device_name("cuda", cuda=False)).index == 0  # then refused: no CUDA
 
 
 def test_step_sampler_depends_only_on_step():

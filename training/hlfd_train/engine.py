@@ -80,12 +80,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def pick_device(name: str, rank: int) -> torch.device:
+def device_name(name: str, cuda: bool, local_rank: int | None = None) -> str:
+    """``device`` resolved: ``auto`` -> cuda or cpu; a bare ``cuda`` gets its index (the local
+    rank of a distributed run, else 0), since ``torch.cuda.set_device`` refuses one without."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and dist.is_initialized():
-        name = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    device = torch.device(name)
+        name = "cuda" if cuda else "cpu"
+    return f"cuda:{local_rank or 0}" if name == "cuda" else name
+
+
+def pick_device(name: str, rank: int) -> torch.device:
+    local = int(os.environ.get("LOCAL_RANK", rank)) if dist.is_initialized() else None
+    device = torch.device(device_name(name, torch.cuda.is_available(), local))
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"config key 'device' = {name!r}: no CUDA device here")

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU variant of the built-in students (synth-{liver,kidney}-gpu.yaml), both tasks side by
+# side on one GPU: validation cases, teacher, kd student, then the student's best and last
+# checkpoints exported (float16) to OUT/<task>-best and OUT/<task>-last, logs in OUT/<task>.log.
+# Calibration and the choice against the shipped model follow on any machine (README, "Models").
+#   training/models_gpu.sh [OUT]   (env: HLFD_TRAIN, the hlfd-train command; TEACHER_MINUTES and
+#                                  STUDENT_MINUTES, the two stages' budgets; SET, more --set;
+#                                  VAL_CASES, validation cases to write, 6)
+set -euo pipefail
+out=${1:-runs/gpu}
+train=${HLFD_TRAIN:-hlfd-train}
+teacher_min=${TEACHER_MINUTES:-4.2}
+student_min=${STUDENT_MINUTES:-2.4}
+cases=${VAL_CASES:-6}
+export OMP_NUM_THREADS=1 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1   # one core per data worker
+mkdir -p "$out"
+
+[ -d data/synth-liver-val ] || $train synth write data/synth-liver-val --task liver --cases "$cases" \
+  --seed 2000 --layout msd > "$out/liver.log" &
+[ -d data/synth-kidney-val ] || $train synth write data/synth-kidney-val --task kidney --cases "$cases" \
+  --seed 2000 > "$out/kidney.log" &
+wait
+
+stages() {  # task: teacher, kd student, export
+  local cfg=training/configs/synth-$1-gpu.yaml
+  # shellcheck disable=SC2086
+  $train teacher -c "$cfg" -q --set train.minutes="$teacher_min" ${SET:-} &&
+    $train distill -c "$cfg" -q --set train.minutes="$student_min" train.lr=3.0e-4 \
+      train.warmup_steps=50 train.val_every=500 train.checkpoint_every=500 ${SET:-} &&
+    for which in best last; do
+      $train export "runs/synth-$1-gpu/kd-seed0" --which "$which" --half --no-timing \
+        -o "$out/$1-$which" || return 1
+    done
+}
+stages liver >> "$out/liver.log" 2>&1 & liver=$!
+stages kidney >> "$out/kidney.log" 2>&1 & kidney=$!
+status=0
+wait $liver || { status=1; echo "liver failed: $out/liver.log" >&2; }
+wait $kidney || { status=1; echo "kidney failed: $out/kidney.log" >&2; }
+exit $status
