@@ -15,14 +15,11 @@ cases=${VAL_CASES:-6}
 export OMP_NUM_THREADS=1 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1   # one core per data worker
 mkdir -p "$out"
 
-[ -d data/synth-liver-val ] || $train synth write data/synth-liver-val --task liver --cases "$cases" \
-  --seed 2000 --layout msd > "$out/liver.log" &
-[ -d data/synth-kidney-val ] || $train synth write data/synth-kidney-val --task kidney --cases "$cases" \
-  --seed 2000 > "$out/kidney.log" &
-wait
-
-stages() {  # task: teacher, kd student, export
-  local cfg=training/configs/synth-$1-gpu.yaml
+stages() {  # task: validation cases, teacher, kd student, export
+  local cfg=training/configs/synth-$1-gpu.yaml layout=kits19
+  [ "$1" = liver ] && layout=msd
+  [ -d "data/synth-$1-val" ] || $train synth write "data/synth-$1-val" --task "$1" \
+    --cases "$cases" --seed 2000 --layout "$layout" || return 1
   # shellcheck disable=SC2086
   $train teacher -c "$cfg" -q --set train.minutes="$teacher_min" ${SET:-} &&
     $train distill -c "$cfg" -q --set train.minutes="$student_min" train.lr=3.0e-4 \
@@ -32,8 +29,8 @@ stages() {  # task: teacher, kd student, export
         -o "$out/$1-$which" || return 1
     done
 }
-stages liver >> "$out/liver.log" 2>&1 & liver=$!
-stages kidney >> "$out/kidney.log" 2>&1 & kidney=$!
+stages liver > "$out/liver.log" 2>&1 & liver=$!
+stages kidney > "$out/kidney.log" 2>&1 & kidney=$!
 status=0
 wait $liver || { status=1; echo "liver failed: $out/liver.log" >&2; }
 wait $kidney || { status=1; echo "kidney failed: $out/kidney.log" >&2; }
