@@ -528,6 +528,10 @@ def test_gpu_recipe_script_makes_both_students(tmp_path):
     repo = Path(__file__).parents[1]
     for part in ("training", "HLFDSegment"):
         (tmp_path / part).symlink_to(repo / part)
+    for task, layout in (("liver", "msd"), ("kidney", "kits19")):  # small validation cases
+        where = str(tmp_path / "data" / f"synth-{task}-val")
+        args = ["synth", "write", where, "--task", task, "--cases", "1", "--matrix", "96"]
+        assert train_cli([*args, "--layout", layout]) in (0, None)
     tiny = (
         "train.steps=2 data.workers=0 train.batch_size=2 data.crop=[64,64] data.stream.pool=1 "
         "data.stream.crops_per_case=4 data.splits=[0,1,0] data.val_cases=1 device=cpu"
@@ -535,7 +539,6 @@ def test_gpu_recipe_script_makes_both_students(tmp_path):
     env = {
         **os.environ,
         "HLFD_TRAIN": f"{sys.executable} -m hlfd_train.cli",
-        "VAL_CASES": "1",
         "SET": tiny,
     }
     done = subprocess.run(

@@ -4,14 +4,12 @@
 # checkpoints exported (float16) to OUT/<task>-best and OUT/<task>-last, logs in OUT/<task>.log.
 # Calibration and the choice against the shipped model follow on any machine (README, "Models").
 #   training/models_gpu.sh [OUT]   (env: HLFD_TRAIN, the hlfd-train command; TEACHER_MINUTES and
-#                                  STUDENT_MINUTES, the two stages' budgets; SET, more --set;
-#                                  VAL_CASES, validation cases to write, 6)
+#                                  STUDENT_MINUTES, the two stages' budgets; SET, more --set)
 set -euo pipefail
 out=${1:-runs/gpu}
 train=${HLFD_TRAIN:-hlfd-train}
 teacher_min=${TEACHER_MINUTES:-4.2}
 student_min=${STUDENT_MINUTES:-2.4}
-cases=${VAL_CASES:-6}
 export OMP_NUM_THREADS=1 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1   # one core per data worker
 mkdir -p "$out"
 
@@ -19,7 +17,7 @@ stages() {  # task: validation cases, teacher, kd student, export
   local cfg=training/configs/synth-$1-gpu.yaml layout=kits19
   [ "$1" = liver ] && layout=msd
   [ -d "data/synth-$1-val" ] || $train synth write "data/synth-$1-val" --task "$1" \
-    --cases "$cases" --seed 2000 --layout "$layout" || return 1
+    --cases 6 --seed 2000 --layout "$layout" || return 1
   # shellcheck disable=SC2086
   $train teacher -c "$cfg" -q --set train.minutes="$teacher_min" ${SET:-} &&
     $train distill -c "$cfg" -q --set train.minutes="$student_min" train.lr=3.0e-4 \
