@@ -1,5 +1,5 @@
 # HLFDSegment: `make demo` (set-up + main job), `make test` (CI), `make test-fast`, `make bench`,
-# `make bench-kd`, `make lint`.
+# `make bench-kd`, `make lint`, `make models` / `make models-gpu` (the built-in students).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
