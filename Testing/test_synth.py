@@ -219,6 +219,34 @@ def test_other_organ_lesions_are_painted_and_never_labelled():
         SynthConfig(other_organ_lesions=2.0)
 
 
+def test_fatty_liver_and_ascites_change_the_image_not_the_labels():
+    """``steatosis`` darkens the liver parenchyma but not its tumours (they hold no fat);
+    ``ascites`` paints water into the abdominal fat around the liver; the labels stay, and both
+    draw from their own stream: the rest of the case is the seed's plain case."""
+    from hlfd_train.synth.tissues import T
+
+    cfg = dict(phases={"portal_venous": 1.0}, tumour_free=0.0, metal=0.0)
+    plain = synth_case(fast(**cfg), 2)
+    sick = synth_case(fast(steatosis=1.0, ascites=1.0, **cfg), 2)
+    assert np.array_equal(plain.labels, sick.labels)
+    fat = sick.meta["liver_fat_hu"]
+    assert 10 <= fat <= 45 and sick.meta["ascites"] and plain.meta["liver_fat_hu"] == 0
+    liver = plain.tissue == T["liver"]
+    drop = float(np.median(plain.image[liver]) - np.median(sick.image[liver]))
+    assert 0.6 * fat <= drop <= 1.4 * fat, (fat, drop)
+    core = plain.tissue == T["liver_tumour"]
+    assert np.median(np.abs(plain.image[core] - sick.image[core].astype(np.float32))) < 0.3 * fat
+    water = sick.tissue == T["ascites"]
+    assert (
+        water.sum() * np.prod(sick.spacing) / 1000 > 5 and not (plain.tissue == T["ascites"]).any()
+    )
+    assert np.array_equal(plain.tissue[~water], sick.tissue[~water])
+    assert (plain.tissue[water] == T["visceral_fat"]).all()
+    assert -30 < np.median(sick.image[water]) < 40
+    with pytest.raises(SynthError, match="steatosis"):
+        SynthConfig(steatosis=1.5)
+
+
 def stream(workers=0, context=0, **kw):
     from hlfd_train.synth.stream import SynthSliceStream, stream_settings
 

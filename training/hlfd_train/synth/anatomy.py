@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
 from .geometry import Grid, random_walk, rotation, smooth_path
 from .tissues import T
@@ -81,6 +82,7 @@ class Anatomy:
     kidney: np.ndarray  # bool: kidneys (parenchyma, sinus, pelvis, cysts)
     body_rho: np.ndarray  # normalised body radius (1 at the skin)
     metal: list[tuple[float, float, float]]
+    abdomen: np.ndarray  # bool: the peritoneal cavity below the diaphragm
 
 
 def _body_rho(grid: Grid, p: Patient) -> np.ndarray:
@@ -154,7 +156,22 @@ def build(grid: Grid, p: Patient, rng: np.random.Generator) -> Anatomy:
             T["cyst"],
         ],
     )
-    return Anatomy(tissue, liver, kidney, rho.astype(np.float32), metal)
+    return Anatomy(tissue, liver, kidney, rho.astype(np.float32), metal, abdomen)
+
+
+def add_ascites(grid: Grid, anatomy: Anatomy, rng: np.random.Generator) -> None:
+    """Free fluid (cirrhosis, peritoneal spread: common in liver-tumour CTs): a rim of water
+    around the liver and spleen, patchy and up to a few cm thick, in the abdominal fat only, so
+    no organ loses voxels or labels. Water's HU, the hard negative of a hypodense lesion at the
+    liver's edge."""
+    t = anatomy.tissue
+    organs = anatomy.liver | (t == T["spleen"])
+    dx = float(grid.xs[1] - grid.xs[0])
+    dz = float(grid.zs[1] - grid.zs[0]) if len(grid.zs) > 1 else dx
+    s = rng.uniform(4.0, 14.0)  # mm: a thin rim to moderate ascites
+    near = gaussian_filter(organs.astype(np.float32), (s / dz, s / dx, s / dx))
+    level = rng.uniform(0.04, 0.2) * np.clip(1.0 + 0.5 * grid.coarse_noise, 0.2, 2.0)
+    t[(near > level) & anatomy.abdomen & (t == T["visceral_fat"])] = T["ascites"]
 
 
 def _paint(tissue, sl, mask, name, where=None):

@@ -17,7 +17,7 @@ import numpy as np
 
 from HLFDSegmentLib.phantom import Phantom
 
-from .anatomy import Patient, build
+from .anatomy import Patient, add_ascites, build
 from .geometry import Grid
 from .lesions import add_lesions
 from .render import average_slices, ct_noise, metal_streaks, render
@@ -56,6 +56,10 @@ class SynthConfig:
     other_organ_lesions: float = 0.0
     deform_mm: float = 8.0
     max_slices: int = 160
+    # chances of a fatty liver (patchy, 10-45 HU darker parenchyma) and of free fluid around the
+    # liver and spleen: both common in the patients of liver-tumour CTs (tissues.py [Pickhardt])
+    steatosis: float = 0.0
+    ascites: float = 0.0
     # whose scan range: "liver" (dome to below the liver: kidneys often cut, as in a LiTS CT) or
     # "kidney" (both kidneys with margins, as in KiTS); "" = the task's own
     scan: str = ""
@@ -69,7 +73,15 @@ class SynthConfig:
                 raise SynthError(f"synth {name}: need 0 < low <= high, got {[lo, hi]}")
         if len(self.slice_mm) != len(self.slice_weights) or min(self.slice_mm) <= 0:
             raise SynthError("synth slice_mm / slice_weights: same length, positive values")
-        for name in ("fov_cut", "circle_mask", "tumour_free", "metal", "other_organ_lesions"):
+        for name in (
+            "fov_cut",
+            "circle_mask",
+            "tumour_free",
+            "metal",
+            "other_organ_lesions",
+            "steatosis",
+            "ascites",
+        ):
             if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
                 raise SynthError(
                     f"synth {name}: a probability in [0, 1], got {getattr(self, name)}"
@@ -160,6 +172,13 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
     zs = z_lo + fine_dz * (np.arange(n_slices * k) + 0.5)
     grid = Grid(xs, ys, zs, rng, cfg.deform_mm)
     anatomy = build(grid, p, rng)
+    # the liver's background disease draws from its own stream: with both chances at 0 (the
+    # default) every earlier seed still gives the same case
+    disease = np.random.default_rng([seed, 11])
+    fat_hu = disease.uniform(10, 45) if disease.random() < cfg.steatosis else 0.0
+    ascites = bool(disease.random() < cfg.ascites)
+    if ascites:
+        add_ascites(grid, anatomy, disease)
     share = TUMOUR_FREE[cfg.task] if cfg.tumour_free is None else cfg.tumour_free
     tumour_free = bool(rng.random() < share)
     lesions = add_lesions(grid, anatomy, cfg.task, rng, tumour_free)
@@ -169,7 +188,7 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
     weights = cfg.phases or PHASE_WEIGHTS[cfg.task]
     names = sorted(weights)
     phase = str(rng.choice(names, p=np.array([weights[n] for n in names]) / sum(weights.values())))
-    img = render(grid, anatomy, lesions, phase, rng, (sx, sx, fine_dz))
+    img = render(grid, anatomy, lesions, phase, rng, (sx, sx, fine_dz), fat_hu)
     img = average_slices(img, k)
     organ = anatomy.liver if cfg.task == "liver" else anatomy.kidney
     tumour = anatomy.tissue == T[f"{cfg.task}_tumour"]
@@ -198,6 +217,8 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
         "noise_hu": round(sd, 1),
         "tumour_free": tumour_free,
         "metal": bool(anatomy.metal),
+        "liver_fat_hu": round(fat_hu, 1),
+        "ascites": ascites,
         "lesions": [
             {k: v for k, v in rec.items() if k not in ("box", "q", "region")} for rec in lesions
         ],

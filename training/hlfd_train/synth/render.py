@@ -14,13 +14,16 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from .lesions import texture
-from .tissues import HU, PHASES, TEXTURE, TISSUES, T
+from .tissues import HU, KIN, PHASES, TEXTURE, TISSUES, T
 
 
 def tissue_hu(rng: np.random.Generator, phase: str) -> np.ndarray:
     """Per-case mean HU of every tissue id (a lookup table)."""
     k = PHASES.index(phase)
-    lut = np.array([rng.uniform(*HU[name][k]) for name in TISSUES], dtype=np.float32)
+    drawn = [0.0 if name in KIN else rng.uniform(*HU[name][k]) for name in TISSUES]
+    lut = np.array(drawn, dtype=np.float32)
+    for name, kin in KIN.items():
+        lut[T[name]] = lut[T[kin]]
     # physiological couplings: hepatic veins never brighter than the portal vein in the
     # portal phase; the medulla never brighter than the cortex before the nephrographic phase
     if phase in ("arterial", "portal_venous"):
@@ -28,8 +31,15 @@ def tissue_hu(rng: np.random.Generator, phase: str) -> np.ndarray:
     return lut
 
 
-def render(grid, anatomy, lesions, phase: str, rng: np.random.Generator, spacing) -> np.ndarray:
-    """float32 HU image (fine grid) before slice averaging and noise."""
+def render(
+    grid, anatomy, lesions, phase: str, rng: np.random.Generator, spacing, liver_fat_hu=0.0
+) -> np.ndarray:
+    """float32 HU image (fine grid) before slice averaging and noise.
+
+    ``liver_fat_hu``: steatosis, the mean HU the liver parenchyma loses to fat, patchy (focal
+    sparing and focal fat); its vessels and lesions keep their values (tumours hold no fat, so
+    a hypodense metastasis loses contrast in a fatty liver, as on real CT).
+    """
     lut = tissue_hu(rng, phase)
     tissue = anatomy.tissue
     img = lut[tissue]
@@ -41,6 +51,9 @@ def render(grid, anatomy, lesions, phase: str, rng: np.random.Generator, spacing
     m = tissue == T["feces"]
     if m.any():  # mottled stool: gas bubbles in soft tissue
         img[m] = np.where(grid.fine_noise[m] > 0.7, -700.0, rng.uniform(-40, 40))
+    if liver_fat_hu:
+        m = tissue == T["liver"]
+        img[m] -= liver_fat_hu * np.clip(1.0 + 0.6 * grid.coarse_noise[m], 0.1, 2.0)
     organ_hu = {"liver": lut[T["liver"]], "kidney": lut[T["kidney_cortex"]]}
     for rec in lesions:
         _lesion(img, rec, organ_hu[rec["organ"]], phase, rng)

@@ -37,6 +37,8 @@ CONDITIONS: dict[str, dict[str, Any]] = {
         "other_organ_lesions": 1.0,
         "phases": {"portal_venous": 1.0},
     },
+    # the patients of liver-tumour CTs: a fatty liver (tumours lose contrast) and free fluid
+    "fatty liver, ascites": {"steatosis": 1.0, "ascites": 1.0},
 }
 SEED_BASE = 900_000  # far from the training datasets' case seeds
 

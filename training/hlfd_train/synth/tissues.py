@@ -19,6 +19,10 @@ consistent look and the stream covers the published spread. Sources (see
 - [Jang] L1 trabecular bone 226 +- 44 (< 30 y) to 89 +- 38 (>= 90 y) (Radiology 2019).
 - [Blood] unenhanced aorta / IVC 36-50 (anaemia cohorts; non-anaemic IQR 40-50).
 - [Bosniak] simple cyst -9..20, gallbladder/bile 0-20 (FLARE22 median 14).
+- [Pickhardt] unenhanced liver 64.4 HU at 0 % fat, under 48 HU specific for >= 30 % fat, under
+  40 HU moderate steatosis (Eur Radiol 2012); portal-venous liver under 80-90 HU flags moderate
+  steatosis (ARRS 2024 abstract 4710); LiTS liver + tumour voxels 99 +- 39 HU (0.5-99.5th
+  percentile -17..201; nnU-Net's LiTS normalisation), darker and wider than a healthy liver.
 - "estimate" marks an unsourced starting point, used for randomisation only.
 """
 
@@ -64,8 +68,12 @@ TISSUES = (
     "liver_tumour",
     "kidney_tumour",
     "metal",
+    "ascites",
 )
 T = {name: i for i, name in enumerate(TISSUES)}
+# tissues added after the training stream was fixed take a kin tissue's per-case value instead of
+# a draw of their own, so every earlier seed still gives the same case
+KIN = {"ascites": "bladder"}  # free fluid is simple water, as urine
 
 # tissue -> (non_contrast, arterial, portal_venous, delayed) ranges
 HU: dict[str, tuple[tuple[float, float], ...]] = {
@@ -105,6 +113,7 @@ HU: dict[str, tuple[tuple[float, float], ...]] = {
     "liver_tumour": ((30, 55), (40, 120), (40, 100), (40, 90)),  # overwritten per lesion
     "kidney_tumour": ((25, 45), (100, 220), (80, 160), (60, 120)),  # ccRCC (Urologia J)
     "metal": ((2500, 3071),) * 4,
+    "ascites": ((0, 20),) * 4,  # [Bosniak] simple fluid (transudate); the bladder's value
 }
 
 # Per-tissue texture amplitude (HU sd of a smooth random field): heterogeneous enhancement.
