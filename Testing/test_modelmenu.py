@@ -119,8 +119,10 @@ def test_built_in_card_summary_says_data_accuracy_licence_and_not_for_diagnosis(
     liver, tumour = dice["Liver"], dice["Liver tumor"]
     accuracy = f"synthetic test Dice: Liver {liver:.2f}, Liver tumor {tumour:.2f}"
     assert f"Measured accuracy: {accuracy}" in text
-    soup = len(card["provenance"]["ingredients"])  # 0.5.0: a model soup, said as one
-    assert f"Training: the mean of the weights of {soup} fine-tuned students (model soup)" in text
+    start = card["provenance"]["init"]  # 0.6.0: a fine-tune of the shipped 0.5.0, said as one
+    training = f"Training: fine-tuned from {start['name']} {start['version']}, the task loss alone"
+    assert training in text and "none distillation" not in text
+    assert "fatty liver test Dice: Liver" in text
     seconds = card["runtimes"][0]["seconds"]
     assert f"Measured time: {seconds:.2f} s on cpu" in text
     assert "Licence: Apache-2.0" in text

@@ -446,6 +446,13 @@ def test_half_export_and_fine_tuning_from_a_package(teacher_run, tmp_path):
     for k, v in load_weights(folder / "best.safetensors").items():
         if "running_" not in k and "num_batches" not in k:  # BN statistics move in train mode
             torch.testing.assert_close(start[k], v, rtol=0, atol=0)
+    origin = load_package(package).card  # the fine-tune's card names what it started from
+    tuned_card = load_package(export(run, tmp_path / "tuned", which="last", timing=False)).card
+    assert tuned_card["provenance"]["init"] == {
+        "name": origin["name"],
+        "version": origin["version"],
+        "sha256": origin["files"]["model.safetensors"]["sha256"],
+    }
     half = load_package(export(folder, tmp_path / "half", timing=False, half=True))
     assert len(half.weights) < 0.6 * len(load_package(package).weights)
     rng = np.random.default_rng(0)

@@ -199,8 +199,15 @@ def card_summary(card: Mapping[str, Any] | None) -> str:
         n = len(provenance["ingredients"])
         rows.append(f"Training: the mean of the weights of {n} fine-tuned students (model soup)")
     elif provenance.get("method"):
+        method = str(provenance["method"])
         teacher = f" from {provenance['teacher']}" if provenance.get("teacher") else ""
-        rows.append(f"Training: {e(str(provenance['method']))} distillation{e(teacher)}")
+        how = "the task loss alone" if method == "none" else f"{method} distillation{teacher}"
+        start = provenance.get("init")
+        if isinstance(start, dict) and start.get("name"):  # a fine-tune of a package
+            how = (
+                f"fine-tuned from {start['name']} {start.get('version', '')}".rstrip() + f", {how}"
+            )
+        rows.append(f"Training: {e(how)}")
     accuracy = metric_lines(card.get("metrics") or {})
     rows.append("Measured accuracy: " + (e("; ".join(accuracy)) if accuracy else "not reported"))
     for runtime in card.get("runtimes") or []:

@@ -285,6 +285,19 @@ def data_description(cfg: dict, info: dict) -> str:
     return f"{layout} dataset '{root.name}', labelset {labelset}, {cases} cases"
 
 
+def started_from(init: str | None) -> dict[str, Any] | str | None:
+    """What a fine-tune started from: a package's name, version and weights' sha256 (read
+    now, so export before installing over the start), or the path as given."""
+    if not init:
+        return None
+    card = Path(init) / "model.json"
+    if not card.is_file():
+        return str(init)
+    c = json.loads(card.read_text())
+    sha = (c.get("files") or {}).get("model.safetensors", {}).get("sha256")
+    return {"name": c.get("name"), "version": c.get("version"), "sha256": sha}
+
+
 def export(
     run: Path,
     out: Path,
@@ -313,6 +326,9 @@ def export(
         "method_options": cfg["distill"]["options"] if role == "student" else {},
         "run": f"{cfg['name']}/{Path(run).name}",
     }
+    start = started_from((cfg["model"].get(role) or {}).get("init"))
+    if start:
+        provenance["init"] = start
     card = card_for(cfg, role, preprocessing=info.get("preprocessing"), provenance=provenance)
     fields = dict(card_fields or {})
     card["postprocessing"].update(fields.pop("postprocessing", {}))
