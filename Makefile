@@ -44,7 +44,8 @@ bench-kd: setup      # distillation benchmark (cpu: ~95 min here; PRESET=quick ~
 # (about 60 min per task on 2 cores; TASKS="liver" for one), then a 45-minute stage on the
 # on-the-fly stream (liver: two, the second 55 min); the tumour threshold (kidney) and lesion
 # seed (hysteresis; both) are calibrated on separate cases; the liver model (0.5.0) is then the
-# weight average (hlfd-train soup) of 0.4.1 and three fine-tunes of it (kd, stream), the
+# weight average (hlfd-train soup) of 0.4.1 and three fine-tunes of it (kd, stream), 0.6.0 that
+# soup fine-tuned on fatty livers and ascites (synth-liver-disease.yaml), the
 # kidney model 0.4.0 likewise of 0.3.2 and three fine-tunes, and the kidney model 0.5.0 the
 # soup of two 2.5D stream fine-tunes of 0.4.0 (three slices in) and 0.4.0 lifted (0.5.1: the
 # same weights, lesions of water density become kidney: cyst_max_hu). Overwrites
@@ -99,7 +100,17 @@ models: setup
 	  $(BIN)/hlfd-train calibrate HLFDSegment/Resources/Models/liver \
 	    -c training/configs/synth-liver-stream2.yaml --set data.root=data/synth-liver-cal \
 	    'data.splits=[0,20,0]' --offsets=0 --seed-offsets=-6,-5,-4,-3 --max-fp-ml 1000 --write && \
-	  $(call soup,liver,0.4.1,ing31,0.5.0); \
+	  $(call soup,liver,0.4.1,ing31,0.5.0) && \
+	  OMP_NUM_THREADS=1 $(BIN)/hlfd-train distill -c training/configs/synth-liver-disease.yaml -q && \
+	  $(BIN)/hlfd-train export runs/synth-liver-disease/none-seed0 --which last --half \
+	    --no-timing -o runs/liver-disease && \
+	  $(BIN)/hlfd-train card runs/liver-disease --set name=synth-liver-student version=0.6.0 \
+	    'title=Liver + liver tumor (student, synthetic CT)' && \
+	  $(BIN)/hlfd-train calibrate runs/liver-disease --split val --write \
+	    -c $(liver_soup_calibration) && \
+	  $(BIN)/hlfd-train add-onnx runs/liver-disease && \
+	  rm -rf HLFDSegment/Resources/Models/liver && \
+	  cp -r runs/liver-disease HLFDSegment/Resources/Models/liver; \
 	fi
 	if echo " $(TASKS) " | grep -q " kidney "; then \
 	  rm -rf runs/kidney-0.2.0 && cp -r HLFDSegment/Resources/Models/kidney runs/kidney-0.2.0 && \

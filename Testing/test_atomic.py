@@ -112,3 +112,24 @@ def test_every_writer_uses_the_rule(tmp_path, monkeypatch):
         assert mode(path) == (0o700 if name == "pkg" else 0o600), name
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(writers)  # no temporaries
+
+
+def test_writers_of_one_folder_at_once_all_succeed(tmp_path):
+    """Two runs preparing the same dataset write the same case folders at the same time: a
+    folder swap is not atomic, so one may land between another's removal and its rename; every
+    writer still succeeds and one complete folder stays, with no temporary beside it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    target = tmp_path / "case"
+
+    def write(i: int) -> None:
+        with atomic_folder(target) as tmp:
+            for name in ("image.npy", "label.npy", "meta.json"):
+                (tmp / name).write_text(str(i))
+
+    for _ in range(30):
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(write, range(8)))
+        assert sorted(p.name for p in target.iterdir()) == ["image.npy", "label.npy", "meta.json"]
+        assert len({(target / n).read_text() for n in ("image.npy", "meta.json")}) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["case"]

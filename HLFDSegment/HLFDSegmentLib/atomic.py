@@ -8,10 +8,12 @@ plain ``open(path, "w")`` would give (0666 less the umask), a new folder what ``
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +32,7 @@ UMASK = _current_umask()
 def final_mode(path: Path, folder: bool = False) -> int:
     """The permission bits ``path`` gets: the replaced entry's, else the umask-respecting
     default of a new file (0666) or folder (0777)."""
-    if path.exists():
+    with contextlib.suppress(FileNotFoundError):  # gone meanwhile: another writer's swap
         return stat.S_IMODE(path.stat().st_mode)
     return (0o777 if folder else 0o666) & ~UMASK
 
@@ -69,7 +71,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` (an existing
-    folder there is removed first), on error it is removed."""
+    folder there is removed first; when another process puts its own there in between, as
+    two runs preparing the same dataset do, the last one wins), on error it is removed."""
     path = Path(path)
     _checked_parent(path)
     try:
@@ -79,8 +82,17 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, final_mode(path, folder=True))  # mkdtemp makes 0700
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        for attempt in range(8):  # a folder swap is two renames: another writer may come between
+            old = path.parent / f".{path.name}.old.{uuid.uuid4().hex}"
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(path, old)  # moved aside whole, never emptied in place
+            try:
+                os.replace(tmp, path)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 7:
+                    raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
