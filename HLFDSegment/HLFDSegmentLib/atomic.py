@@ -93,6 +93,9 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
                 if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 7:
                     raise
             finally:
-                shutil.rmtree(old, ignore_errors=True)
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:  # a file was there
+                    old.unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
