@@ -219,6 +219,27 @@ def test_other_organ_lesions_are_painted_and_never_labelled():
         SynthConfig(other_organ_lesions=2.0)
 
 
+def test_worst_case_montage_shows_the_slice_that_went_most_wrong(tmp_path):
+    """The robustness montage keeps, per condition, the case that went most wrong and its
+    slice with the most wrong voxels; a perfect prediction is not wrong at all."""
+    from hlfd_train.synth.robustness import badness, case_metrics, worst_slice, write_worst_montage
+
+    case = synth_case(fast(tumour_free=0.0, phases={"portal_venous": 1.0}), 3)
+    perfect = case_metrics(case.labels, case.labels, case.spacing)
+    assert badness(perfect) == 0
+    z = int(np.argmax((case.labels > 0).sum(axis=(1, 2))))
+    pred = case.labels.copy()
+    pred[z] = 0  # one slice missed whole
+    row = case_metrics(pred, case.labels, case.spacing)
+    worst = worst_slice(case, pred, row)
+    assert worst["z"] == z and worst["badness"] > 0 and not worst["pred"].any()
+    healthy = {"organ_dice": 1.0, "tumour_dice": float("nan"), "tumour_free_fp_ml": 5.0}
+    assert badness(healthy) == 0.5  # 10 mL of false tumour counts as a whole miss
+    png = write_worst_montage({"standard": worst, "again": worst}, "m 1.0", tmp_path / "w.png")
+    image = __import__("matplotlib.image").image.imread(png)
+    assert image.shape[1] > image.shape[0] > 100 and image.std() > 0.05
+
+
 def test_fatty_liver_and_ascites_change_the_image_not_the_labels():
     """``steatosis`` darkens the liver parenchyma but not its tumours (they hold no fat);
     ``ascites`` paints water into the abdominal fat around the liver; the labels stay, and both

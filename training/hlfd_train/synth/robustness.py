@@ -4,7 +4,8 @@
 cases per condition through the runtime pipeline (exactly what ``hlfd-segment`` runs) and writes
 ``DIR/robustness-TASK.json`` and ``robustness-TASK.md``: organ and tumour Dice (tumour Dice over
 tumour-bearing cases only), tumour volume called in tumour-free cases, and tumour called within
-10 mm of a cut field-of-view border (where the real-CT failure was seen).
+10 mm of a cut field-of-view border (where the real-CT failure was seen); and
+``robustness-TASK-worst.png``, the last model's worst case per condition at its worst slice.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ SEED_BASE = 900_000  # far from the training datasets' case seeds
 
 
 def evaluate_conditions(
-    task: str, models: dict[str, Any], cases: int = 3, seed: int = 0
+    task: str, models: dict[str, Any], cases: int = 3, seed: int = 0, worst: dict | None = None
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """{condition: {model: metrics}} for loaded ``Segmenter`` objects ``models``."""
+    """{condition: {model: metrics}} for loaded ``Segmenter`` objects ``models``; ``worst``,
+    when given, gets {condition: the last model's worst case} (see :func:`worst_slice`)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for k, (name, keys) in enumerate(CONDITIONS.items()):
         cfg = SynthConfig.from_dict(task, {"tumour_free": 0.25, **keys})
@@ -56,9 +58,82 @@ def evaluate_conditions(
             image, _ = case.to_sitk()
             for m, segmenter in models.items():
                 pred = sitk.GetArrayFromImage(segmenter(image).labels)
-                per_model[m].append(case_metrics(pred, case.labels, case.spacing))
+                row = case_metrics(pred, case.labels, case.spacing)
+                per_model[m].append(row)
+                last = m == list(models)[-1]
+                if (
+                    worst is not None
+                    and last
+                    and badness(row) > worst.get(name, {}).get("badness", -1)
+                ):
+                    worst[name] = worst_slice(case, pred, row)
         out[name] = {m: summarise(rows) for m, rows in per_model.items()}
     return out
+
+
+def badness(row: dict[str, float]) -> float:
+    """How wrong a case went: missed organ plus missed tumour, or false tumour (10 mL counts
+    as a whole miss) where there is none."""
+    tumour = row["tumour_dice"]
+    miss = 1.0 - tumour if np.isfinite(tumour) else min(row["tumour_free_fp_ml"] / 10.0, 1.0)
+    return (1.0 - row["organ_dice"]) + miss
+
+
+def worst_slice(case, pred: np.ndarray, row: dict[str, float]) -> dict[str, Any]:
+    """The axial slice of ``case`` with the most wrongly labelled voxels, for the montage."""
+    z = int(np.argmax((pred != case.labels).sum(axis=(1, 2))))
+    return {
+        "badness": badness(row),
+        "row": row,
+        "seed": case.meta["seed"],
+        "phase": case.meta["phase"],
+        "z": z,
+        "image": case.image[z],
+        "truth": case.labels[z],
+        "pred": pred[z],
+    }
+
+
+def write_worst_montage(worst: dict[str, dict[str, Any]], model: str, path: Path) -> Path:
+    """One panel per condition: the worst case's worst slice, truth and prediction outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 4
+    rows = -(-len(worst) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    fmt = lambda v: "-" if not np.isfinite(v) else f"{v:.2f}"  # noqa: E731
+    for ax, (cond, w) in zip(axes.flat, worst.items()):
+        ax.imshow(w["image"], cmap="gray", vmin=-160, vmax=240)
+        for mask, colour, style in (
+            (w["truth"] > 0, "lime", "solid"),
+            (w["truth"] == 2, "yellow", "solid"),
+            (w["pred"] > 0, "deepskyblue", "dashed"),
+            (w["pred"] == 2, "red", "dashed"),
+        ):
+            if mask.any() and not mask.all():
+                ax.contour(mask, [0.5], colors=colour, linewidths=0.8, linestyles=style)
+        r = w["row"]
+        fp = r["tumour_free_fp_ml"]
+        extra = f", false tumour {fp:.1f} mL" if np.isfinite(fp) else ""
+        ax.set_title(
+            f"{cond}\nseed {w['seed']}, {w['phase']}, slice {w['z']}\n"
+            f"organ {fmt(r['organ_dice'])}, tumour {fmt(r['tumour_dice'])}{extra}",
+            fontsize=8,
+        )
+    fig.suptitle(
+        f"{model}: worst case per condition (truth: organ green, tumour yellow; "
+        "prediction dashed: organ blue, tumour red)",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.97), h_pad=2.0)
+    fig.savefig(path, dpi=60)
+    plt.close(fig)
+    return path
 
 
 def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing) -> dict[str, float]:
@@ -102,9 +177,11 @@ def write_robustness(
         if name in models:
             raise SynthError(f"{path}: the same model as another of --models ({name})")
         models[name] = Segmenter(package, "cpu")
-    results = evaluate_conditions(task, models, cases, seed)
+    worst: dict[str, dict[str, Any]] = {}
+    results = evaluate_conditions(task, models, cases, seed, worst)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    montage = write_worst_montage(worst, name, out / f"robustness-{task}-worst.png")
     (out / f"robustness-{task}.json").write_text(
         json.dumps({"task": task, "cases": cases, "results": results}, indent=2)
     )
@@ -122,6 +199,7 @@ def write_robustness(
                 f"| {cond} | {m} | {fmt(r['organ_dice'])} | {fmt(r['tumour_dice'])} | "
                 f"{fmt(r['tumour_free_fp_ml'])} | {fmt(r['border_fp_ml'])} |"
             )
+    lines += ["", f"Worst case per condition ({name}): ![worst cases]({montage.name})"]
     path = out / f"robustness-{task}.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
