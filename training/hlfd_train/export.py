@@ -286,16 +286,17 @@ def data_description(cfg: dict, info: dict) -> str:
 
 
 def started_from(init: str | None) -> dict[str, Any] | str | None:
-    """What a fine-tune started from: a package's name, version and weights' sha256 (read
-    now, so export before installing over the start), or the path as given."""
+    """What a fine-tune started from: a package's (folder or .zip, as ``model.<role>.init``
+    takes it) name, version and weights' sha256, read now, so export before installing over
+    the start; else the path as given."""
     if not init:
         return None
-    card = Path(init) / "model.json"
-    if not card.is_file():
+    path = Path(init)
+    if not ((path / "model.json").is_file() or path.suffix.lower() == ".zip"):
         return str(init)
-    c = json.loads(card.read_text())
-    sha = (c.get("files") or {}).get("model.safetensors", {}).get("sha256")
-    return {"name": c.get("name"), "version": c.get("version"), "sha256": sha}
+    card = load_package(path).card
+    sha = card["files"].get("model.safetensors", {}).get("sha256")
+    return {"name": card["name"], "version": card["version"], "sha256": sha}
 
 
 def export(

@@ -50,6 +50,7 @@ def evaluate_conditions(
     """{condition: {model: metrics}} for loaded ``Segmenter`` objects ``models``; ``worst``,
     when given, gets {condition: the last model's worst case} (see :func:`worst_slice`)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
+    last = list(models)[-1]
     for k, (name, keys) in enumerate(CONDITIONS.items()):
         cfg = SynthConfig.from_dict(task, {"tumour_free": 0.25, **keys})
         per_model: dict[str, list[dict[str, float]]] = {m: [] for m in models}
@@ -58,15 +59,10 @@ def evaluate_conditions(
             image, _ = case.to_sitk()
             for m, segmenter in models.items():
                 pred = sitk.GetArrayFromImage(segmenter(image).labels)
-                row = case_metrics(pred, case.labels, case.spacing)
-                per_model[m].append(row)
-                last = m == list(models)[-1]
-                if (
-                    worst is not None
-                    and last
-                    and badness(row) > worst.get(name, {}).get("badness", -1)
-                ):
-                    worst[name] = worst_slice(case, pred, row)
+                per_model[m].append(case_metrics(pred, case.labels, case.spacing))
+            row = per_model[last][-1]  # the loop ends on the last model: pred is its too
+            if worst is not None and badness(row) > worst.get(name, {}).get("badness", -1):
+                worst[name] = worst_slice(case, pred, row)
         out[name] = {m: summarise(rows) for m, rows in per_model.items()}
     return out
 
