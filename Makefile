@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= out/demo
 
-.PHONY: setup demo test test-fast lint bench bench-kd models models-gpu clean
+.PHONY: setup demo test test-fast lint bench real-ct bench-kd models models-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/bench_pipeline.py
+
+real-ct: setup       # the built-in students on public real CTs (downloads TotalSegmentator's
+                     # 38 MB source release once, sha256 checked; see training/hlfd_train/realct.py)
+	$(BIN)/hlfd-train real-ct docs/results/real-ct --models HLFDSegment/Resources/Models/liver \
+		HLFDSegment/Resources/Models/kidney
 
 bench-kd: setup      # distillation benchmark (cpu: ~95 min here; PRESET=quick ~10 min;
                      # PRESET=gpu or synth-gpu (synthetic CT) on a GPU)

@@ -5,6 +5,7 @@
                            [--matrix 512]
     hlfd-train synth report OUT [--task liver] [--cases 24]
     hlfd-train synth robustness OUT --task liver --models TEACHER STUDENT [--cases 3]
+    hlfd-train real-ct  OUT --models MODEL_DIR... (public real CTs, TotalSegmentator's masks)
     hlfd-train prepare  --config C [--set data.root=...]
     hlfd-train teacher  --config C [--set train.steps=500 ...]
     hlfd-train distill  --config C --method hlfd --teacher runs/teacher [--set ...]
@@ -106,6 +107,13 @@ def cmd_synth_robustness(args: argparse.Namespace) -> None:
 
     path = write_robustness(args.out, args.task, args.models, args.cases, args.seed)
     print(path.read_text(encoding="utf-8"))
+
+
+def cmd_real_ct(args: argparse.Namespace) -> None:
+    from .realct import check_models, fetch_cases, write_report
+
+    root = fetch_cases(args.cache, args.source)
+    print(write_report(check_models(root, args.models), args.out).read_text(encoding="utf-8"))
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -366,6 +374,13 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--cases", type=positive_int, default=3, help="cases per condition")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_synth_robustness)
+
+    p = sub.add_parser("real-ct", help="models on public real CTs (TotalSegmentator's test CTs)")
+    p.add_argument("out", type=Path)
+    p.add_argument("--models", nargs="+", type=Path, required=True, help="model packages")
+    p.add_argument("--cache", type=Path, default=Path("data/real-ct"), help="download folder")
+    p.add_argument("--source", type=Path, help="the release tarball, already downloaded")
+    p.set_defaults(func=cmd_real_ct)
 
     p = sub.add_parser("prepare", help="validate, resample and cache a dataset; write splits")
     with_config(p)
