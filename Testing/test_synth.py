@@ -268,6 +268,41 @@ def test_fatty_liver_and_ascites_change_the_image_not_the_labels():
         SynthConfig(steatosis=1.5)
 
 
+def test_hu_spread_moves_organ_values_beyond_their_ranges_and_nothing_else():
+    """``hu_spread`` rescales enhancement and shifts organ attenuation by patient, from its own
+    stream: same anatomy and labels, the plain case's values when off, and across patients
+    the portal-venous spleen reaches values the plain ranges never give (a real CT's 80 HU)."""
+    from hlfd_train.synth.render import SOFT, spread_hu, tissue_hu
+    from hlfd_train.synth.tissues import HU, PHASES, T
+
+    cfg = dict(phases={"portal_venous": 1.0}, tumour_free=1.0, metal=0.0)
+    plain = synth_case(fast(**cfg), 3)
+    spread = synth_case(fast(hu_spread=1.0, **cfg), 3)
+    assert np.array_equal(plain.labels, spread.labels)
+    assert np.array_equal(plain.tissue, spread.tissue)
+    assert spread.meta["hu_spread"] and not plain.meta["hu_spread"]
+    spleen = plain.tissue == T["spleen"]
+    assert abs(float(np.median(plain.image[spleen]) - np.median(spread.image[spleen]))) > 1.0
+    # the lookup tables: the couplings hold, fat and air stay, spleen reaches below its range
+    pv = PHASES.index("portal_venous")
+    low = []
+    for seed in range(40):
+        lut = tissue_hu(np.random.default_rng(seed), "portal_venous", np.random.default_rng(seed))
+        assert lut[T["kidney_medulla"]] <= lut[T["kidney_cortex"]] - 5
+        assert lut[T["fat"]] == pytest.approx(
+            tissue_hu(np.random.default_rng(seed), "portal_venous")[T["fat"]]
+        )
+        low.append(lut[T["spleen"]] < HU["spleen"][pv][0] - 15)
+    assert any(low)
+    # non-contrast: no enhancement to scale, only the organs' own +-12 HU
+    base = tissue_hu(np.random.default_rng(0), "non_contrast")
+    moved = spread_hu(base, "non_contrast", np.random.default_rng(1)) - base
+    soft = [T[n] for n in SOFT]
+    assert not np.delete(moved, soft).any() and 0 < np.abs(moved[soft]).max() <= 12
+    with pytest.raises(SynthError, match="hu_spread"):
+        SynthConfig(hu_spread=-0.1)
+
+
 def stream(workers=0, context=0, **kw):
     from hlfd_train.synth.stream import SynthSliceStream, stream_settings
 

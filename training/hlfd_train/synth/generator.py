@@ -60,6 +60,9 @@ class SynthConfig:
     # liver and spleen: both common in the patients of liver-tumour CTs (tissues.py [Pickhardt])
     steatosis: float = 0.0
     ascites: float = 0.0
+    # chance of a patient whose enhancement (0.5-1.3x) and organ attenuation (+-12 HU) lie
+    # beyond the per-tissue ranges (render.spread_hu): population spreads are wider than them
+    hu_spread: float = 0.0
     # whose scan range: "liver" (dome to below the liver: kidneys often cut, as in a LiTS CT) or
     # "kidney" (both kidneys with margins, as in KiTS); "" = the task's own
     scan: str = ""
@@ -81,6 +84,7 @@ class SynthConfig:
             "other_organ_lesions",
             "steatosis",
             "ascites",
+            "hu_spread",
         ):
             if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
                 raise SynthError(
@@ -188,7 +192,10 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
     weights = cfg.phases or PHASE_WEIGHTS[cfg.task]
     names = sorted(weights)
     phase = str(rng.choice(names, p=np.array([weights[n] for n in names]) / sum(weights.values())))
-    img = render(grid, anatomy, lesions, phase, rng, (sx, sx, fine_dz), fat_hu)
+    # its own stream too: with hu_spread at 0 (the default) earlier seeds are unchanged
+    spread = np.random.default_rng([seed, 13])
+    spread = spread if spread.random() < cfg.hu_spread else None
+    img = render(grid, anatomy, lesions, phase, rng, (sx, sx, fine_dz), fat_hu, spread)
     img = average_slices(img, k)
     organ = anatomy.liver if cfg.task == "liver" else anatomy.kidney
     tumour = anatomy.tissue == T[f"{cfg.task}_tumour"]
@@ -219,6 +226,7 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
         "metal": bool(anatomy.metal),
         "liver_fat_hu": round(fat_hu, 1),
         "ascites": ascites,
+        "hu_spread": spread is not None,
         "lesions": [
             {k: v for k, v in rec.items() if k not in ("box", "q", "region")} for rec in lesions
         ],
