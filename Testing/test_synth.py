@@ -117,6 +117,16 @@ def test_scan_range_of_the_other_task():
     assert kidney_on_liver.image.shape[0] == liver.image.shape[0]
     assert kidney.origin[2] != liver.origin[2]
     assert set(np.unique(kidney_on_liver.labels)) <= {0, 1, 2}
+    # "any": one of the two ranges per seed (seeds 4 and 5 draw different ones), the rest alike
+    starts = {}
+    for seed in (4, 5):
+        cfg = dict(task="kidney", max_slices=160, inplane_mm=(3.0, 3.0))
+        either = synth_case(fast(scan="any", **cfg), seed)
+        ranges = {s: synth_case(fast(scan=s, **cfg), seed) for s in ("liver", "kidney")}
+        match = [s for s, c in ranges.items() if c.origin[2] == either.origin[2]]
+        assert len(match) == 1 and np.array_equal(ranges[match[0]].image, either.image)
+        starts[match[0]] = seed
+    assert set(starts) == {"liver", "kidney"}
     with pytest.raises(SynthError, match="scan"):
         SynthConfig(task="kidney", scan="lung")
     with pytest.raises(SynthError, match="scan"):

@@ -63,8 +63,8 @@ class SynthConfig:
     # chance of a patient whose enhancement (0.5-1.3x) and organ attenuation (+-12 HU) lie
     # beyond the per-tissue ranges (render.spread_hu): population spreads are wider than them
     hu_spread: float = 0.0
-    # whose scan range: "liver" (dome to below the liver: kidneys often cut, as in a LiTS CT) or
-    # "kidney" (both kidneys with margins, as in KiTS); "" = the task's own
+    # whose scan range: "liver" (dome to below the liver: kidneys often cut, as in a LiTS CT),
+    # "kidney" (both kidneys with margins, as in KiTS), "any" (either, even odds); "" = the task's
     scan: str = ""
 
     def __post_init__(self):
@@ -90,8 +90,8 @@ class SynthConfig:
                 raise SynthError(
                     f"synth {name}: a probability in [0, 1], got {getattr(self, name)}"
                 )
-        if self.scan and self.scan not in TASK_LABELS:
-            raise SynthError(f"synth scan: expected liver, kidney or empty, got {self.scan!r}")
+        if self.scan and self.scan not in (*TASK_LABELS, "any"):
+            raise SynthError(f"synth scan: expected liver, kidney, any or empty, got {self.scan!r}")
         unknown = set(self.phases) - set(PHASES)
         if unknown:
             raise SynthError(f"synth phases: unknown {sorted(unknown)}; known: {', '.join(PHASES)}")
@@ -159,7 +159,10 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
     sx = u(*cfg.inplane_mm)
     sz = float(rng.choice(cfg.slice_mm, p=np.asarray(cfg.slice_weights) / sum(cfg.slice_weights)))
     k = 1 if sz <= 3.0 else 2  # fine sub-slices per slice
-    z_lo, z_hi = _z_range(cfg.scan or cfg.task, p, rng)
+    scan = cfg.scan or cfg.task
+    if scan == "any":  # either range, from its own stream (the others' seeds stay as they were)
+        scan = ("liver", "kidney")[int(np.random.default_rng([seed, 17]).integers(2))]
+    z_lo, z_hi = _z_range(scan, p, rng)
     n_slices = max(8, min(cfg.max_slices, round((z_hi - z_lo) / sz)))
     z_lo = (z_lo + z_hi) / 2 - n_slices * sz / 2
     fov = u(*cfg.fov_mm)
