@@ -113,7 +113,8 @@ def cmd_real_ct(args: argparse.Namespace) -> None:
     from .realct import check_models, fetch_cases, write_report
 
     root = fetch_cases(args.cache, args.source)
-    print(write_report(check_models(root, args.models), args.out).read_text(encoding="utf-8"))
+    rows = check_models(root, args.models, args.out)
+    print(write_report(rows, args.out).read_text(encoding="utf-8"))
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:

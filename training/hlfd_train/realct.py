@@ -124,8 +124,9 @@ def case_metrics(pred: sitk.Image, reference: sitk.Image, task: str) -> dict[str
     }
 
 
-def check_models(root: Path, models: list[Path]) -> list[dict[str, Any]]:
-    """Every model on every case, through the runtime pipeline (what ``hlfd-segment`` runs)."""
+def check_models(root: Path, models: list[Path], out: Path | None = None) -> list[dict[str, Any]]:
+    """Every model on every case, through the runtime pipeline (what ``hlfd-segment`` runs);
+    with ``out``, the first model of each task's slices go to ``out/real-ct-TASK.png``."""
     from HLFDSegmentLib.io import read_image
     from HLFDSegmentLib.modelpackage import load_package
     from HLFDSegmentLib.pipeline import Segmenter
@@ -133,19 +134,64 @@ def check_models(root: Path, models: list[Path]) -> list[dict[str, Any]]:
     rows = []
     images = {c.name: read_image(root / c.image) for c in CASES}
     refs = {c.name: sitk.ReadImage(str(root / c.reference)) for c in CASES}
+    shown: set[str] = set()
     for path in models:
         package = load_package(path)
         task = package.card.get("task", "")
         if task not in ORGAN_IDS:
             raise HLFDError(f"{path}: task {task!r}, expected liver or kidney")
         segmenter = Segmenter(package, "cpu")
+        name = f"{package.name} {package.version}"
+        preds = {}
         for case in CASES:
-            pred = segmenter(images[case.name]).labels
+            preds[case.name] = segmenter(images[case.name]).labels
             rows.append(
-                {"model": f"{package.name} {package.version}", "task": task, "case": case.name}
-                | case_metrics(pred, refs[case.name], task)
+                {"model": name, "task": task, "case": case.name}
+                | case_metrics(preds[case.name], refs[case.name], task)
             )
+        if out is not None and task not in shown:
+            shown.add(task)
+            write_montage(images, refs, preds, task, name, out / f"real-ct-{task}.png")
     return rows
+
+
+def write_montage(images, refs, preds, task: str, model: str, path: Path) -> Path:
+    """Four axial slices per case in the radiological view: reference organ green, the model's
+    organ blue and tumour red (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(CASES), 4, figsize=(16, 4.3 * len(CASES)), squeeze=False)
+    for row, case in zip(axes, CASES):
+        pred = sitk.DICOMOrient(preds[case.name], "LPS")  # rows anterior->posterior
+        near = sitk.sitkNearestNeighbor
+        img = sitk.Resample(images[case.name], pred, sitk.Transform(), sitk.sitkLinear, -1024)
+        ref = sitk.Resample(refs[case.name], pred, sitk.Transform(), near, 0)
+        a, r, p = (sitk.GetArrayFromImage(x) for x in (img, ref, pred))
+        truth = np.isin(r, ORGAN_IDS[task])
+        for ax, z in zip(row, (np.linspace(0.1, 0.9, 4) * (len(a) - 1)).round().astype(int)):
+            ax.imshow(a[z], cmap="gray", vmin=-160, vmax=240)
+            for mask, colour, style in (
+                (truth[z], "lime", "solid"),
+                (p[z] > 0, "deepskyblue", "dashed"),
+                (p[z] == 2, "red", "dashed"),
+            ):
+                if mask.any():
+                    ax.contour(mask, [0.5], colors=colour, linewidths=0.8, linestyles=style)
+            ax.set_title(f"{case.name}, slice {z} of {len(a)}", fontsize=8)
+            ax.axis("off")
+    fig.suptitle(
+        f"{model} on real CTs (reference: TotalSegmentator, green; model dashed: organ blue, "
+        "tumour red)",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=60)
+    plt.close(fig)
+    return path
 
 
 def write_report(rows: list[dict[str, Any]], out: Path) -> Path:
@@ -164,10 +210,11 @@ def write_report(rows: list[dict[str, Any]], out: Path) -> Path:
             f"({r['reference_ml']:g}) | {r['tumour_ml']:g} | {where or '-'} |"
         )
     cases = "\n".join(f"- `{c.name}`: {c.note}" for c in CASES)
+    shown = [f"![{p.stem}]({p.name})" for p in sorted(out.glob("real-ct-*.png"))]
     path = out / "real-ct.md"
     path.write_text(
         f"### Real CTs of {SOURCE} (references: TotalSegmentator's own masks)\n\n"
-        f"{cases}\n\n" + "\n".join(lines) + "\n",
+        f"{cases}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(shown) + "\n",
         encoding="utf-8",
     )
     return path
