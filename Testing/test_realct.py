@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from hlfd_train.cli import main
-from hlfd_train.realct import case_metrics
+from hlfd_train.realct import CASES, case_metrics, read_mrc
 
 
 def _image(arr: np.ndarray, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), origin=(0.0, 0.0, 0.0)):
@@ -30,11 +30,35 @@ def test_reference_is_scored_where_it_lies_not_by_array_order():
     pred[ref == 1] = 1  # spleen called liver: 6*6*6 voxels of 12 mm3
     pred[4, 5, 5] = 2
     pred = pred[:, ::-1, ::-1].copy()
-    out = case_metrics(_image(pred, flipped, (38.0, 38.0, 0.0)), _image(ref), "liver")
+    out = case_metrics(_image(pred, flipped, (38.0, 38.0, 0.0)), _image(ref), CASES[0], "liver")
     assert out["organ_dice"] == pytest.approx(2 * 216 / (432 + 216))
     assert out["false_organ_ml"] == {"spleen": pytest.approx(216 * 12 / 1000, abs=0.05)}
     assert out["tumour_ml"] == pytest.approx(0.012, abs=0.05)
     assert out["reference_ml"] == pytest.approx(216 * 12 / 1000, abs=0.05)
+    assert np.isnan(out["tumour_dice"])  # TotalSegmentator has no tumour class
+
+
+def test_lits_labels_score_tumour_and_an_mrc_file_reads_as_lps(tmp_path):
+    """The LiTS case's MRC arrays (x fastest; axes left-right, anterior-posterior,
+    inferior-superior) become an LPS image, and its tumour label is scored."""
+    lits = next(c for c in CASES if c.name == "lits-117")
+    vol = np.zeros((6, 5, 4), np.float32)  # MRC order: (z=axis 2, y=axis 1, x=axis 0) in file
+    vol[1, 2, 3] = 2.0
+    header = np.zeros(256, "<i4")
+    header[:4] = (4, 5, 6, 2)  # nx, ny, nz, mode 2 (float32)
+    path = tmp_path / "a.mrc"
+    path.write_bytes(header.tobytes() + vol.tobytes())
+    image = read_mrc(path, (1.0, 1.0, 2.0))
+    arr = sitk.GetArrayFromImage(image)
+    assert image.GetSpacing() == (1.0, 1.0, 2.0) and arr.shape == (4, 5, 6)
+    assert arr[3, 2, 1] == 2  # file axis 0 (x) is the image's x, file axis 2 its z
+    truth = np.zeros((4, 5, 6), np.uint8)
+    truth[1:3, 1:4, 1:5] = 1
+    truth[2, 2, 2:4] = 2
+    pred = truth.copy()
+    pred[2, 2, 3] = 1  # half the tumour called liver
+    out = case_metrics(_image(pred), _image(truth), lits, "liver")
+    assert out["organ_dice"] == 1.0 and out["tumour_dice"] == pytest.approx(2 / 3)
 
 
 def test_a_tampered_release_is_refused_with_one_line(tmp_path, capsys):

@@ -5,7 +5,7 @@
                            [--matrix 512]
     hlfd-train synth report OUT [--task liver] [--cases 24]
     hlfd-train synth robustness OUT --task liver --models TEACHER STUDENT [--cases 3]
-    hlfd-train real-ct  OUT --models MODEL_DIR... (public real CTs, TotalSegmentator's masks)
+    hlfd-train real-ct  OUT --models MODEL_DIR... (public real CTs from the package registry)
     hlfd-train prepare  --config C [--set data.root=...]
     hlfd-train teacher  --config C [--set train.steps=500 ...]
     hlfd-train distill  --config C --method hlfd --teacher runs/teacher [--set ...]
@@ -112,7 +112,7 @@ def cmd_synth_robustness(args: argparse.Namespace) -> None:
 def cmd_real_ct(args: argparse.Namespace) -> None:
     from .realct import check_models, fetch_cases, write_report
 
-    root = fetch_cases(args.cache, args.source)
+    root = fetch_cases(args.cache, {p.name: p for p in args.source or []})
     rows = check_models(root, args.models, args.out)
     print(write_report(rows, args.out).read_text(encoding="utf-8"))
 
@@ -376,11 +376,13 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_synth_robustness)
 
-    p = sub.add_parser("real-ct", help="models on public real CTs (TotalSegmentator's test CTs)")
+    p = sub.add_parser("real-ct", help="models on public real CTs from the package registry")
     p.add_argument("out", type=Path)
     p.add_argument("--models", nargs="+", type=Path, required=True, help="model packages")
     p.add_argument("--cache", type=Path, default=Path("data/real-ct"), help="download folder")
-    p.add_argument("--source", type=Path, help="the release tarball, already downloaded")
+    p.add_argument(
+        "--source", type=Path, nargs="+", help="release files already downloaded (by file name)"
+    )
     p.set_defaults(func=cmd_real_ct)
 
     p = sub.add_parser("prepare", help="validate, resample and cache a dataset; write splits")

@@ -1,22 +1,29 @@
 """The built-in students on real CTs that anyone can download: ``hlfd-train real-ct``.
 
 No public liver or kidney dataset can be fetched on the machines this project is built on, but
-the package registry can, and TotalSegmentator's source release (Apache-2.0, on PyPI) carries
-real CTs for its tests with its own segmentations of them. Two of them show livers and kidneys:
+the package registry can, and a few packages on PyPI carry real CTs for their tests or demos:
 
-- ``ts-native-3mm``: an abdominal CT without contrast (TotalSegmentator's phase classifier:
-  native), 3 mm voxels, 30 slices from the liver's lower half to the kidneys' lower poles.
-- ``ts-portal-venous``: an upper-abdominal CT in the portal-venous phase (aorta 151 HU, portal
+- TotalSegmentator's source release (Apache-2.0) with its own segmentations of them:
+  ``ts-native-3mm``, an abdominal CT without contrast (its phase classifier: native), 3 mm
+  voxels, 30 slices from the liver's lower half to the kidneys' lower poles; and
+  ``ts-portal-venous``, an upper-abdominal CT in the portal-venous phase (aorta 151 HU, portal
   vein 133, liver 93, spleen 80), a 20-slice DICOM series at 0.98 x 0.98 x 2 mm: liver, spleen
-  and stomach, no kidney.
+  and stomach, no kidney. These references are TotalSegmentator's output, not a radiologist's
+  (its liver and kidney Dice against manual masks is about 0.97 and 0.95, Wasserthal 2023), and
+  have no tumour class: the tumour called there is reported, not scored.
+- liver-ct-segmentation-package 1.6.0 (MIT; the data are LiTS's, CC BY-NC-SA 4.0): ``lits-117``,
+  LiTS training case 117 with its manual liver and tumour labels (many metastases, portal
+  venous), cropped around the liver and resampled to 128 x 128 x 128 by that package, which
+  kept no voxel size. The size used here, 1.05 x 1.05 x 1.95 mm, is estimated from the anatomy
+  in view (a thoraco-lumbar vertebral body 38 x 28 voxels, about 40 x 30 mm; a vertebra and disc
+  every 16.5 voxels, about 32 mm); a 2D model's result does not depend on the slice distance,
+  but it does on the in-plane size (0.9 mm: liver 0.74, tumour 0.35 for liver 0.6.0; 1.2 mm:
+  0.82 / 0.47). The crop cuts through the body on every side, tighter than any CT's field.
 
-The references are TotalSegmentator's output, not a radiologist's (its liver and kidney Dice
-against manual masks is about 0.97 and 0.95, Wasserthal 2023), and carry no tumour class, so
-the check reports organ Dice, where false organ went (by TotalSegmentator's structure names)
-and how much tumour was called; whether that tumour is real is not known. Two cases are a
-screen for failures (organ called in the spleen, tumour in a healthy-looking liver), not an
-accuracy estimate. The release is fetched with ``pip download`` and its sha256 checked; nothing
-of it is copied into this repository.
+Three cases are a screen for failures (organ called in the spleen, tumour in a healthy-looking
+liver, metastases missed), not an accuracy estimate. Releases are fetched with ``pip download``
+and their sha256 checked; nothing of them is copied into this repository. Model files are never
+unpickled: the LiTS arrays are read from the package's MRC copies (a fixed binary header).
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import json
 import subprocess
 import sys
 import tarfile
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +45,30 @@ from HLFDSegmentLib.errors import HLFDError
 
 from .evaluate import dice
 
-SOURCE = "totalsegmentator==2.18.0"
-SOURCE_FILE = "totalsegmentator-2.18.0.tar.gz"
-SOURCE_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
-PREFIX = "totalsegmentator-2.18.0/tests/reference_files/"
-# TotalSegmentator's "total" task labels this check uses (its map_to_binary.py)
+
+@dataclass(frozen=True)
+class Release:
+    """A file on the package registry and where its CTs lie inside it."""
+
+    spec: str  # what pip downloads
+    file: str
+    sha256: str
+    prefix: str  # of every member used
+
+
+TOTALSEG = Release(
+    "totalsegmentator==2.18.0",
+    "totalsegmentator-2.18.0.tar.gz",
+    "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03",
+    "totalsegmentator-2.18.0/tests/reference_files/",
+)
+LITS_PACKAGE = Release(
+    "liver-ct-segmentation-package==1.6.0",
+    "liver_ct_segmentation_package-1.6.0-py2.py3-none-any.whl",
+    "67ffa526d8500ce5e3d9f2c96c1690543d811d352d93d531301d35791b9d6bba",
+    "liver_ct_segmentation_package/data/",
+)
+# TotalSegmentator's "total" task labels this check names (its map_to_binary.py)
 TS_NAMES = {
     1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver",
     6: "stomach", 7: "pancreas", 8: "adrenal_gland_right", 9: "adrenal_gland_left",
@@ -51,75 +78,146 @@ TS_NAMES = {
     79: "spinal_cord", 86: "autochthon_left",
     87: "autochthon_right", 88: "iliopsoas_left", 89: "iliopsoas_right", 117: "costal_cartilages",
 }  # fmt: skip
-ORGAN_IDS = {"liver": (5,), "kidney": (2, 3, 23, 24)}
+TS_ORGANS = {"liver": (5,), "kidney": (2, 3, 23, 24)}
 
 
 @dataclass(frozen=True)
 class RealCase:
     name: str
-    image: str  # a file or a DICOM folder under PREFIX
-    reference: str  # TotalSegmentator's multi-label segmentation of it
+    release: Release
+    image: str  # a file or a DICOM folder under the release's prefix
+    reference: str  # its labels
     note: str
+    organs: dict[str, tuple[int, ...]] = field(default_factory=lambda: TS_ORGANS)
+    tumours: dict[str, tuple[int, ...]] = field(default_factory=dict)  # scored where given
+    names: dict[int, str] = field(default_factory=lambda: TS_NAMES)
+    spacing: tuple[float, float, float] | None = None  # for arrays stored without one
 
 
 CASES = (
     RealCase(
         "ts-native-3mm",
+        TOTALSEG,
         "example_ct_sm.nii.gz",
         "example_seg.nii.gz",
-        "no contrast, 3 mm voxels, 30 slices: lower liver, spleen, both kidneys",
+        "no contrast, 3 mm voxels, 30 slices: lower liver, spleen, both kidneys "
+        "(reference: TotalSegmentator)",
     ),
     RealCase(
         "ts-portal-venous",
+        TOTALSEG,
         "example_ct_dicom",
         "example_seg_dicom.nii.gz",
-        "portal venous, 0.98 x 0.98 x 2 mm DICOM, 20 slices: liver, spleen, no kidney",
+        "portal venous, 0.98 x 0.98 x 2 mm DICOM, 20 slices: liver, spleen, no kidney "
+        "(reference: TotalSegmentator)",
+    ),
+    RealCase(
+        "lits-117",
+        LITS_PACKAGE,
+        "img_117.mrc",
+        "lab_117.mrc",
+        "LiTS case 117, portal venous, many metastases, a 128^3 crop around the liver at an "
+        "estimated 1.05 x 1.05 x 1.95 mm (reference: LiTS's manual labels; the right kidney "
+        "is in view, unlabelled)",
+        organs={"liver": (1, 2), "kidney": ()},
+        tumours={"liver": (2,)},
+        names={1: "liver", 2: "liver_tumour"},
+        spacing=(1.05, 1.05, 1.95),
     ),
 )
 
 
-def fetch_cases(cache: Path, source: Path | None = None) -> Path:
-    """The reference files under ``cache`` (downloaded once with pip, sha256 checked)."""
-    root = cache / PREFIX
-    if all((root / c.reference).exists() and (root / c.image).exists() for c in CASES):
-        return root
-    cache.mkdir(parents=True, exist_ok=True)
-    tarball = source or cache / SOURCE_FILE
-    if source is None and not tarball.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        cmd += ["--no-build-isolation", "-d", str(cache), SOURCE]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode or not tarball.exists():
-            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise HLFDError(f"pip download {SOURCE} failed: {last[0]}")
-    digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
-    if digest != SOURCE_SHA256:
-        raise HLFDError(f"{tarball}: sha256 {digest}, expected {SOURCE_SHA256}")
-    wanted = [PREFIX + c.reference for c in CASES] + [PREFIX + c.image for c in CASES]
-    with tarfile.open(tarball) as tar:
-        members = [m for m in tar.getmembers() if any(m.name.startswith(w) for w in wanted)]
-        tar.extractall(cache, members=members, filter="data")
-    return root
+def fetch_cases(cache: Path, sources: dict[str, Path] | None = None) -> Path:
+    """The cases' files under ``cache`` (each release downloaded once with pip, sha256
+    checked); ``sources`` maps a release file name to a copy already downloaded."""
+    for release in dict.fromkeys(c.release for c in CASES):
+        members = [
+            release.prefix + m
+            for c in CASES
+            if c.release == release
+            for m in (c.image, c.reference)
+        ]
+        if all((cache / m).exists() for m in members):
+            continue
+        cache.mkdir(parents=True, exist_ok=True)
+        archive = (sources or {}).get(release.file) or _download(release, cache)
+        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+        if digest != release.sha256:
+            raise HLFDError(f"{archive}: sha256 {digest}, expected {release.sha256}")
+        if archive.name.endswith(".whl"):
+            with zipfile.ZipFile(archive) as whl:
+                for name in members:  # fixed names: no path from the archive is trusted
+                    (cache / name).parent.mkdir(parents=True, exist_ok=True)
+                    (cache / name).write_bytes(whl.read(name))
+        else:
+            with tarfile.open(archive) as tar:
+                chosen = [m for m in tar.getmembers() if any(m.name.startswith(w) for w in members)]
+                tar.extractall(cache, members=chosen, filter="data")
+    return cache
 
 
-def case_metrics(pred: sitk.Image, reference: sitk.Image, task: str) -> dict[str, Any]:
+def _download(release: Release, cache: Path) -> Path:
+    archive = cache / release.file
+    if archive.exists():
+        return archive
+    kind = ["--only-binary", ":all:"] if release.file.endswith(".whl") else ["--no-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--no-build-isolation"]
+    done = subprocess.run([*cmd, "-d", str(cache), release.spec], capture_output=True, text=True)
+    if done.returncode or not archive.exists():
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise HLFDError(f"pip download {release.spec} failed: {last[0]}")
+    return archive
+
+
+def read_mrc(path: Path, spacing: tuple[float, float, float]) -> sitk.Image:
+    """A 3D MRC file (1024-byte header, then the array, x fastest) as an LPS image: this
+    package's arrays run (left-right, anterior-posterior, inferior-superior) along its axes."""
+    raw = path.read_bytes()
+    nx, ny, nz, mode = np.frombuffer(raw[:16], "<i4")
+    extra = int(np.frombuffer(raw[92:96], "<i4")[0])  # extended header bytes
+    dtype = {0: "<i1", 1: "<i2", 2: "<f4", 6: "<u2"}.get(int(mode))
+    if dtype is None:
+        raise HLFDError(f"{path}: MRC mode {mode} not read here")
+    arr = np.frombuffer(raw[1024 + extra :], dtype, count=int(nx) * int(ny) * int(nz))
+    arr = arr.reshape(int(nz), int(ny), int(nx)).transpose(2, 1, 0)  # -> (z: S, y: P, x: L)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(arr).astype(np.int16))
+    image.SetSpacing(spacing)
+    return image
+
+
+def read_case(root: Path, case: RealCase) -> tuple[sitk.Image, sitk.Image]:
+    from HLFDSegmentLib.io import read_image
+
+    folder = root / case.release.prefix
+    if case.spacing is not None:
+        return read_mrc(folder / case.image, case.spacing), read_mrc(
+            folder / case.reference, case.spacing
+        )
+    return read_image(folder / case.image), sitk.ReadImage(str(folder / case.reference))
+
+
+def case_metrics(pred: sitk.Image, reference: sitk.Image, case: RealCase, task: str) -> dict:
     """Organ Dice against the reference (resampled onto the prediction's grid in physical
-    space), organ volumes, tumour called, and false organ by reference structure (mL)."""
+    space), tumour Dice where the reference has a tumour class, organ volumes, tumour called,
+    and false organ by reference structure (mL)."""
     ref = sitk.Resample(reference, pred, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     p, r = sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(ref)
     ml = float(np.prod(pred.GetSpacing())) / 1000.0
-    truth = np.isin(r, ORGAN_IDS[task])
+    truth = np.isin(r, case.organs[task])
     ids, counts = np.unique(r[(p > 0) & ~truth], return_counts=True)
     false = {
-        ("background" if i == 0 else TS_NAMES.get(int(i), f"label {int(i)}")): round(n * ml, 1)
+        ("background" if i == 0 else case.names.get(int(i), f"label {int(i)}")): round(n * ml, 1)
         for i, n in sorted(zip(ids, counts), key=lambda t: -t[1])
         if n * ml >= 0.5
     }
+    tumour = np.isin(r, case.tumours.get(task, ()))
     return {
         "organ_dice": dice(p > 0, truth) if truth.any() else float("nan"),
+        "tumour_dice": dice(p == 2, tumour) if tumour.any() else float("nan"),
         "reference_ml": round(float(truth.sum()) * ml, 1),
         "organ_ml": round(float((p > 0).sum()) * ml, 1),
         "tumour_ml": round(float((p == 2).sum()) * ml, 1),
+        "reference_tumour_ml": round(float(tumour.sum()) * ml, 1),
         "false_organ_ml": false,
     }
 
@@ -127,18 +225,18 @@ def case_metrics(pred: sitk.Image, reference: sitk.Image, task: str) -> dict[str
 def check_models(root: Path, models: list[Path], out: Path | None = None) -> list[dict[str, Any]]:
     """Every model on every case, through the runtime pipeline (what ``hlfd-segment`` runs);
     with ``out``, the first model of each task's slices go to ``out/real-ct-TASK.png``."""
-    from HLFDSegmentLib.io import read_image
     from HLFDSegmentLib.modelpackage import load_package
     from HLFDSegmentLib.pipeline import Segmenter
 
     rows = []
-    images = {c.name: read_image(root / c.image) for c in CASES}
-    refs = {c.name: sitk.ReadImage(str(root / c.reference)) for c in CASES}
+    images, refs = {}, {}
+    for case in CASES:
+        images[case.name], refs[case.name] = read_case(root, case)
     shown: set[str] = set()
     for path in models:
         package = load_package(path)
         task = package.card.get("task", "")
-        if task not in ORGAN_IDS:
+        if task not in TS_ORGANS:
             raise HLFDError(f"{path}: task {task!r}, expected liver or kidney")
         segmenter = Segmenter(package, "cpu")
         name = f"{package.name} {package.version}"
@@ -147,7 +245,7 @@ def check_models(root: Path, models: list[Path], out: Path | None = None) -> lis
             preds[case.name] = segmenter(images[case.name]).labels
             rows.append(
                 {"model": name, "task": task, "case": case.name}
-                | case_metrics(preds[case.name], refs[case.name], task)
+                | case_metrics(preds[case.name], refs[case.name], case, task)
             )
         if out is not None and task not in shown:
             shown.add(task)
@@ -170,20 +268,22 @@ def write_montage(images, refs, preds, task: str, model: str, path: Path) -> Pat
         img = sitk.Resample(images[case.name], pred, sitk.Transform(), sitk.sitkLinear, -1024)
         ref = sitk.Resample(refs[case.name], pred, sitk.Transform(), near, 0)
         a, r, p = (sitk.GetArrayFromImage(x) for x in (img, ref, pred))
-        truth = np.isin(r, ORGAN_IDS[task])
+        truth = np.isin(r, case.organs[task])
+        tumour = np.isin(r, case.tumours.get(task, ()))
         for ax, z in zip(row, (np.linspace(0.1, 0.9, 4) * (len(a) - 1)).round().astype(int)):
             ax.imshow(a[z], cmap="gray", vmin=-160, vmax=240)
             for mask, colour, style in (
                 (truth[z], "lime", "solid"),
+                (tumour[z], "yellow", "solid"),
                 (p[z] > 0, "deepskyblue", "dashed"),
                 (p[z] == 2, "red", "dashed"),
             ):
-                if mask.any():
+                if mask.any() and not mask.all():
                     ax.contour(mask, [0.5], colors=colour, linewidths=0.8, linestyles=style)
             ax.set_title(f"{case.name}, slice {z} of {len(a)}", fontsize=8)
             ax.axis("off")
     fig.suptitle(
-        f"{model} on real CTs (reference: TotalSegmentator, green; model dashed: organ blue, "
+        f"{model} on real CTs (reference: organ green, tumour yellow; model dashed: organ blue, "
         "tumour red)",
         fontsize=9,
     )
@@ -199,21 +299,22 @@ def write_report(rows: list[dict[str, Any]], out: Path) -> Path:
     (out / "real-ct.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     fmt = lambda v: "n/a" if not np.isfinite(v) else f"{v:.3f}"  # noqa: E731
     lines = [
-        "| model | case | organ Dice | organ mL (reference) | tumour mL called"
-        " | false organ, mL (where) |",
-        "|---|---|---|---|---|---|",
+        "| model | case | organ Dice | tumour Dice | organ mL (reference) | tumour mL called"
+        " (reference) | false organ, mL (where) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         where = ", ".join(f"{k} {v:g}" for k, v in list(r["false_organ_ml"].items())[:4])
         lines.append(
-            f"| {r['model']} | {r['case']} | {fmt(r['organ_dice'])} | {r['organ_ml']:g} "
-            f"({r['reference_ml']:g}) | {r['tumour_ml']:g} | {where or '-'} |"
+            f"| {r['model']} | {r['case']} | {fmt(r['organ_dice'])} | {fmt(r['tumour_dice'])} "
+            f"| {r['organ_ml']:g} ({r['reference_ml']:g}) | {r['tumour_ml']:g} "
+            f"({r['reference_tumour_ml']:g}) | {where or '-'} |"
         )
-    cases = "\n".join(f"- `{c.name}`: {c.note}" for c in CASES)
+    cases = "\n".join(f"- `{c.name}` ({c.release.spec}): {c.note}" for c in CASES)
     shown = [f"![{p.stem}]({p.name})" for p in sorted(out.glob("real-ct-*.png"))]
     path = out / "real-ct.md"
     path.write_text(
-        f"### Real CTs of {SOURCE} (references: TotalSegmentator's own masks)\n\n"
+        "### Real CTs from the package registry (`hlfd-train real-ct`)\n\n"
         f"{cases}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(shown) + "\n",
         encoding="utf-8",
     )
