@@ -71,3 +71,13 @@ def test_a_tampered_release_is_refused_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "sha256" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_model_among_good_ones_fails_before_any_output(tmp_path):
+    from hlfd_train.realct import check_models
+    from HLFDSegmentLib.errors import HLFDError
+    from HLFDSegmentLib.model_registry import BUILTIN_DIR
+
+    with pytest.raises(HLFDError, match="nope"):
+        check_models(tmp_path, [BUILTIN_DIR / "liver", tmp_path / "nope"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

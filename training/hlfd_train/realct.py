@@ -228,16 +228,17 @@ def check_models(root: Path, models: list[Path], out: Path | None = None) -> lis
     from HLFDSegmentLib.modelpackage import load_package
     from HLFDSegmentLib.pipeline import Segmenter
 
+    packages = [load_package(path) for path in models]  # every bad path fails before any output
+    for path, package in zip(models, packages):
+        if package.card.get("task", "") not in TS_ORGANS:
+            raise HLFDError(f"{path}: task {package.card.get('task')!r}, expected liver or kidney")
     rows = []
     images, refs = {}, {}
     for case in CASES:
         images[case.name], refs[case.name] = read_case(root, case)
-    shown: set[str] = set()
-    for path in models:
-        package = load_package(path)
-        task = package.card.get("task", "")
-        if task not in TS_ORGANS:
-            raise HLFDError(f"{path}: task {task!r}, expected liver or kidney")
+    shown: dict[str, tuple[str, dict]] = {}  # task -> its first model and its predictions
+    for package in packages:
+        task = package.card["task"]
         segmenter = Segmenter(package, "cpu")
         name = f"{package.name} {package.version}"
         preds = {}
@@ -247,9 +248,9 @@ def check_models(root: Path, models: list[Path], out: Path | None = None) -> lis
                 {"model": name, "task": task, "case": case.name}
                 | case_metrics(preds[case.name], refs[case.name], case, task)
             )
-        if out is not None and task not in shown:
-            shown.add(task)
-            write_montage(images, refs, preds, task, name, out / f"real-ct-{task}.png")
+        shown.setdefault(task, (name, preds))
+    for task, (name, preds) in shown.items() if out is not None else ():
+        write_montage(images, refs, preds, task, name, out / f"real-ct-{task}.png")
     return rows
 
 
