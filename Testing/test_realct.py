@@ -71,6 +71,14 @@ def test_a_tampered_release_is_refused_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "sha256" in err[0], err
     assert not (tmp_path / "out").exists()
+    # a bad download in the cache is removed, so that the next run fetches it anew
+    cache = tmp_path / "cache2"
+    cache.mkdir()
+    (cache / fake.name).write_bytes(b"a truncated download")
+    out = str(tmp_path / "out")
+    code = main(["real-ct", out, "--models", str(tmp_path), "--cache", str(cache)])
+    assert code == 1 and not (cache / fake.name).exists()
+    assert "sha256" in capsys.readouterr().err
 
 
 def test_a_bad_model_among_good_ones_fails_before_any_output(tmp_path):

@@ -140,9 +140,12 @@ def fetch_cases(cache: Path, sources: dict[str, Path] | None = None) -> Path:
         if all((cache / m).exists() for m in members):
             continue
         cache.mkdir(parents=True, exist_ok=True)
-        archive = (sources or {}).get(release.file) or _download(release, cache)
+        given = (sources or {}).get(release.file)
+        archive = given or _download(release, cache)
         digest = hashlib.sha256(archive.read_bytes()).hexdigest()
         if digest != release.sha256:
+            if given is None:  # a bad download is not kept: the next run fetches it anew
+                archive.unlink()
             raise HLFDError(f"{archive}: sha256 {digest}, expected {release.sha256}")
         if archive.name.endswith(".whl"):
             with zipfile.ZipFile(archive) as whl:
