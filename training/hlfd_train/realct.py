@@ -265,6 +265,8 @@ def write_montage(images, refs, preds, task: str, model: str, path: Path) -> Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .synth.robustness import draw_slice
+
     fig, axes = plt.subplots(len(CASES), 4, figsize=(16, 4.3 * len(CASES)), squeeze=False)
     for row, case in zip(axes, CASES):
         pred = sitk.DICOMOrient(preds[case.name], "LPS")  # rows anterior->posterior
@@ -275,15 +277,7 @@ def write_montage(images, refs, preds, task: str, model: str, path: Path) -> Pat
         truth = np.isin(r, case.organs[task])
         tumour = np.isin(r, case.tumours.get(task, ()))
         for ax, z in zip(row, (np.linspace(0.1, 0.9, 4) * (len(a) - 1)).round().astype(int)):
-            ax.imshow(a[z], cmap="gray", vmin=-160, vmax=240)
-            for mask, colour, style in (
-                (truth[z], "lime", "solid"),
-                (tumour[z], "yellow", "solid"),
-                (p[z] > 0, "deepskyblue", "dashed"),
-                (p[z] == 2, "red", "dashed"),
-            ):
-                if mask.any() and not mask.all():
-                    ax.contour(mask, [0.5], colors=colour, linewidths=0.8, linestyles=style)
+            draw_slice(ax, a[z], truth[z], tumour[z], p[z])
             ax.set_title(f"{case.name}, slice {z} of {len(a)}", fontsize=8)
             ax.axis("off")
     fig.suptitle(

@@ -90,6 +90,20 @@ def worst_slice(case, pred: np.ndarray, row: dict[str, float]) -> dict[str, Any]
     }
 
 
+def draw_slice(ax, image, organ, tumour, pred) -> None:
+    """One axial slice in the CT window with the truth outlined (organ green, tumour yellow)
+    and the prediction's labels dashed (organ blue, tumour red)."""
+    ax.imshow(image, cmap="gray", vmin=-160, vmax=240)
+    for mask, colour, style in (
+        (organ, "lime", "solid"),
+        (tumour, "yellow", "solid"),
+        (pred > 0, "deepskyblue", "dashed"),
+        (pred == 2, "red", "dashed"),
+    ):
+        if mask.any() and not mask.all():
+            ax.contour(mask, [0.5], colors=colour, linewidths=0.8, linestyles=style)
+
+
 def write_worst_montage(worst: dict[str, dict[str, Any]], model: str, path: Path) -> Path:
     """One panel per condition: the worst case's worst slice, truth and prediction outlined."""
     import matplotlib
@@ -104,15 +118,7 @@ def write_worst_montage(worst: dict[str, dict[str, Any]], model: str, path: Path
         ax.axis("off")
     fmt = lambda v: "-" if not np.isfinite(v) else f"{v:.2f}"  # noqa: E731
     for ax, (cond, w) in zip(axes.flat, worst.items()):
-        ax.imshow(w["image"], cmap="gray", vmin=-160, vmax=240)
-        for mask, colour, style in (
-            (w["truth"] > 0, "lime", "solid"),
-            (w["truth"] == 2, "yellow", "solid"),
-            (w["pred"] > 0, "deepskyblue", "dashed"),
-            (w["pred"] == 2, "red", "dashed"),
-        ):
-            if mask.any() and not mask.all():
-                ax.contour(mask, [0.5], colors=colour, linewidths=0.8, linestyles=style)
+        draw_slice(ax, w["image"], w["truth"] > 0, w["truth"] == 2, w["pred"])
         r = w["row"]
         fp = r["tumour_free_fp_ml"]
         extra = f", false tumour {fp:.1f} mL" if np.isfinite(fp) else ""
