@@ -89,3 +89,23 @@ def test_a_bad_model_among_good_ones_fails_before_any_output(tmp_path):
     with pytest.raises(HLFDError, match="nope"):
         check_models(tmp_path, [BUILTIN_DIR / "liver", tmp_path / "nope"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_lesions_are_counted_found_by_size_and_cut_by_the_border():
+    from hlfd_train.realct import lesions_found
+
+    tumour = np.zeros((4, 30, 30), bool)
+    tumour[1:3, 0:10, 5:15] = True  # 200 voxels, reaches the border
+    tumour[1:3, 20:22, 20:22] = True  # 8 voxels
+    tumour[0, 25, 25] = True  # below 0.1 mL: not counted
+    called = np.zeros_like(tumour)
+    called[2, 5, 8] = True  # touches the big one only
+    out = lesions_found(called, tumour, 0.06)
+    assert out == {
+        "lesions": 2,
+        "lesions_found": 1,
+        "lesions_over_10ml": 1,
+        "lesions_over_10ml_found": 1,
+        "tumour_ml_at_border": 12.0,
+    }
+    assert lesions_found(called, np.zeros_like(tumour), 0.1) == {}

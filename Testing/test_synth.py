@@ -187,6 +187,25 @@ def test_robustness_metrics_count_border_and_tumour_free_false_positives():
     assert both["tumour_dice"] == 0.5  # NaN (no tumour) cases left out of the tumour Dice
 
 
+def test_roi_crop_centres_the_organ_and_keeps_the_geometry():
+    """The "cropped to the organ" condition: a square of the asked width around the organ (the
+    larger kidney of two), every voxel at the same physical point as before the crop."""
+    from hlfd_train.synth.robustness import roi_crop
+
+    case = synth_case(fast("kidney", tumour_free=0.0), 2)
+    roi = roi_crop(case, 60.0)
+    side = round(60.0 / case.spacing[0] / 2) * 2
+    assert roi.image.shape[0] == case.image.shape[0] and max(roi.image.shape[1:]) <= side
+    assert roi.labels.shape == roi.image.shape == roi.tissue.shape
+    assert (roi.labels > 0).mean() > 4 * (case.labels > 0).mean()  # the organ fills the box
+    image, _ = case.to_sitk()
+    cropped, _ = roi.to_sitk()
+    i, j, k = image.TransformPhysicalPointToIndex(cropped.TransformIndexToPhysicalPoint((0, 0, 0)))
+    h, w = roi.image.shape[1:]
+    assert k == 0 and np.array_equal(case.image[:, j : j + h, i : i + w], roi.image)
+    assert np.array_equal(case.labels[:, j : j + h, i : i + w], roi.labels)
+
+
 @pytest.mark.slow
 def test_exophytic_kidney_tumours_push_neighbours_aside():
     """Kidney tumours grow into fat and kidney, never over the spleen, liver or bowel: a tumour
@@ -311,6 +330,24 @@ def test_hu_spread_moves_organ_values_beyond_their_ranges_and_nothing_else():
     assert not np.delete(moved, soft).any() and 0 < np.abs(moved[soft]).max() <= 12
     with pytest.raises(SynthError, match="hu_spread"):
         SynthConfig(hu_spread=-0.1)
+
+
+def test_splenomegaly_enlarges_the_spleen_toward_the_spine_from_its_own_stream():
+    """``splenomegaly``: the spleen larger and closer to the spine (where the kidney models
+    called a real spleen kidney), drawn from its own stream: the liver and its labels stay."""
+    from hlfd_train.synth.tissues import T
+
+    cfg = dict(phases={"portal_venous": 1.0}, tumour_free=1.0, metal=0.0, fov_cut=0.0)
+    plain = synth_case(fast(**cfg), 4)
+    big = synth_case(fast(splenomegaly=1.0, **cfg), 4)
+    assert big.meta["splenomegaly"] and not plain.meta["splenomegaly"]
+    assert np.array_equal(plain.labels, big.labels)
+    spleen = [case.tissue == T["spleen"] for case in (plain, big)]
+    assert spleen[1].sum() > 1.3 * spleen[0].sum()
+    x = [plain.origin[0] + plain.spacing[0] * np.nonzero(s)[2] for s in spleen]
+    assert np.percentile(x[1], 2) < np.percentile(x[0], 2) - 5  # mm nearer the midline
+    with pytest.raises(SynthError, match="splenomegaly"):
+        SynthConfig(splenomegaly=2.0)
 
 
 def stream(workers=0, context=0, **kw):

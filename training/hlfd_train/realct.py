@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from HLFDSegmentLib.errors import HLFDError
 
@@ -214,7 +215,7 @@ def case_metrics(pred: sitk.Image, reference: sitk.Image, case: RealCase, task: 
         if n * ml >= 0.5
     }
     tumour = np.isin(r, case.tumours.get(task, ()))
-    return {
+    return lesions_found(p == 2, tumour, ml) | {
         "organ_dice": dice(p > 0, truth) if truth.any() else float("nan"),
         "tumour_dice": dice(p == 2, tumour) if tumour.any() else float("nan"),
         "reference_ml": round(float(truth.sum()) * ml, 1),
@@ -222,6 +223,30 @@ def case_metrics(pred: sitk.Image, reference: sitk.Image, case: RealCase, task: 
         "tumour_ml": round(float((p == 2).sum()) * ml, 1),
         "reference_tumour_ml": round(float(tumour.sum()) * ml, 1),
         "false_organ_ml": false,
+    }
+
+
+def lesions_found(called: np.ndarray, tumour: np.ndarray, ml: float) -> dict[str, Any]:
+    """Reference lesions (connected, 0.1 mL or more) that the called tumour touches, all and
+    over 10 mL, and the reference tumour mL in lesions that reach the image's in-plane border
+    (cut by the field of view); empty without a reference tumour."""
+    if not tumour.any():
+        return {}
+    parts, n = ndimage.label(tumour)
+    size = np.bincount(parts.ravel(), minlength=n + 1) * ml
+    hit = np.zeros(n + 1, dtype=bool)
+    hit[parts[called]] = True
+    edge = np.zeros(n + 1, dtype=bool)
+    for rim in (parts[:, 0], parts[:, -1], parts[:, :, 0], parts[:, :, -1]):
+        edge[rim] = True
+    kept, big = size >= 0.1, size > 10.0
+    kept[0] = big[0] = edge[0] = False
+    return {
+        "lesions": int(kept.sum()),
+        "lesions_found": int((kept & hit).sum()),
+        "lesions_over_10ml": int(big.sum()),
+        "lesions_over_10ml_found": int((big & hit).sum()),
+        "tumour_ml_at_border": round(float(size[edge].sum()), 1),
     }
 
 
@@ -298,17 +323,29 @@ def write_report(rows: list[dict[str, Any]], out: Path) -> Path:
     fmt = lambda v: "n/a" if not np.isfinite(v) else f"{v:.3f}"  # noqa: E731
     lines = [
         "| model | case | organ Dice | tumour Dice | organ mL (reference) | tumour mL called"
-        " (reference) | false organ, mL (where) |",
-        "|---|---|---|---|---|---|---|",
+        " (reference) | lesions found (over 10 mL) | false organ, mL (where) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         where = ", ".join(f"{k} {v:g}" for k, v in list(r["false_organ_ml"].items())[:4])
+        found = (
+            f"{r['lesions_found']} of {r['lesions']} ({r['lesions_over_10ml_found']} of "
+            f"{r['lesions_over_10ml']})"
+            if "lesions" in r
+            else "-"
+        )
         lines.append(
             f"| {r['model']} | {r['case']} | {fmt(r['organ_dice'])} | {fmt(r['tumour_dice'])} "
             f"| {r['organ_ml']:g} ({r['reference_ml']:g}) | {r['tumour_ml']:g} "
-            f"({r['reference_tumour_ml']:g}) | {where or '-'} |"
+            f"({r['reference_tumour_ml']:g}) | {found} | {where or '-'} |"
         )
     cases = "\n".join(f"- `{c.name}` ({c.release.spec}): {c.note}" for c in CASES)
+    cut = {r["case"]: r for r in rows if "tumour_ml_at_border" in r}  # one row per case
+    lines += [""] + [
+        f"`{name}`: {r['tumour_ml_at_border']:g} of {r['reference_tumour_ml']:g} mL of the "
+        "reference tumour lies in lesions that reach the image's side borders."
+        for name, r in cut.items()
+    ]
     shown = [f"![{p.stem}]({p.name})" for p in sorted(out.glob("real-ct-*.png"))]
     path = out / "real-ct.md"
     path.write_text(

@@ -400,10 +400,11 @@ def _spleen_stomach_pancreas(grid, tissue, p, abdomen, zd, vessels, rng):
     u = rng.uniform
     below = abdomen & (zd - 5 >= grid.Z)
     free = np.isin(tissue, [T["visceral_fat"]])
-    c = (0.6 * p.a, 0.45 * p.b_post, p.dome_left - u(55, 80))
-    e = grid.ellipsoid(
-        c, (u(22, 32), u(48, 62), u(45, 60)), rotation(rz=u(-50, -25)), lobulation=0.08
-    )
+    # splenomegaly (Patient.extra, see SynthConfig): larger, further back and toward the spine
+    scale, medial, posterior = p.extra.get("spleen", (1.0, 0.0, 0.0))
+    c = ((0.6 - medial) * p.a, (0.45 + posterior) * p.b_post, p.dome_left - u(55, 80))
+    radii = tuple(scale * r for r in (u(22, 32), u(48, 62), u(45, 60)))
+    e = grid.ellipsoid(c, radii, rotation(rz=u(-50, -25)), lobulation=0.08)
     if e is not None:
         sl, q = e
         tissue[sl][(q <= 1) & below[sl] & free[sl]] = T["spleen"]

@@ -63,6 +63,12 @@ class SynthConfig:
     # chance of a patient whose enhancement (0.5-1.3x) and organ attenuation (+-12 HU) lie
     # beyond the per-tissue ranges (render.spread_hu): population spreads are wider than them
     hu_spread: float = 0.0
+    # chance of an enlarged spleen (x 1.2-1.5 in each axis, 1.7-3.4 x the volume), set
+    # further back and toward the spine, where it fills the paravertebral gutter above the left
+    # kidney: common in liver-tumour patients (portal hypertension in cirrhosis; after
+    # oxaliplatin, Overman et al., J Clin Oncol 2010) and what a real liver CT's spleen looks
+    # like beside the kidney models' false kidney
+    splenomegaly: float = 0.0
     # whose scan range: "liver" (dome to below the liver: kidneys often cut, as in a LiTS CT),
     # "kidney" (both kidneys with margins, as in KiTS), "any" (either, even odds); "" = the task's
     scan: str = ""
@@ -85,6 +91,7 @@ class SynthConfig:
             "steatosis",
             "ascites",
             "hu_spread",
+            "splenomegaly",
         ):
             if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
                 raise SynthError(
@@ -155,6 +162,13 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
     u = rng.uniform
     p = Patient.draw(rng)
     p.extra["metal_prob"] = cfg.metal
+    spleen = np.random.default_rng([seed, 19])  # its own stream: at 0, earlier seeds unchanged
+    if spleen.random() < cfg.splenomegaly:
+        p.extra["spleen"] = (
+            spleen.uniform(1.2, 1.5),
+            spleen.uniform(0, 0.15),
+            spleen.uniform(0, 0.15),
+        )
     # acquisition grid
     sx = u(*cfg.inplane_mm)
     sz = float(rng.choice(cfg.slice_mm, p=np.asarray(cfg.slice_weights) / sum(cfg.slice_weights)))
@@ -230,6 +244,7 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
         "liver_fat_hu": round(fat_hu, 1),
         "ascites": ascites,
         "hu_spread": spread is not None,
+        "splenomegaly": "spleen" in p.extra,
         "lesions": [
             {k: v for k, v in rec.items() if k not in ("box", "q", "region")} for rec in lesions
         ],
