@@ -50,7 +50,9 @@ bench-kd: setup      # distillation benchmark (cpu: ~95 min here; PRESET=quick ~
 # on-the-fly stream (liver: two, the second 55 min); the tumour threshold (kidney) and lesion
 # seed (hysteresis; both) are calibrated on separate cases; the liver model (0.5.0) is then the
 # weight average (hlfd-train soup) of 0.4.1 and three fine-tunes of it (kd, stream), 0.6.0 that
-# soup fine-tuned on fatty livers and ascites (synth-liver-disease.yaml), the
+# soup fine-tuned on fatty livers and ascites (synth-liver-disease.yaml), 0.6.1 the soup of 0.6.0
+# and a fine-tune of it with fields of view down to 130 mm (synth-liver-fov.yaml; 0.6.0's
+# thresholds; the card's figures: docs/results/synth-to-real.md), the
 # kidney model 0.4.0 likewise of 0.3.2 and three fine-tunes, and the kidney model 0.5.0 the
 # soup of two 2.5D stream fine-tunes of 0.4.0 (three slices in) and 0.4.0 lifted (0.5.1: the
 # same weights, lesions of water density become kidney: cyst_max_hu). Overwrites
@@ -115,7 +117,15 @@ models: setup
 	    -c $(liver_soup_calibration) && \
 	  $(BIN)/hlfd-train add-onnx runs/liver-disease && \
 	  rm -rf HLFDSegment/Resources/Models/liver && \
-	  cp -r runs/liver-disease HLFDSegment/Resources/Models/liver; \
+	  cp -r runs/liver-disease HLFDSegment/Resources/Models/liver && \
+	  OMP_NUM_THREADS=1 $(BIN)/hlfd-train distill -c training/configs/synth-liver-fov.yaml -q && \
+	  $(BIN)/hlfd-train export runs/synth-liver-fov/none-seed0 --which last --half \
+	    --no-timing -o runs/liver-fov && \
+	  $(BIN)/hlfd-train soup runs/liver-soup-fov runs/liver-disease runs/liver-fov \
+	    --version 0.6.1 && \
+	  $(BIN)/hlfd-train add-onnx runs/liver-soup-fov && \
+	  rm -rf HLFDSegment/Resources/Models/liver && \
+	  cp -r runs/liver-soup-fov HLFDSegment/Resources/Models/liver; \
 	fi
 	if echo " $(TASKS) " | grep -q " kidney "; then \
 	  rm -rf runs/kidney-0.2.0 && cp -r HLFDSegment/Resources/Models/kidney runs/kidney-0.2.0 && \

@@ -119,9 +119,11 @@ def test_built_in_card_summary_says_data_accuracy_licence_and_not_for_diagnosis(
     liver, tumour = dice["Liver"], dice["Liver tumor"]
     accuracy = f"synthetic test Dice: Liver {liver:.2f}, Liver tumor {tumour:.2f}"
     assert f"Measured accuracy: {accuracy}" in text
-    start = card["provenance"]["init"]  # 0.6.0: a fine-tune of the shipped 0.5.0, said as one
-    training = f"Training: fine-tuned from {start['name']} {start['version']}, the task loss alone"
-    assert training in text and "none distillation" not in text
+    n = len(card["provenance"]["ingredients"])  # 0.6.1: 0.6.0 and a fine-tune of it, averaged
+    assert f"Training: the mean of the weights of {n} fine-tuned students (model soup)" in text
+    assert "none distillation" not in text
+    tuned = {**card, "provenance": {"method": "none", "init": {"name": "m", "version": "1.0"}}}
+    assert "Training: fine-tuned from m 1.0, the task loss alone" in modelmenu.card_summary(tuned)
     assert "fatty liver test Dice: Liver" in text
     seconds = card["runtimes"][0]["seconds"]
     assert f"Measured time: {seconds:.2f} s on cpu" in text
