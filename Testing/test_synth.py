@@ -190,7 +190,7 @@ def test_robustness_metrics_count_border_and_tumour_free_false_positives():
 def test_roi_crop_centres_the_organ_and_keeps_the_geometry():
     """The "cropped to the organ" condition: a square of the asked width around the organ (the
     larger kidney of two), every voxel at the same physical point as before the crop."""
-    from hlfd_train.synth.robustness import roi_crop
+    from hlfd_train.synth.generator import roi_crop
 
     case = synth_case(fast("kidney", tumour_free=0.0), 2)
     roi = roi_crop(case, 60.0)
@@ -204,6 +204,21 @@ def test_roi_crop_centres_the_organ_and_keeps_the_geometry():
     h, w = roi.image.shape[1:]
     assert k == 0 and np.array_equal(case.image[:, j : j + h, i : i + w], roi.image)
     assert np.array_equal(case.labels[:, j : j + h, i : i + w], roi.labels)
+
+
+def test_organ_crop_key_crops_some_cases_around_the_organ_from_its_own_stream():
+    """``organ_crop``: the case cut to a square around the organ (its width drawn from
+    ``organ_crop_mm``, recorded in the meta); off, every case is what it was."""
+    plain = synth_case(fast(), 1)
+    cropped = synth_case(fast(organ_crop=1.0, organ_crop_mm=(100.0, 100.0)), 1)
+    assert plain.meta["organ_crop_mm"] is None and cropped.meta["organ_crop_mm"] == 100.0
+    assert cropped.image.shape[1] < plain.image.shape[1]
+    assert (cropped.labels[:, :, 0] > 0).any() or (cropped.labels[:, :, -1] > 0).any()
+    assert ml(cropped, 1) < ml(plain, 1)  # part of the liver is outside the crop
+    off = synth_case(fast(organ_crop=0.0), 1)
+    assert np.array_equal(off.image, plain.image) and off.meta == plain.meta
+    with pytest.raises(SynthError, match="organ_crop_mm"):
+        SynthConfig(organ_crop_mm=(200.0, 100.0))
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ through the body and its organs at any border, with or without the scanner's cir
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -69,6 +69,10 @@ class SynthConfig:
     # oxaliplatin, Overman et al., J Clin Oncol 2010) and what a real liver CT's spleen looks
     # like beside the kidney models' false kidney
     splenomegaly: float = 0.0
+    # chance that the volume is cropped in-plane to a square of organ_crop_mm around the organ
+    # (Slicer's Crop Volume before segmenting): organ and tumours run into the image border
+    organ_crop: float = 0.0
+    organ_crop_mm: tuple[float, float] = (110.0, 220.0)
     # whose scan range: "liver" (dome to below the liver: kidneys often cut, as in a LiTS CT),
     # "kidney" (both kidneys with margins, as in KiTS), "any" (either, even odds); "" = the task's
     scan: str = ""
@@ -76,7 +80,7 @@ class SynthConfig:
     def __post_init__(self):
         if self.task not in TASK_LABELS:
             raise SynthError(f"synth task: expected liver or kidney, got {self.task!r}")
-        for name in ("inplane_mm", "fov_mm", "noise_hu", "noise_peak"):
+        for name in ("inplane_mm", "fov_mm", "noise_hu", "noise_peak", "organ_crop_mm"):
             lo, hi = getattr(self, name)
             if not (0 < lo <= hi and math.isfinite(hi)):
                 raise SynthError(f"synth {name}: need 0 < low <= high, got {[lo, hi]}")
@@ -92,6 +96,7 @@ class SynthConfig:
             "ascites",
             "hu_spread",
             "splenomegaly",
+            "organ_crop",
         ):
             if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
                 raise SynthError(
@@ -245,6 +250,7 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
         "ascites": ascites,
         "hu_spread": spread is not None,
         "splenomegaly": "spleen" in p.extra,
+        "organ_crop_mm": None,
         "lesions": [
             {k: v for k, v in rec.items() if k not in ("box", "q", "region")} for rec in lesions
         ],
@@ -252,4 +258,34 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
     }
     origin = (float(xs[0]), float(ys[0]), float(zs[k // 2]))
     tissue = anatomy.tissue[k // 2 :: k][: image.shape[0]]
-    return SynthCase(image, labels, (sx, sx, sz), origin, IDENTITY, meta, tissue)
+    case = SynthCase(image, labels, (sx, sx, sz), origin, IDENTITY, meta, tissue)
+    crop = np.random.default_rng([seed, 23])  # its own stream: at 0, earlier seeds unchanged
+    if crop.random() < cfg.organ_crop:
+        width = crop.uniform(*cfg.organ_crop_mm)
+        case = roi_crop(case, width)
+        case.meta["organ_crop_mm"] = round(width, 1)
+    return case
+
+
+def roi_crop(case: SynthCase, mm: float) -> SynthCase:
+    """``case`` cropped in-plane to a ``mm`` square centred on its organ's largest part (the
+    liver, or the larger kidney), geometry kept: what cropping a CT to the organ gives."""
+    from scipy import ndimage
+
+    parts, n = ndimage.label(case.labels > 0)
+    if n == 0:
+        return case
+    largest = 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
+    _, ys, xs = np.nonzero(parts == largest)
+    half = max(1, round(mm / case.spacing[0] / 2))
+    y0, x0 = max(0, int(ys.mean()) - half), max(0, int(xs.mean()) - half)
+    box = (slice(None), slice(y0, y0 + 2 * half), slice(x0, x0 + 2 * half))
+    shift = np.reshape(case.direction, (3, 3)) @ (x0 * case.spacing[0], y0 * case.spacing[1], 0)
+    return replace(
+        case,
+        image=case.image[box].copy(),
+        labels=case.labels[box].copy(),
+        tissue=None if case.tissue is None else case.tissue[box].copy(),
+        origin=tuple(float(v) for v in np.add(case.origin, shift)),
+        meta=dict(case.meta),
+    )

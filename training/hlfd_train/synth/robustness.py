@@ -11,16 +11,14 @@ tumour-bearing cases only), tumour volume called in tumour-free cases, and tumou
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from ..evaluate import dice
-from .generator import SynthCase, SynthConfig, SynthError, synth_case
+from .generator import SynthConfig, SynthError, roi_crop, synth_case
 
 # held-out conditions: each is a set of generator keys over the task's default stream
 CONDITIONS: dict[str, dict[str, Any]] = {
@@ -74,27 +72,6 @@ def evaluate_conditions(
                 worst[name] = worst_slice(case, pred, row)
         out[name] = {m: summarise(rows) for m, rows in per_model.items()}
     return out
-
-
-def roi_crop(case: SynthCase, mm: float) -> SynthCase:
-    """``case`` cropped in-plane to a ``mm`` square centred on its organ's largest part (the
-    liver, or the larger kidney), geometry kept: what cropping a CT to the organ gives."""
-    parts, n = ndimage.label(case.labels > 0)
-    if n == 0:
-        return case
-    largest = 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
-    _, ys, xs = np.nonzero(parts == largest)
-    half = max(1, round(mm / case.spacing[0] / 2))
-    y0, x0 = max(0, int(ys.mean()) - half), max(0, int(xs.mean()) - half)
-    box = (slice(None), slice(y0, y0 + 2 * half), slice(x0, x0 + 2 * half))
-    shift = np.reshape(case.direction, (3, 3)) @ (x0 * case.spacing[0], y0 * case.spacing[1], 0)
-    return replace(
-        case,
-        image=case.image[box].copy(),
-        labels=case.labels[box].copy(),
-        tissue=None if case.tissue is None else case.tissue[box].copy(),
-        origin=tuple(float(v) for v in np.add(case.origin, shift)),
-    )
 
 
 def badness(row: dict[str, float]) -> float:
