@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..evaluate import dice
-from .generator import SynthConfig, SynthError, roi_crop, synth_case
+from .generator import SynthConfig, SynthError, synth_case
 
 # held-out conditions: each is a set of generator keys over the task's default stream
 CONDITIONS: dict[str, dict[str, Any]] = {
@@ -42,7 +42,7 @@ CONDITIONS: dict[str, dict[str, Any]] = {
     "fatty liver, ascites": {"steatosis": 1.0, "ascites": 1.0},
     # a volume cropped to a box around the organ (Slicer's Crop Volume, a small reconstruction
     # field): organ and tumours run into the image border on every side
-    "cropped to the organ, 134 mm": {"roi_mm": 134.0},
+    "cropped to the organ, 134 mm": {"organ_crop": 1.0, "organ_crop_mm": [134.0, 134.0]},
 }
 SEED_BASE = 900_000  # far from the training datasets' case seeds
 
@@ -55,14 +55,10 @@ def evaluate_conditions(
     out: dict[str, dict[str, dict[str, float]]] = {}
     last = list(models)[-1]
     for k, (name, keys) in enumerate(CONDITIONS.items()):
-        keys = dict(keys)
-        roi_mm = keys.pop("roi_mm", None)
         cfg = SynthConfig.from_dict(task, {"tumour_free": 0.25, **keys})
         per_model: dict[str, list[dict[str, float]]] = {m: [] for m in models}
         for i in range(cases):
             case = synth_case(cfg, SEED_BASE + 1000 * seed + 100 * k + i)
-            if roi_mm is not None:
-                case = roi_crop(case, roi_mm)
             image, _ = case.to_sitk()
             for m, segmenter in models.items():
                 pred = sitk.GetArrayFromImage(segmenter(image).labels)
