@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from HLFDSegmentLib.phantom import Phantom
 
@@ -270,8 +271,6 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
 def roi_crop(case: SynthCase, mm: float) -> SynthCase:
     """``case`` cropped in-plane to a ``mm`` square centred on its organ's largest part (the
     liver, or the larger kidney), geometry kept: what cropping a CT to the organ gives."""
-    from scipy import ndimage
-
     parts, n = ndimage.label(case.labels > 0)
     if n == 0:
         return case
