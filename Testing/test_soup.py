@@ -43,6 +43,29 @@ def test_soup_is_the_mean_of_the_weights_and_names_its_ingredients(tmp_path, onn
     assert agree.mean() > 0.999
 
 
+def test_a_soup_of_a_soup_says_its_data_and_weights_once_and_keeps_the_inner_ingredients(
+    tmp_path,
+):
+    from hlfd_train.soup import soup
+
+    packages = [build_package(tmp_path / f"p{i}", seed=i) for i in range(3)]
+    for i, package in enumerate(packages):  # three streams of synthetic data
+        card_path = package / "model.json"
+        card = json.loads(card_path.read_text())
+        card["provenance"]["data"] = f"stream {i}"
+        card_path.write_text(json.dumps(card))
+    inner = soup(packages[:2], tmp_path / "inner")
+    outer = load_package(soup([inner, packages[2]], tmp_path / "outer")).card
+    assert outer["description"].count(" Weights: the mean of ") == 1
+    assert outer["description"].endswith(
+        "the mean of 2 packages fine-tuned from one start (provenance.ingredients)."
+    )
+    assert outer["provenance"]["data"] == "stream 0; the other ingredients': provenance.ingredients"
+    first, second = outer["provenance"]["ingredients"]
+    assert [i["data"] for i in first["ingredients"]] == ["stream 0", "stream 1"]
+    assert "ingredients" not in second
+
+
 def test_soup_refuses_packages_of_other_networks_and_writes_nothing(tmp_path, capsys):
     from hlfd_train.cli import main as train_cli
 

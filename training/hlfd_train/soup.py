@@ -29,6 +29,7 @@ from .cards import code_version, lifted_state, package_from_state
 from .export import onnx_for
 
 SAME = ("task", "network", "labels", "preprocessing")  # card fields every ingredient shares
+OTHER_DATA = "; the other ingredients': provenance.ingredients"
 
 
 def _pipeline(card: dict) -> dict:
@@ -96,8 +97,9 @@ def soup(
     card.pop("onnx", None)  # made again below; the run times stay (same network, same pipeline)
     card["metrics"] = {}  # the first package's figures are not the soup's
     card["version"] = version or f"{base.version}+soup{len(loaded)}"
+    described = card.get("description", "").split(" Weights: the mean of ")[0]  # not twice
     card["description"] = (
-        f"{card.get('description', '')} Weights: the mean of {len(loaded)} packages "
+        f"{described} Weights: the mean of {len(loaded)} packages "
         "fine-tuned from one start (provenance.ingredients)."
     ).strip()
     card.update(card_fields or {})
@@ -112,6 +114,7 @@ def soup(
                 "method": p.card["provenance"].get("method"),
                 "data": p.card["provenance"].get("data"),
                 "sha256": p.card["files"][p.card["weights"]]["sha256"],
+                **{k: v for k, v in p.card["provenance"].items() if k == "ingredients"},
             }
             for p in loaded
         ],
@@ -120,7 +123,8 @@ def soup(
     }
     data = [p.card["provenance"].get("data") for p in loaded]
     if data[0] and len(set(data)) > 1:
-        card["provenance"]["data"] = f"{data[0]}; the other ingredients': provenance.ingredients"
+        first = data[0].split(OTHER_DATA)[0]  # a soup of a soup says it once
+        card["provenance"]["data"] = f"{first}{OTHER_DATA}"
     state = mean_state(states)
     extra = {}
     if base.card.get("onnx"):  # made before anything is written: a failed check writes nothing
