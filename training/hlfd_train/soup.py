@@ -23,13 +23,20 @@ from pathlib import Path
 import torch
 
 from HLFDSegmentLib.errors import ModelError
-from HLFDSegmentLib.modelpackage import CARD_NAME, ONNX_NAME, load_package, save_package
+from HLFDSegmentLib.modelpackage import (
+    CARD_NAME,
+    ONNX_NAME,
+    ModelPackage,
+    load_package,
+    save_package,
+)
 
 from .cards import code_version, lifted_state, package_from_state
 from .export import onnx_for
 
 SAME = ("task", "network", "labels", "preprocessing")  # card fields every ingredient shares
 OTHER_DATA = "; the other ingredients': provenance.ingredients"
+WEIGHTS = " Weights: the mean of "
 
 
 def _pipeline(card: dict) -> dict:
@@ -97,27 +104,16 @@ def soup(
     card.pop("onnx", None)  # made again below; the run times stay (same network, same pipeline)
     card["metrics"] = {}  # the first package's figures are not the soup's
     card["version"] = version or f"{base.version}+soup{len(loaded)}"
-    described = card.get("description", "").split(" Weights: the mean of ")[0]  # not twice
+    described = card.get("description", "").split(WEIGHTS)[0]  # a soup of a soup: once
     card["description"] = (
-        f"{described} Weights: the mean of {len(loaded)} packages "
+        f"{described}{WEIGHTS}{len(loaded)} packages "
         "fine-tuned from one start (provenance.ingredients)."
     ).strip()
     card.update(card_fields or {})
     card["provenance"] = {
         **card["provenance"],
         "method": f"weight average of {len(loaded)} packages",
-        "ingredients": [
-            {
-                "name": p.name,
-                "version": p.version,
-                "run": p.card["provenance"].get("run"),
-                "method": p.card["provenance"].get("method"),
-                "data": p.card["provenance"].get("data"),
-                "sha256": p.card["files"][p.card["weights"]]["sha256"],
-                **{k: v for k, v in p.card["provenance"].items() if k == "ingredients"},
-            }
-            for p in loaded
-        ],
+        "ingredients": [_ingredient(p) for p in loaded],
         "code_version": code_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -130,6 +126,22 @@ def soup(
     if base.card.get("onnx"):  # made before anything is written: a failed check writes nothing
         card, extra[ONNX_NAME] = onnx_for(package_from_state(card, state, Path(out)))
     return save_package(out, card, state, extra)
+
+
+def _ingredient(package: ModelPackage) -> dict:
+    """What the soup's card says of one ingredient; an inner soup keeps its own ingredients."""
+    provenance = package.card["provenance"]
+    entry = {
+        "name": package.name,
+        "version": package.version,
+        "run": provenance.get("run"),
+        "method": provenance.get("method"),
+        "data": provenance.get("data"),
+        "sha256": package.card["files"][package.card["weights"]]["sha256"],
+    }
+    if provenance.get("ingredients"):
+        entry["ingredients"] = provenance["ingredients"]
+    return entry
 
 
 def _layout(state: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], bool]]:
