@@ -43,6 +43,30 @@ def test_soup_is_the_mean_of_the_weights_and_names_its_ingredients(tmp_path, onn
     assert agree.mean() > 0.999
 
 
+def test_a_weighted_soup_interpolates_and_records_each_weight(tmp_path, capsys):
+    import torch
+    from safetensors.torch import load
+
+    from hlfd_train.cli import main as train_cli
+
+    a, b = (build_package(tmp_path / n, seed=i) for i, n in enumerate("ab"))
+    out = tmp_path / "soup"
+    assert train_cli(["soup", str(out), str(a), str(b), "--weights", "0.25", "0.75"]) == 0
+    wa, wb, mixed = (load(load_package(p).weights) for p in (a, b, out))
+    for k, v in wa.items():
+        want = 0.25 * v + 0.75 * wb[k] if v.is_floating_point() else v
+        torch.testing.assert_close(mixed[k], want, rtol=1e-6, atol=1e-7)
+    card = load_package(out).card
+    assert [i["weight"] for i in card["provenance"]["ingredients"]] == [0.25, 0.75]
+    assert "the weighted mean of 2 packages" in card["description"]
+    capsys.readouterr()
+    for bad in (["0.5"], ["0.5", "0.6"], ["-0.5", "1.5"], ["nan", "1"]):
+        assert train_cli(["soup", str(tmp_path / "no"), str(a), str(b), "--weights", *bad]) == 1
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "--weights" in err
+        assert not (tmp_path / "no").exists()
+
+
 def test_a_soup_of_a_soup_says_its_data_and_weights_once_and_keeps_the_inner_ingredients(
     tmp_path,
 ):
@@ -56,7 +80,7 @@ def test_a_soup_of_a_soup_says_its_data_and_weights_once_and_keeps_the_inner_ing
         card_path.write_text(json.dumps(card))
     inner = soup(packages[:2], tmp_path / "inner")
     outer = load_package(soup([inner, packages[2]], tmp_path / "outer")).card
-    assert outer["description"].count(" Weights: the mean of ") == 1
+    assert outer["description"].count(" Weights: the ") == 1
     assert outer["description"].endswith(
         "the mean of 2 packages fine-tuned from one start (provenance.ingredients)."
     )

@@ -15,7 +15,7 @@
     hlfd-train add-onnx MODEL_DIR...
     hlfd-train runtime  MODEL_DIR IMAGE [--runs 5] [--write]
     hlfd-train card     MODEL_DIR --set postprocessing.cyst_max_hu=20 version=0.5.1
-    hlfd-train soup     OUT MODEL_DIR MODEL_DIR [...] [--version V]
+    hlfd-train soup     OUT MODEL_DIR MODEL_DIR [...] [--weights W W ...] [--version V]
     hlfd-train explain  --config C --models RUN_OR_MODEL ... [--case ID] [--slices 10 20]
     hlfd-train bench    [--preset cpu|gpu|synth-gpu|quick|smoke|full] [--toy] [--out DIR]
                         [--report R.md]
@@ -284,8 +284,15 @@ def cmd_soup(args: argparse.Namespace) -> None:
 
     fields = {k: getattr(args, k) for k in ("name", "title", "description")}
     card_fields = {k: v for k, v in fields.items() if v is not None}
-    out = soup(args.packages, args.out, version=args.version, card_fields=card_fields)
-    print(f"model package: {out} (mean of {len(args.packages)}; calibrate it next)")
+    out = soup(
+        args.packages,
+        args.out,
+        version=args.version,
+        card_fields=card_fields,
+        weights=args.weights,
+    )
+    mean = "weighted mean" if args.weights else "mean"
+    print(f"model package: {out} ({mean} of {len(args.packages)}; calibrate it next)")
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
@@ -485,6 +492,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("out", type=Path)
     p.add_argument("packages", type=Path, nargs="+")
+    p.add_argument(
+        "--weights", type=float, nargs="+", help="one per package, summing to 1 (default: equal)"
+    )
     p.add_argument("--version", help="model card version (default: the first's +soupN)")
     for field in ("name", "title", "description"):
         p.add_argument(f"--{field}", help=f"model card {field} (default: the first package's)")

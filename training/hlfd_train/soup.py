@@ -10,13 +10,17 @@ one-slice model it started from. Calibrate the soup afterwards
 (``hlfd-train calibrate --write``): the thresholds of the first package were chosen for other
 weights.
 
-    hlfd-train soup OUT PKG PKG [PKG ...] [--version V] [--name N] [--title T] [--description D]
+A weighted soup (``--weights 0.25 0.75``) interpolates between ingredients, e.g. toward a
+fine-tune whose gains a plain mean halves.
+
+    hlfd-train soup OUT PKG PKG [PKG ...] [--weights W W ...] [--version V] [--name N] ...
 """
 
 from __future__ import annotations
 
 import copy
 import datetime
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +40,7 @@ from .export import onnx_for
 
 SAME = ("task", "network", "labels", "preprocessing")  # card fields every ingredient shares
 OTHER_DATA = "; the other ingredients': provenance.ingredients"
-WEIGHTS = " Weights: the mean of "
+WEIGHTS = " Weights: the "  # the description's soup sentence starts here
 
 
 def _pipeline(card: dict) -> dict:
@@ -47,15 +51,31 @@ def _pipeline(card: dict) -> dict:
     return same
 
 
-def mean_state(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Element-wise mean of floating-point tensors (in float64, stored in each tensor's dtype);
-    integer tensors such as BatchNorm's step counters come from the first state."""
+def mean_state(
+    states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float] | None = None
+) -> dict[str, torch.Tensor]:
+    """Element-wise (weighted) mean of floating-point tensors (in float64, stored in each
+    tensor's dtype); integer tensors such as BatchNorm's step counters come from the first state.
+    ``weights``: one per state, summing to 1 (None: equal)."""
+    w = torch.tensor(weights or [1.0 / len(states)] * len(states), dtype=torch.float64)
     return {
-        k: torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype)
+        k: torch.einsum("i,i...->...", w, torch.stack([s[k].double() for s in states])).to(v.dtype)
         if v.is_floating_point()
         else v.clone()
         for k, v in states[0].items()
     }
+
+
+def check_weights(weights: Sequence[float] | None, n: int) -> list[float] | None:
+    """One finite, non-negative weight per package, summing to 1 (within 1e-6), or None."""
+    if weights is None:
+        return None
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise ModelError(f"soup --weights: {len(weights)} weights for {n} packages; give one each")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or abs(sum(weights) - 1) > 1e-6:
+        raise ModelError(f"soup --weights: non-negative numbers summing to 1, got {weights}")
+    return weights
 
 
 def soup(
@@ -64,14 +84,17 @@ def soup(
     *,
     version: str | None = None,
     card_fields: dict[str, str] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> Path:
     """Write the package whose weights are the mean of ``packages``' (two or more, of one
-    network and pipeline); it gets an ONNX graph where the first package has one.
-    ``card_fields`` (name, title, description) replace the first package's."""
+    network and pipeline; ``weights``: one per package, summing to 1, None: equal); it gets an
+    ONNX graph where the first package has one. ``card_fields`` (name, title, description)
+    replace the first package's."""
     from safetensors.torch import load as load_safetensors
 
     if len(packages) < 2:
         raise ModelError("soup: give two or more model packages to average")
+    weights = check_weights(weights, len(packages))
     if any(Path(out).resolve() == Path(p).resolve() for p in packages):
         raise ModelError(f"{out}: is one of the packages to average; write the soup elsewhere")
     loaded = [load_package(p) for p in packages]
@@ -105,15 +128,19 @@ def soup(
     card["metrics"] = {}  # the first package's figures are not the soup's
     card["version"] = version or f"{base.version}+soup{len(loaded)}"
     described = card.get("description", "").split(WEIGHTS)[0]  # a soup of a soup: once
+    mean = "weighted mean" if weights else "mean"
     card["description"] = (
-        f"{described}{WEIGHTS}{len(loaded)} packages "
+        f"{described}{WEIGHTS}{mean} of {len(loaded)} packages "
         "fine-tuned from one start (provenance.ingredients)."
     ).strip()
     card.update(card_fields or {})
     card["provenance"] = {
         **card["provenance"],
         "method": f"weight average of {len(loaded)} packages",
-        "ingredients": [_ingredient(p) for p in loaded],
+        "ingredients": [
+            _ingredient(p, None if weights is None else w)
+            for p, w in zip(loaded, weights or [None] * len(loaded))
+        ],
         "code_version": code_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -121,15 +148,16 @@ def soup(
     if data[0] and len(set(data)) > 1:
         first = data[0].split(OTHER_DATA)[0]  # a soup of a soup says it once
         card["provenance"]["data"] = f"{first}{OTHER_DATA}"
-    state = mean_state(states)
+    state = mean_state(states, weights)
     extra = {}
     if base.card.get("onnx"):  # made before anything is written: a failed check writes nothing
         card, extra[ONNX_NAME] = onnx_for(package_from_state(card, state, Path(out)))
     return save_package(out, card, state, extra)
 
 
-def _ingredient(package: ModelPackage) -> dict:
-    """What the soup's card says of one ingredient; an inner soup keeps its own ingredients."""
+def _ingredient(package: ModelPackage, weight: float | None = None) -> dict:
+    """What the soup's card says of one ingredient (with its ``weight`` in a weighted soup);
+    an inner soup keeps its own ingredients."""
     provenance = package.card["provenance"]
     entry = {
         "name": package.name,
@@ -139,6 +167,8 @@ def _ingredient(package: ModelPackage) -> dict:
         "data": provenance.get("data"),
         "sha256": package.card["files"][package.card["weights"]]["sha256"],
     }
+    if weight is not None:
+        entry["weight"] = weight
     if provenance.get("ingredients"):
         entry["ingredients"] = provenance["ingredients"]
     return entry
