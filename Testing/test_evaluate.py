@@ -199,3 +199,34 @@ def test_calibrate_sweeps_through_the_runtime_and_writes_the_card(tmp_path):
     reloaded = load_package(folder)  # the card still validates and the checksums hold
     offsets = Segmenter(reloaded, device="cpu").logit_offsets
     assert offsets is not None and offsets.tolist() == [0.0, 0.0, chosen["offset"]]
+
+
+def test_organ_crop_cuts_image_and_reference_alike_around_the_labels():
+    """A 60 mm square around the labels' centroid, clipped at the image edge; the physical
+    position of every kept voxel is unchanged; an unlabelled reference keeps all of it."""
+    import SimpleITK as sitk
+
+    from hlfd_train.evaluate import organ_crop
+
+    ref = np.zeros((20, 60, 60), np.uint8)
+    ref[5:15, 40:58, 44:60] = 1  # near the (y, x) corner: the square is clipped there
+    image = sitk.GetImageFromArray(np.arange(ref.size, dtype=np.int16).reshape(ref.shape))
+    image.SetSpacing((2.0, 2.0, 3.0))  # x, y, z
+    cut_image, cut = organ_crop(image, ref, 60.0)
+    assert cut == (slice(None), slice(33, 60), slice(36, 60))  # 15 voxels either side, clipped
+    assert cut_image.GetSize() == (24, 27, 20)
+    assert np.array_equal(sitk.GetArrayFromImage(cut_image), sitk.GetArrayFromImage(image)[cut])
+    assert cut_image.TransformIndexToPhysicalPoint((0, 0, 0)) == (72.0, 66.0, 0.0)
+    assert ref[cut].sum() == ref.sum()
+    whole, everything = organ_crop(image, np.zeros_like(ref), 60.0)
+    assert whole.GetSize() == image.GetSize() and everything == (slice(None),) * 3
+
+
+def test_evaluate_refuses_a_crop_size_that_is_not_a_positive_number(capsys):
+    from hlfd_train.cli import main as train_cli
+
+    for bad in ("0", "-5", "nan", "wide"):
+        with pytest.raises(SystemExit) as exit_:
+            train_cli(["evaluate", "model", "--crop-mm", bad])
+        assert exit_.value.code == 2
+        assert f"expected a size in mm > 0, got {bad!r}" in capsys.readouterr().err

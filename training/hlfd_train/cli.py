@@ -10,6 +10,7 @@
     hlfd-train teacher  --config C [--set train.steps=500 ...]
     hlfd-train distill  --config C --method hlfd --teacher runs/teacher [--set ...]
     hlfd-train evaluate MODEL --run RUN | --config C [--split test] [--protocol paper]
+                        [--crop-mm MM]
     hlfd-train compare  NEW/metrics.json OLD/metrics.json [--metric dice]
     hlfd-train export   RUN -o MODEL_DIR [--onnx]
     hlfd-train add-onnx MODEL_DIR...
@@ -50,6 +51,17 @@ def _numbers(text: str) -> tuple[float, ...]:
     if not values or not all(math.isfinite(v) for v in values):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
     return values
+
+
+def _millimetres(text: str) -> float:
+    """A size in mm: a finite number > 0 (else a usage error naming the value)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a size in mm > 0, got {text!r}")
+    return value
 
 
 def _millilitres(text: str) -> float:
@@ -166,6 +178,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     out = args.out or (Path(args.run) / "evaluation" if args.run else Path("evaluation"))
     if args.protocol == "paper":
         out = Path(str(out) + "-paper")
+    if args.crop_mm is not None and not args.out:
+        out = Path(f"{out}-crop{args.crop_mm:g}")
     report = evaluate(
         package,
         prepared.eval_cases(args.split),
@@ -174,6 +188,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         protocol=args.protocol,
         device=args.device,
         progress=print,
+        crop_mm=args.crop_mm,
     )
     print((out / "metrics.md").read_text(encoding="utf-8"))
     print(f"metrics in {out}/metrics.{{csv,json,md}} ({report['protocol_description']})")
@@ -414,6 +429,11 @@ def parser() -> argparse.ArgumentParser:
     with_config(p, required=False)
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--protocol", default="full", choices=["full", "paper"])
+    p.add_argument(
+        "--crop-mm",
+        type=_millimetres,
+        help="cut each case in-plane to a square of this size (mm) around its reference labels",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", "-o", type=Path)
     p.set_defaults(func=cmd_evaluate)

@@ -11,6 +11,9 @@ composite Dice of organ + tumour (KiTS/LiTS), beside organ-without-tumour. Sprea
 standard deviations (ddof 1; :func:`mean_sd`), the one convention of the training package.
 ``protocol="paper"`` restricts both volumes to the axial slices that contain
 tumour in the reference, the slice-subset protocol of the HLFD paper's code, and is labelled so.
+``crop_mm`` crops every case in-plane to a square of that size around the reference's labelled
+voxels before segmenting (a CT cut to the organ, as Slicer's Crop Volume does, or as LiTS-117 is
+in ``hlfd-train real-ct``): organ and tumours run into the image border.
 """
 
 from __future__ import annotations
@@ -162,6 +165,25 @@ def axial_axis(image: sitk.Image) -> int:
     return 2 - k_of_ijk
 
 
+def organ_crop(
+    image: sitk.Image, ref: np.ndarray, crop_mm: float
+) -> tuple[sitk.Image, tuple[slice, ...]]:
+    """``image`` cut in-plane (the two axes across the axial one) to a square of ``crop_mm``
+    centred on the centroid of ``ref``'s labelled voxels (clipped at the image's edges; all of it
+    when nothing is labelled), and the (z, y, x) slices that cut ``ref`` the same way."""
+    axis = axial_axis(image)
+    cut = [slice(None)] * 3
+    labelled = np.nonzero(ref)
+    if labelled[0].size:
+        spacing = image.GetSpacing()[::-1]  # (z, y, x) like the array
+        for a in (a for a in range(3) if a != axis):
+            half = int(crop_mm / spacing[a] / 2)
+            start = max(0, int(labelled[a].mean()) - half)
+            cut[a] = slice(start, min(ref.shape[a], start + 2 * half))
+    sitk_cut = tuple(cut[::-1])  # SimpleITK indexes (x, y, z)
+    return image[sitk_cut], tuple(cut)
+
+
 def tumour_slices(ref: np.ndarray, tumour_value: int, axis: int) -> np.ndarray:
     """Indices of the slices along ``axis`` holding any tumour voxel."""
     other = tuple(a for a in range(3) if a != axis)
@@ -173,15 +195,19 @@ def evaluate_case(
     case: EvalCase,
     label_lut: np.ndarray,
     protocol: str = "full",
+    crop_mm: float | None = None,
 ) -> dict[str, Any]:
-    """Segment one case with the runtime pipeline and score every label of the card."""
+    """Segment one case with the runtime pipeline and score every label of the card
+    (``crop_mm``: the case cut in-plane around its reference labels first)."""
     image = read_image(case.image)
+    ref = label_lut[sitk.GetArrayFromImage(read_image(case.label)).astype(np.int64)]
+    if crop_mm is not None:
+        image, cut = organ_crop(image, ref, crop_mm)
+        ref = ref[cut]
     t0 = time.perf_counter()
     result = seg(image)
     seconds = time.perf_counter() - t0
     pred = sitk.GetArrayFromImage(result.labels)
-    ref_img = read_image(case.label)
-    ref = label_lut[sitk.GetArrayFromImage(ref_img).astype(np.int64)]
     labels = seg.card["labels"]
     tumour = next((lab["value"] for lab in labels if "tumor" in lab["name"]), None)
     if protocol == "paper":
@@ -259,14 +285,18 @@ def evaluate(
     protocol: str = "full",
     device: str = "auto",
     progress: Callable[[str], None] | None = None,
+    crop_mm: float | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``package`` on ``cases``; writes ``metrics.csv/.json/.md`` into ``out_dir``."""
+    """Evaluate ``package`` on ``cases`` (each cut in-plane to ``crop_mm`` around its
+    reference labels where given); writes ``metrics.csv/.json/.md`` into ``out_dir``."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}: expected one of {sorted(PROTOCOLS)}")
+    if crop_mm is not None and not (math.isfinite(crop_mm) and crop_mm > 0):
+        raise ValueError(f"crop: a size in mm above 0, got {crop_mm}")
     seg = Segmenter(package, device=device)
     rows = []
     for case in cases:
-        rows.append(evaluate_case(seg, case, label_lut, protocol))
+        rows.append(evaluate_case(seg, case, label_lut, protocol, crop_mm))
         if progress:
             dice = ", ".join(
                 f"{n} {_num(m['dice'], 3) or 'n/a'}" for n, m in rows[-1]["labels"].items()
@@ -277,7 +307,9 @@ def evaluate(
     report = {
         "model": package.card["name"],
         "protocol": protocol,
-        "protocol_description": PROTOCOLS[protocol],
+        "protocol_description": PROTOCOLS[protocol]
+        + ("" if crop_mm is None else f"; cut in-plane to {crop_mm:g} mm around the reference"),
+        "crop_mm": crop_mm,
         "device": str(seg.device),
         "cases": rows,
         "summary": summarise(rows),
