@@ -119,8 +119,9 @@ def test_built_in_card_summary_says_data_accuracy_licence_and_not_for_diagnosis(
     liver, tumour = dice["Liver"], dice["Liver tumor"]
     accuracy = f"synthetic test Dice: Liver {liver:.2f}, Liver tumor {tumour:.2f}"
     assert f"Measured accuracy: {accuracy}" in text
-    n = len(card["provenance"]["ingredients"])  # 0.6.2: 0.6.1 and a fine-tune of it, averaged
-    assert f"Training: the mean of the weights of {n} fine-tuned students (model soup)" in text
+    # 0.6.3: 0.6.1 and a fine-tune of it, averaged 1:3
+    weighted = "the weighted mean (0.25, 0.75) of the weights of 2 fine-tuned students"
+    assert f"Training: {weighted} (model soup)" in text
     assert "none distillation" not in text
     tuned = {**card, "provenance": {"method": "none", "init": {"name": "m", "version": "1.0"}}}
     assert "Training: fine-tuned from m 1.0, the task loss alone" in modelmenu.card_summary(tuned)
@@ -140,7 +141,7 @@ def test_built_in_kidney_card_summary_says_it_reads_three_slices_and_keeps_cysts
     )
     assert "Training: the mean of the weights of 3 fine-tuned students (model soup)" in text
     assert "Cyst rule: a lesion whose median is at most 20 HU" in text
-    liver = modelmenu.read_card("liver")  # 0.6.2 has the rule too; a card without it says nothing
+    liver = modelmenu.read_card("liver")  # 0.6.3 has the rule too; a card without it says nothing
     assert "Cyst rule: a lesion whose median is at most 20 HU" in modelmenu.card_summary(liver)
     ruleless = {**liver, "postprocessing": {"enabled": True, "min_island_ml": 0.1}}
     assert "Cyst rule" not in modelmenu.card_summary(ruleless)

@@ -196,8 +196,17 @@ def card_summary(card: Mapping[str, Any] | None) -> str:
     if provenance.get("data"):
         rows.append(f"Training data: {e(str(provenance['data']))}")
     if provenance.get("ingredients"):  # hlfd-train soup
-        n = len(provenance["ingredients"])
-        rows.append(f"Training: the mean of the weights of {n} fine-tuned students (model soup)")
+        ingredients = provenance["ingredients"]
+        weights = [i.get("weight") for i in ingredients]
+        mean = (
+            f"weighted mean ({', '.join(f'{float(w):g}' for w in weights)})"
+            if all(isinstance(w, (int, float)) for w in weights)
+            else "mean"
+        )
+        rows.append(
+            f"Training: the {mean} of the weights of {len(ingredients)} fine-tuned students "
+            "(model soup)"
+        )
     elif provenance.get("method"):
         method = str(provenance["method"])
         teacher = f" from {provenance['teacher']}" if provenance.get("teacher") else ""
