@@ -57,12 +57,15 @@ def mean_state(
     """Element-wise (weighted) mean of floating-point tensors (in float64, stored in each
     tensor's dtype); integer tensors such as BatchNorm's step counters come from the first state.
     ``weights``: one per state, summing to 1 (None: equal)."""
-    w = torch.tensor(weights or [1.0 / len(states)] * len(states), dtype=torch.float64)
+
+    def mean(k: str) -> torch.Tensor:
+        stacked = torch.stack([s[k].double() for s in states])
+        if weights is None:
+            return stacked.mean(0)
+        return torch.einsum("i,i...->...", torch.tensor(weights, dtype=torch.float64), stacked)
+
     return {
-        k: torch.einsum("i,i...->...", w, torch.stack([s[k].double() for s in states])).to(v.dtype)
-        if v.is_floating_point()
-        else v.clone()
-        for k, v in states[0].items()
+        k: mean(k).to(v.dtype) if v.is_floating_point() else v.clone() for k, v in states[0].items()
     }
 
 
