@@ -140,10 +140,7 @@ def soup(
     card["provenance"] = {
         **card["provenance"],
         "method": f"weight average of {len(loaded)} packages",
-        "ingredients": [
-            _ingredient(p, None if weights is None else w)
-            for p, w in zip(loaded, weights or [None] * len(loaded))
-        ],
+        "ingredients": [_ingredient(p, w) for p, w in zip(loaded, weights or [None] * len(loaded))],
         "code_version": code_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
