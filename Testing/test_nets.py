@@ -202,6 +202,32 @@ def test_bad_arguments_name_the_field(args, kwargs, field):
     assert args[0] in str(info.value)
 
 
+def test_background_channels_are_learnt_raw_and_folded_into_background_in_eval():
+    """background_channels=k: k more output channels; in training mode the raw logits, in eval
+    mode channel 0 is log(sum(exp)) of background and the k (softmax probabilities added)."""
+    torch.manual_seed(0)
+    net = build_network("tiny_unet2d", 2, 1, 3, base=4, background_channels=2)
+    x = torch.randn(2, 1, 32, 32)
+    raw = net(x)
+    assert raw.shape == (2, 5, 32, 32) and net.background_channels == 2
+    with torch.no_grad():
+        folded = net.eval()(x)
+        net.training = True  # the top module's flag decides; its BatchNorm layers stay in eval
+        raw = net(x)
+    assert folded.shape == (2, 3, 32, 32)
+    p, q = raw.softmax(1), folded.softmax(1)
+    torch.testing.assert_close(q[:, 0], p[:, 0] + p[:, 3] + p[:, 4])
+    torch.testing.assert_close(q[:, 1:], p[:, 1:3])
+    # the weights are the plain network's with a wider output layer
+    plain = build_network("tiny_unet2d", 2, 1, 5, base=4)
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {
+        k: v.shape for k, v in net.state_dict().items()
+    }
+    for bad in (-1, 1.5, True, "two"):
+        with pytest.raises(ValueError, match="background_channels"):
+            build_network("tiny_unet2d", 2, 1, 3, background_channels=bad)
+
+
 def test_json_lists_are_accepted():
     small = build_network("unetpp2d", 2, 1, 2, encoder="resnet18", decoder_channels=[32] * 5)
     assert count_parameters(small) < count_parameters(build_network("unetpp2d", 2, 1, 2))

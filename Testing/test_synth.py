@@ -434,11 +434,35 @@ def test_stream_with_context_slices_centres_the_one_slice_crop():
         assert torch.equal(b["image"][1:2], a["image"]) and torch.equal(b["label"], a["label"])
 
 
+def test_stream_aux_labels_mark_the_tissues_after_organ_and_tumour():
+    """aux_labels: background voxels of the named tissues get 3, 4, ... in order; organ and
+    tumour keep theirs, and crops are still centred on organ or tumour, not on the aux ones."""
+    from hlfd_train.synth.stream import stream_case, stream_settings
+
+    s = stream_settings(
+        {"synth": {"max_slices": 24, "inplane_mm": [2.5, 3.0]}, "aux_labels": ["spleen", "liver"]},
+        "kidney",
+    )
+    pre = {"orientation": "LPS", "spacing": [3.0, 3.0, None], "window": [-200.0, 300.0]}
+    pre["normalize"] = {"mode": "minmax"}
+    plain = stream_case(s["config"], 7, pre)
+    aux = stream_case(s["config"], 7, pre, s["aux_labels"])
+    assert np.array_equal(plain.image, aux.image)
+    kept = plain.label > 0
+    assert np.array_equal(aux.label[kept], plain.label[kept])
+    assert set(np.unique(aux.label[~kept])) == {0, 3, 4}
+    assert (aux.label == 3).sum() > 100 and (aux.label == 4).sum() > (aux.label == 3).sum()
+    assert np.array_equal(aux.foreground, plain.foreground)
+
+
 def test_stream_settings_are_checked():
     from hlfd_train.config import ConfigError
     from hlfd_train.synth.stream import stream_settings
 
     for bad, word in [
+        ({"aux_labels": ["spleen", "kidneys"]}, "aux_labels"),
+        ({"aux_labels": "spleen"}, "aux_labels"),
+        ({"aux_labels": ["spleen", "spleen"]}, "twice"),
         ({"crop_per_case": 3}, "data.stream.crop_per_case"),
         ({"crops_per_case": 0}, "crops_per_case"),
         ({"pool": 0}, "pool"),

@@ -25,6 +25,7 @@ from hlfd_train.distill import METHODS, build_method, probe_channels, run_with_t
 from hlfd_train.engine import (
     StudentStep,
     Trainer,
+    initial_network,
     make_network,
     prepare_data,
     taps_of,
@@ -517,6 +518,56 @@ def test_a_one_slice_package_starts_a_25d_student_its_teacher_sees_the_centre(
     by_torch = Segmenter(pkg, device="cpu", backend="torch").infer(arr)
     by_onnx = Segmenter(pkg, device="cpu", backend="onnx").infer(arr)
     assert by_torch.shape == arr.shape and (by_torch == by_onnx).mean() > 0.99
+
+
+@pytest.mark.slow
+def test_extra_background_classes_widen_a_package_train_on_aux_labels_and_export(
+    teacher_run, tmp_path
+):
+    """A student with background_channels=1 starts from a 3-class package (output layer widened:
+    it predicts what the package did), learns the stream's aux label (the spleen) as a class
+    of its own and exports a package whose runtime output, torch and ONNX, has 3 classes."""
+    cfg, folder = teacher_run
+    one = load_package(export(folder, tmp_path / "pkg", timing=False))
+    stream = {
+        "crops_per_case": 8,
+        "pool": 2,
+        "aux_labels": ["spleen"],
+        "synth": {"max_slices": 24, "inplane_mm": [2.5, 3.0]},
+    }
+    keys = [
+        f"model.student.init={one.path}",
+        "model.student.kwargs={base: 8, background_channels: 1}",
+        "data.task=kidney",
+        f"output={tmp_path / 'runs'}",
+        "train.steps=2",
+    ]
+    student = load_config(None, keys, base=cfg)
+    student["data"]["stream"] = stream
+    wide = initial_network(student["model"]["student"], student, 3, "student").eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        near = (wide(x).softmax(1) - one.build_network().eval()(x).softmax(1)).abs().max()
+    assert near < 0.02
+    run = train(student, "student", progress=False)
+    pkg = load_package(export(run, tmp_path / "wide", which="last", onnx=True, timing=False))
+    assert pkg.card["network"]["kwargs"]["background_channels"] == 1
+    assert pkg.card["network"]["out_channels"] == 3
+    arr = np.random.default_rng(0).uniform(0, 1, (5, 64, 64)).astype(np.float32)
+    by_torch = Segmenter(pkg, device="cpu", backend="torch").infer(arr)
+    by_onnx = Segmenter(pkg, device="cpu", backend="onnx").infer(arr)
+    assert by_torch.max() <= 2 and (by_torch == by_onnx).mean() > 0.99
+    elsewhere = f"output={tmp_path / 'wrong'}"
+    for aux, more, word in [
+        ([], [], "must equal"),
+        (None, [], "must equal"),
+        (["spleen"], ["distill.method=kd", f"distill.teacher={folder}"], "task loss only"),
+    ]:
+        wrong = load_config(None, [*keys, *more, elsewhere], base=cfg)
+        wrong["data"]["stream"] = None if aux is None else {**stream, "aux_labels": aux}
+        with pytest.raises(ConfigError, match=word):
+            train(wrong, "student", progress=False)
+    assert not (tmp_path / "wrong" / "t").exists()
 
 
 RECIPES = sorted((Path(__file__).parents[1] / "training" / "configs").glob("*.yaml"))

@@ -74,6 +74,32 @@ def lifted_state(
     return out
 
 
+def widened_state(
+    state: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor], bias: float = -4.0
+) -> dict[str, torch.Tensor]:
+    """``state`` of a network made to fit ``like``, the same network with extra output channels
+    (``background_channels``): each new channel of the output layer starts as a copy of the
+    background channel with its bias ``bias`` lower, so that, folded into background, the wider
+    network computes what the narrower one did within ``log(1 + k e^bias)`` (0.018 for one
+    channel at -4). Tensors of matching shape pass unchanged."""
+    out = {}
+    for key, value in state.items():
+        want = like.get(key)
+        if (
+            want is not None
+            and value.ndim == want.ndim >= 1
+            and value.shape[0] < want.shape[0]
+            and value.shape[1:] == want.shape[1:]
+        ):
+            extra = want.shape[0] - value.shape[0]
+            rows = value[:1].repeat(extra, *([1] * (value.ndim - 1)))
+            if value.ndim == 1:
+                rows = rows + bias
+            value = torch.cat([value, rows.to(value.dtype)])
+        out[key] = value
+    return out
+
+
 def code_version() -> str:
     """``git describe`` of the source tree, else the package version."""
     from HLFDSegmentLib import __version__

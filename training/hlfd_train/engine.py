@@ -38,7 +38,7 @@ from HLFDSegmentLib.devices import autocast_dtype
 from HLFDSegmentLib.errors import ModelError
 from HLFDSegmentLib.io import write_json
 from HLFDSegmentLib.modelpackage import load_package
-from HLFDSegmentLib.nets import build_network, tap_paths
+from HLFDSegmentLib.nets import BACKGROUND_CHANNELS, build_network, tap_paths
 from HLFDSegmentLib.pipeline import Segmenter
 
 from .cards import (
@@ -49,6 +49,7 @@ from .cards import (
     load_weights,
     package_from_state,
     state_bytes,
+    widened_state,
 )
 from .config import ConfigError, load_config, save_config
 from .distill import (
@@ -230,6 +231,7 @@ def synth_stream(cfg: Mapping[str, Any], prepared: Any, samples: int):
         workers=int(d["workers"]),
         world=distributed()[1],
         seed=settings["seed"],
+        aux_labels=settings["aux_labels"],
     )
 
 
@@ -275,6 +277,25 @@ def load_teacher(cfg: Mapping[str, Any], classes: int) -> tuple[nn.Module, dict,
     return net.eval(), spec, str(src)
 
 
+def check_background_channels(cfg: Mapping[str, Any], role: str, method: str) -> None:
+    """A network with ``background_channels`` learns that many extra classes: the stream's
+    ``aux_labels``, one each, with the task loss alone (a teacher's logits have no such
+    channels)."""
+    extra = (cfg["model"][role].get("kwargs") or {}).get(BACKGROUND_CHANNELS, 0)
+    stream = cfg["data"]["stream"]
+    aux = list((stream or {}).get("aux_labels") or [])
+    if extra != len(aux):
+        raise ConfigError(
+            f"config key 'model.{role}.kwargs.{BACKGROUND_CHANNELS}' is {extra}: it must equal "
+            f"the number of 'data.stream.aux_labels' ({len(aux)}: {aux})"
+        )
+    if extra and method != "none":
+        raise ConfigError(
+            f"config key 'model.{role}.kwargs.{BACKGROUND_CHANNELS}': extra classes train with "
+            f"the task loss only (distill.method none), not {method!r}"
+        )
+
+
 def initial_network(spec: Mapping[str, Any], cfg: Mapping[str, Any], classes: int, role: str):
     """The run's network: fresh, or with the weights named by ``model.<role>.init`` (a model
     package or a ``.safetensors`` file of the same architecture) for fine-tuning; a package
@@ -283,12 +304,19 @@ def initial_network(spec: Mapping[str, Any], cfg: Mapping[str, Any], classes: in
     if not spec.get("init"):
         return make_network(spec, dims, classes, channels)
     net, got = trained_network(spec["init"], dict(spec), cfg, classes, role)
-    want = (spec["architecture"], dict(spec.get("kwargs") or {}))
-    if (got["architecture"], dict(got.get("kwargs") or {})) != want:
+    got_kwargs, want_kwargs = dict(got.get("kwargs") or {}), dict(spec.get("kwargs") or {})
+    got_bg, want_bg = (int(k.pop(BACKGROUND_CHANNELS, 0)) for k in (got_kwargs, want_kwargs))
+    want = (spec["architecture"], want_kwargs)
+    if (got["architecture"], got_kwargs) != want or got_bg > want_bg:
         raise ConfigError(
             f"model.{role}.init = {spec['init']!r}: a {got['architecture']!r} network with "
-            f"kwargs {got.get('kwargs') or {}}, model.{role} asks {want[0]!r} with {want[1]}"
+            f"kwargs {got.get('kwargs') or {}}, model.{role} asks {want[0]!r} with "
+            f"{spec.get('kwargs') or {}}"
         )
+    if got_bg < want_bg:  # extra background classes: the output layer widened
+        wide = make_network(spec, dims, classes, got["in_channels"])
+        wide.load_state_dict(widened_state(net.state_dict(), wide.state_dict()), strict=True)
+        net = wide
     if got["in_channels"] != channels:
         if got["in_channels"] > channels:
             raise ConfigError(
@@ -559,6 +587,7 @@ class Trainer:
         cfg, dims = self.cfg, self.cfg["model"]["spatial_dims"]
         classes = N_CLASSES[cfg["data"]["labelset"]]
         self.spec = spec = cfg["model"][self.role]
+        check_background_channels(cfg, self.role, self.method_name)
         self.student = initial_network(spec, cfg, classes, self.role)
         self.teacher, t_taps, t_spec, self.teacher_name = None, {}, {}, None
         if self.method_name != "none":

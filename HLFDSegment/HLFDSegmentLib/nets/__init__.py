@@ -22,6 +22,7 @@ from .names import ARCHITECTURE_NAMES
 if TYPE_CHECKING:
     from .architectures import (
         ARCHITECTURES,
+        BACKGROUND_CHANNELS,
         ArchitectureSpec,
         UnknownArchitectureError,
         build_network,
@@ -39,6 +40,7 @@ _MODULE_OF = {
     "count_macs": "profile",
     "count_parameters": "profile",
     "ARCHITECTURES": "architectures",
+    "BACKGROUND_CHANNELS": "architectures",
     "ArchitectureSpec": "architectures",
     "UnknownArchitectureError": "architectures",
     "build_network": "architectures",
@@ -56,6 +58,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ARCHITECTURES",
     "ARCHITECTURE_NAMES",
+    "BACKGROUND_CHANNELS",
     "TAP_NAMES",
     "ArchitectureSpec",
     "SegmentationNet",

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .blocks import check_channels
@@ -19,6 +20,8 @@ from .unet2d import TinyUNet
 from .unetpp import UNetPlusPlus
 
 _FIXED = ("spatial_dims", "in_channels", "out_channels")
+# every architecture's extra argument: classes learnt in training that count as background
+BACKGROUND_CHANNELS = "background_channels"
 
 
 class UnknownArchitectureError(ValueError):
@@ -240,6 +243,13 @@ def build_network(
         _positive_int("out_channels", out_channels)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
+    kwargs = dict(kwargs)
+    extra = kwargs.pop(BACKGROUND_CHANNELS, 0)
+    if extra != 0:
+        try:
+            _positive_int(BACKGROUND_CHANNELS, extra)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
     unknown = sorted(set(kwargs) - set(spec.kwargs))
     if unknown:
         raise ValueError(
@@ -248,10 +258,26 @@ def build_network(
         )
     args = {k: _as_tuples(v) for k, v in kwargs.items()}
     try:
-        net = spec.builder(spatial_dims, in_channels, out_channels, **args)
+        net = spec.builder(spatial_dims, in_channels, out_channels + extra, **args)
     except (ValueError, TypeError, AssertionError, KeyError) as exc:
         raise ValueError(f"{where}: {exc}") from None
+    if extra:
+        net.background_channels = extra
+        net.register_forward_hook(fold_background)
     return net
+
+
+def fold_background(net: nn.Module, inputs: Any, logits: torch.Tensor) -> torch.Tensor:
+    """Forward hook of a network built with ``background_channels=k``: its last ``k`` output
+    channels are classes learnt in training (the spleen beside a kidney, say) that the task
+    counts as background. In training mode the raw ``out_channels + k`` logits pass; in eval
+    mode (inference, export) the ``k`` join channel 0 as ``log(sum(exp))``, so the softmax of
+    the result is the softmax of all, with their probabilities added to the background's."""
+    if net.training:
+        return logits
+    k = net.background_channels
+    background = torch.logsumexp(torch.cat([logits[:, :1], logits[:, -k:]], 1), 1, keepdim=True)
+    return torch.cat([background, logits[:, 1:-k]], 1)
 
 
 def tap_paths(net: nn.Module) -> dict[str, str]:

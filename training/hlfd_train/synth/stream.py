@@ -32,8 +32,13 @@ from ..config import ConfigError
 from ..data.augment import make_augment
 from ..data.datasets import context_crop, finish_sample, window, window_start
 from .generator import SynthConfig, SynthError, synth_case
+from .tissues import T
 
-STREAM_KEYS = {"crops_per_case": 32, "pool": 8, "seed": 1, "synth": {}}
+# aux_labels: tissues learnt as classes of their own (3, 4, ... after background, organ,
+# tumour) by a student built with as many ``background_channels``, which fold them into
+# background at inference: the spleen is then something the kidney model knows, not only
+# something it must not call kidney
+STREAM_KEYS = {"crops_per_case": 32, "pool": 8, "seed": 1, "synth": {}, "aux_labels": []}
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,8 @@ class StreamCase:
     """One preprocessed case: normalised image and target labels on the model grid."""
 
     image: np.ndarray  # float32 (z, y, x)
-    label: np.ndarray  # uint8, 0 background, 1 organ, 2 tumour
-    foreground: np.ndarray  # int (n, 3) voxel indices of label > 0
+    label: np.ndarray  # uint8, 0 background, 1 organ, 2 tumour, 3.. the aux_labels' tissues
+    foreground: np.ndarray  # int (n, 3) voxel indices of organ or tumour
     tumour: np.ndarray  # int (n, 3) voxel indices of label == 2
 
 
@@ -64,6 +69,14 @@ def stream_settings(values: Mapping[str, Any] | None, task: str) -> dict[str, An
             raise ConfigError(f"config key 'data.stream.{key}': {want}, got {v!r}")
     if not isinstance(out["synth"], Mapping):
         raise ConfigError(f"config key 'data.stream.synth': a mapping, got {out['synth']!r}")
+    aux = out["aux_labels"]
+    if not isinstance(aux, list) or not all(isinstance(a, str) and a in T for a in aux):
+        raise ConfigError(
+            f"config key 'data.stream.aux_labels': a list of tissue names ({', '.join(T)}), "
+            f"got {aux!r}"
+        )
+    if len(set(aux)) != len(aux):
+        raise ConfigError(f"config key 'data.stream.aux_labels': a tissue twice in {aux}")
     try:
         out["config"] = SynthConfig.from_dict(task, out["synth"])
     except SynthError as exc:
@@ -71,13 +84,23 @@ def stream_settings(values: Mapping[str, Any] | None, task: str) -> dict[str, An
     return out
 
 
-def stream_case(config: SynthConfig, seed: int, pre: Mapping[str, Any]) -> StreamCase:
-    """Make case ``seed`` and bring it onto the model grid of ``pre`` (the card's preprocessing)."""
-    image, label = synth_case(config, seed).to_sitk()
+def stream_case(
+    config: SynthConfig, seed: int, pre: Mapping[str, Any], aux_labels: Sequence[str] = ()
+) -> StreamCase:
+    """Make case ``seed`` and bring it onto the model grid of ``pre`` (the card's preprocessing);
+    background voxels of the tissues ``aux_labels`` get labels 3, 4, ... in that order."""
+    case = synth_case(config, seed)
+    image, label = case.to_sitk()
+    if aux_labels:
+        lab = case.labels.copy()
+        for value, name in enumerate(aux_labels, start=3):
+            lab[(lab == 0) & (case.tissue == T[name])] = value
+        label = sitk.GetImageFromArray(lab)
+        label.CopyInformation(image)
     grid = model_grid(image, dict(pre))
     arr = normalise(image, grid, dict(pre)).astype(np.float32, copy=False)
     lab = sitk.GetArrayFromImage(grid.resample(label, sitk.sitkNearestNeighbor, sitk.sitkUInt8))
-    return StreamCase(arr, lab, np.argwhere(lab > 0), np.argwhere(lab == 2))
+    return StreamCase(arr, lab, np.argwhere((lab == 1) | (lab == 2)), np.argwhere(lab == 2))
 
 
 class SynthSliceStream(Dataset):
@@ -104,6 +127,7 @@ class SynthSliceStream(Dataset):
         workers: int = 0,
         world: int = 1,
         seed: int = 1,
+        aux_labels: Sequence[str] = (),
     ):
         if len(crop) != 2:
             raise ConfigError(f"data.crop: 2 values for 2D crops, got {list(crop)}")
@@ -113,6 +137,7 @@ class SynthSliceStream(Dataset):
         self.foreground_fraction, self.tumour_fraction = foreground_fraction, tumour_fraction
         self.samples, self.batch = int(samples), max(1, int(batch))
         self.workers, self.world, self.seed = max(1, int(workers)), max(1, int(world)), int(seed)
+        self.aux_labels = tuple(aux_labels)
         self.pool = max(1, min(int(pool), self.batch))  # a batch draws from at most `batch`
         # a case lives `life` of its worker's batches, serving batch / pool crops in each
         self.life = max(self.pool, round(crops_per_case * self.pool / self.batch))
@@ -138,7 +163,7 @@ class SynthSliceStream(Dataset):
         seed, slot = self.case_seed(index), index % self.batch % self.pool
         if slot not in self._cached or self._cached[slot][0] != seed:
             self._cached.pop(slot, None)  # free the old case before making the next
-            self._cached[slot] = (seed, stream_case(self.config, seed, self.pre))
+            self._cached[slot] = (seed, stream_case(self.config, seed, self.pre, self.aux_labels))
         return self._cached[slot]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
