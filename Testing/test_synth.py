@@ -453,6 +453,8 @@ def test_stream_aux_labels_mark_the_tissues_after_organ_and_tumour():
     assert set(np.unique(aux.label[~kept])) == {0, 3, 4}
     assert (aux.label == 3).sum() > 100 and (aux.label == 4).sum() > (aux.label == 3).sum()
     assert np.array_equal(aux.foreground, plain.foreground)
+    both = stream_case(s["config"], 7, pre, ["spleen+liver"])  # a group: one class
+    assert np.array_equal(both.label == 3, (aux.label == 3) | (aux.label == 4))
 
 
 def test_stream_settings_are_checked():
@@ -461,6 +463,7 @@ def test_stream_settings_are_checked():
 
     for bad, word in [
         ({"aux_labels": ["spleen", "kidneys"]}, "aux_labels"),
+        ({"aux_labels": ["spleen+kidneys"]}, "aux_labels"),
         ({"aux_labels": "spleen"}, "aux_labels"),
         ({"aux_labels": ["spleen", "spleen"]}, "twice"),
         ({"crop_per_case": 3}, "data.stream.crop_per_case"),

@@ -34,10 +34,10 @@ from ..data.datasets import context_crop, finish_sample, window, window_start
 from .generator import SynthConfig, SynthError, synth_case
 from .tissues import T
 
-# aux_labels: tissues learnt as classes of their own (3, 4, ... after background, organ,
-# tumour) by a student built with as many ``background_channels``, which fold them into
-# background at inference: the spleen is then something the kidney model knows, not only
-# something it must not call kidney
+# aux_labels: tissues (or "+"-joined groups of them: one class) learnt as classes of their own
+# (3, 4, ... after background, organ, tumour) by a student built with as many
+# ``background_channels``, which fold them into background at inference: the spleen is then
+# something the kidney model knows, not only something it must not call kidney
 STREAM_KEYS = {"crops_per_case": 32, "pool": 8, "seed": 1, "synth": {}, "aux_labels": []}
 
 
@@ -70,10 +70,12 @@ def stream_settings(values: Mapping[str, Any] | None, task: str) -> dict[str, An
     if not isinstance(out["synth"], Mapping):
         raise ConfigError(f"config key 'data.stream.synth': a mapping, got {out['synth']!r}")
     aux = out["aux_labels"]
-    if not isinstance(aux, list) or not all(isinstance(a, str) and a in T for a in aux):
+    if not isinstance(aux, list) or not all(
+        isinstance(a, str) and all(t in T for t in a.split("+")) for a in aux
+    ):
         raise ConfigError(
-            f"config key 'data.stream.aux_labels': a list of tissue names ({', '.join(T)}), "
-            f"got {aux!r}"
+            f"config key 'data.stream.aux_labels': a list of tissue names or '+'-joined groups "
+            f"of them ({', '.join(T)}), got {aux!r}"
         )
     if len(set(aux)) != len(aux):
         raise ConfigError(f"config key 'data.stream.aux_labels': a tissue twice in {aux}")
@@ -88,13 +90,15 @@ def stream_case(
     config: SynthConfig, seed: int, pre: Mapping[str, Any], aux_labels: Sequence[str] = ()
 ) -> StreamCase:
     """Make case ``seed`` and bring it onto the model grid of ``pre`` (the card's preprocessing);
-    background voxels of the tissues ``aux_labels`` get labels 3, 4, ... in that order."""
+    background voxels of the tissues ``aux_labels`` (a name or "a+b" for a group) get labels
+    3, 4, ... in that order."""
     case = synth_case(config, seed)
     image, label = case.to_sitk()
     if aux_labels:
         lab = case.labels.copy()
-        for value, name in enumerate(aux_labels, start=3):
-            lab[(lab == 0) & (case.tissue == T[name])] = value
+        for value, names in enumerate(aux_labels, start=3):
+            tissues = [T[name] for name in names.split("+")]
+            lab[(lab == 0) & np.isin(case.tissue, tissues)] = value
         label = sitk.GetImageFromArray(lab)
         label.CopyInformation(image)
     grid = model_grid(image, dict(pre))
