@@ -553,6 +553,7 @@ def test_extra_background_classes_widen_a_package_train_on_aux_labels_and_export
     pkg = load_package(export(run, tmp_path / "wide", which="last", onnx=True, timing=False))
     assert pkg.card["network"]["kwargs"]["background_channels"] == 1
     assert pkg.card["network"]["out_channels"] == 3
+    assert pkg.card["provenance"]["data"].endswith("also learnt, counted as background: spleen")
     arr = np.random.default_rng(0).uniform(0, 1, (5, 64, 64)).astype(np.float32)
     by_torch = Segmenter(pkg, device="cpu", backend="torch").infer(arr)
     by_onnx = Segmenter(pkg, device="cpu", backend="onnx").infer(arr)

@@ -271,10 +271,12 @@ def data_description(cfg: dict, info: dict) -> str:
         from .synth.stream import STREAM_KEYS
 
         stream = {**STREAM_KEYS, **cfg["data"]["stream"]}
+        aux = [a.replace("+", ", ") for a in stream["aux_labels"]]
         return (
             f"synthetic CT only (hlfd_train.synth cases made on the fly, stream seed "
             f"{stream['seed']}, a new case every {stream['crops_per_case']} crops; no patient "
             f"data), labelset {labelset}"
+            + (f"; also learnt, counted as background: {'; '.join(aux)}" if aux else "")
         )
     if synth.is_file():
         meta = json.loads(synth.read_text(encoding="utf-8"))
