@@ -38,7 +38,7 @@ from HLFDSegmentLib.devices import autocast_dtype
 from HLFDSegmentLib.errors import ModelError
 from HLFDSegmentLib.io import write_json
 from HLFDSegmentLib.modelpackage import load_package
-from HLFDSegmentLib.nets import BACKGROUND_CHANNELS, build_network, tap_paths
+from HLFDSegmentLib.nets import BACKGROUND_CHANNELS, build_network, fold_logits, tap_paths
 from HLFDSegmentLib.pipeline import Segmenter
 
 from .cards import (
@@ -277,10 +277,10 @@ def load_teacher(cfg: Mapping[str, Any], classes: int) -> tuple[nn.Module, dict,
     return net.eval(), spec, str(src)
 
 
-def check_background_channels(cfg: Mapping[str, Any], role: str, method: str) -> None:
-    """A network with ``background_channels`` learns that many extra classes: the stream's
-    ``aux_labels``, one each, with the task loss alone (a teacher's logits have no such
-    channels)."""
+def check_background_channels(cfg: Mapping[str, Any], role: str) -> None:
+    """A network with ``background_channels`` learns that many extra classes, the stream's
+    ``aux_labels``, one each (the task loss sees them; a distillation loss on logits compares
+    the folded ones with the teacher's, which an eval-mode teacher folds too)."""
     extra = (cfg["model"][role].get("kwargs") or {}).get(BACKGROUND_CHANNELS, 0)
     stream = cfg["data"]["stream"]
     aux = list((stream or {}).get("aux_labels") or [])
@@ -288,11 +288,6 @@ def check_background_channels(cfg: Mapping[str, Any], role: str, method: str) ->
         raise ConfigError(
             f"config key 'model.{role}.kwargs.{BACKGROUND_CHANNELS}' is {extra}: it must equal "
             f"the number of 'data.stream.aux_labels' ({len(aux)}: {aux})"
-        )
-    if extra and method != "none":
-        raise ConfigError(
-            f"config key 'model.{role}.kwargs.{BACKGROUND_CHANNELS}': extra classes train with "
-            f"the task loss only (distill.method none), not {method!r}"
         )
 
 
@@ -396,10 +391,11 @@ class StudentStep(nn.Module):
             feats = ft.collect()
         terms = {"seg": segmentation_loss(logits.float(), y)}
         if teacher_logits is not None or teacher_feats:
+            extra = getattr(self.student, "background_channels", 0)  # the teacher's are folded
             kd = self.method(
                 {k: v.float() for k, v in feats.items()},
                 {k: v.float() for k, v in teacher_feats.items()},
-                logits.float(),
+                (fold_logits(logits, extra) if extra else logits).float(),
                 None if teacher_logits is None else teacher_logits.float(),
             )
             terms.update(kd)
@@ -587,7 +583,7 @@ class Trainer:
         cfg, dims = self.cfg, self.cfg["model"]["spatial_dims"]
         classes = N_CLASSES[cfg["data"]["labelset"]]
         self.spec = spec = cfg["model"][self.role]
-        check_background_channels(cfg, self.role, self.method_name)
+        check_background_channels(cfg, self.role)
         self.student = initial_network(spec, cfg, classes, self.role)
         self.teacher, t_taps, t_spec, self.teacher_name = None, {}, {}, None
         if self.method_name != "none":

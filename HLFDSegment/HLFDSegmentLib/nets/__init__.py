@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         ArchitectureSpec,
         UnknownArchitectureError,
         build_network,
+        fold_logits,
         get_spec,
         tap_paths,
     )
@@ -44,6 +45,7 @@ _MODULE_OF = {
     "ArchitectureSpec": "architectures",
     "UnknownArchitectureError": "architectures",
     "build_network": "architectures",
+    "fold_logits": "architectures",
     "get_spec": "architectures",
     "tap_paths": "architectures",
 }
@@ -67,6 +69,7 @@ __all__ = [
     "count_macs",
     "count_parameters",
     "fold_batchnorm",
+    "fold_logits",
     "get_spec",
     "tap_paths",
 ]

@@ -271,11 +271,13 @@ def fold_background(net: nn.Module, inputs: Any, logits: torch.Tensor) -> torch.
     """Forward hook of a network built with ``background_channels=k``: its last ``k`` output
     channels are classes learnt in training (the spleen beside a kidney, say) that the task
     counts as background. In training mode the raw ``out_channels + k`` logits pass; in eval
-    mode (inference, export) the ``k`` join channel 0 as ``log(sum(exp))``, so the softmax of
-    the result is the softmax of all, with their probabilities added to the background's."""
-    if net.training:
-        return logits
-    k = net.background_channels
+    mode (inference, export) they are folded (:func:`fold_logits`)."""
+    return logits if net.training else fold_logits(logits, net.background_channels)
+
+
+def fold_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The last ``k`` channels of ``logits`` joined to channel 0 as ``log(sum(exp))``: the
+    softmax of the result is the softmax of all, their probabilities added to background's."""
     background = torch.logsumexp(torch.cat([logits[:, :1], logits[:, -k:]], 1), 1, keepdim=True)
     return torch.cat([background, logits[:, 1:-k]], 1)
 
