@@ -148,6 +148,39 @@ def test_a_one_slice_ingredient_is_lifted_into_a_25d_soup(tmp_path, capsys):
     assert card["description"] == package.card["description"]  # not given: the first's + soup
 
 
+def test_an_ingredient_without_extra_classes_is_widened_into_a_soup_with_them(tmp_path, capsys):
+    """The first package learnt an extra class (background_channels=1): a plain ingredient joins
+    with its output layer widened (the new row a copy of background, bias 4 lower); the other
+    way round is one clear line and nothing written."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load
+
+    from hlfd_train.cli import main as train_cli
+    from hlfd_train.soup import soup
+
+    off = {"postprocessing": {"enabled": False}}
+    aux = build_package(
+        tmp_path / "aux", seed=1, network_kwargs={"base": 4, "background_channels": 1}, **off
+    )
+    plain = build_package(tmp_path / "plain", **off)
+    package = load_package(soup([aux, plain], tmp_path / "soup"))
+    assert package.card["network"]["kwargs"] == {"base": 4, "background_channels": 1}
+    a, b, mean = (load(load_package(p).weights) for p in (aux, plain, package.path))
+    heads = [k for k in a if a[k].shape[:1] == (4,) and b[k].shape[:1] == (3,)]
+    assert heads and all(k.endswith(("weight", "bias")) for k in heads)
+    for k in heads:
+        row = b[k][:1] - (4.0 if k.endswith("bias") else 0.0)
+        torch.testing.assert_close(mean[k][:3], (a[k][:3] + b[k]) / 2)
+        torch.testing.assert_close(mean[k][3:], (a[k][3:] + row) / 2)
+    arr = np.random.default_rng(0).uniform(0, 1, (4, 32, 32)).astype(np.float32)
+    assert Segmenter(package, "cpu", backend="torch").infer(arr).max() <= 2
+    assert train_cli(["soup", str(tmp_path / "bad"), str(plain), str(aux)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "most first" in err
+    assert not (tmp_path / "bad").exists()
+
+
 def _report(cases: dict[str, tuple[float | None, float | None]]) -> dict:
     """An evaluation report of ``{case: (organ Dice, tumour Dice or None: tumour-free)}``."""
     rows = []

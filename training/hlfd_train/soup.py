@@ -34,8 +34,9 @@ from HLFDSegmentLib.modelpackage import (
     load_package,
     save_package,
 )
+from HLFDSegmentLib.nets import BACKGROUND_CHANNELS
 
-from .cards import code_version, lifted_state, package_from_state
+from .cards import code_version, lifted_state, package_from_state, widened_state
 from .export import onnx_for
 
 SAME = ("task", "network", "labels", "preprocessing")  # card fields every ingredient shares
@@ -44,11 +45,17 @@ WEIGHTS = " Weights: the "  # the description's soup sentence starts here
 
 
 def _pipeline(card: dict) -> dict:
-    """The card fields every ingredient shares, input depth left out (it may be lifted)."""
+    """The card fields every ingredient shares, input depth and extra background classes left
+    out (an ingredient with fewer is lifted or widened to the first's)."""
     same = copy.deepcopy({field: card[field] for field in SAME})
     same["network"].pop("in_channels")
+    same["network"].get("kwargs", {}).pop(BACKGROUND_CHANNELS, None)
     same["preprocessing"].pop("context_slices", None)
     return same
+
+
+def _background_channels(card: dict) -> int:
+    return int((card["network"].get("kwargs") or {}).get(BACKGROUND_CHANNELS, 0))
 
 
 def mean_state(
@@ -117,9 +124,15 @@ def soup(
                 f"{package.path / CARD_NAME}: fed more slices ({channels} input channels) than "
                 f"{base.path}; put the package with the most context_slices first"
             )
+        extra = _background_channels(package.card)
+        if extra > _background_channels(base.card):
+            raise ModelError(
+                f"{package.path / CARD_NAME}: learnt more extra classes ({extra} "
+                f"background_channels) than {base.path}; put the package with the most first"
+            )
         state = load_safetensors(package.weights)
         if states:
-            state = lifted_state(state, states[0])
+            state = widened_state(lifted_state(state, states[0]), states[0])
         if states and _layout(state) != _layout(states[0]):
             raise ModelError(
                 f"{package.path / base.card['weights']}: tensor names or shapes differ from "
