@@ -93,14 +93,10 @@ def stream_case(
     background voxels of the tissues ``aux_labels`` (a name or "a+b" for a group) get labels
     3, 4, ... in that order."""
     case = synth_case(config, seed)
+    for value, names in enumerate(aux_labels, start=3):
+        tissues = [T[name] for name in names.split("+")]
+        case.labels[(case.labels == 0) & np.isin(case.tissue, tissues)] = value
     image, label = case.to_sitk()
-    if aux_labels:
-        lab = case.labels.copy()
-        for value, names in enumerate(aux_labels, start=3):
-            tissues = [T[name] for name in names.split("+")]
-            lab[(lab == 0) & np.isin(case.tissue, tissues)] = value
-        label = sitk.GetImageFromArray(lab)
-        label.CopyInformation(image)
     grid = model_grid(image, dict(pre))
     arr = normalise(image, grid, dict(pre)).astype(np.float32, copy=False)
     lab = sitk.GetArrayFromImage(grid.resample(label, sitk.sitkNearestNeighbor, sitk.sitkUInt8))
