@@ -109,3 +109,70 @@ def test_lesions_are_counted_found_by_size_and_cut_by_the_border():
         "tumour_ml_at_border": 12.0,
     }
     assert lesions_found(called, np.zeros_like(tumour), 0.1) == {}
+
+
+def _ircadb_folder(root, masks: dict[str, np.ndarray], ct: np.ndarray):
+    """A 3D-IRCADb-01 patient folder: the CT and each mask (0/255) as its own DICOM series."""
+    from test_io import write_dicom_series
+
+    def image(arr):
+        img = sitk.GetImageFromArray(arr.astype(np.int16))
+        img.SetSpacing((4.0, 4.0, 5.0))
+        return img
+
+    (root / "MASKS_DICOM").mkdir(parents=True)
+    write_dicom_series(image(ct), root / "PATIENT_DICOM", uid="1.2.3.9")
+    for i, (name, mask) in enumerate(masks.items()):
+        write_dicom_series(image(mask * 255), root / "MASKS_DICOM" / name, uid=f"1.2.3.{i}")
+    return root
+
+
+def test_an_ircadb_folder_scores_liver_with_its_tumours_and_vessels(tmp_path, capsys):
+    """IRCAD's liver mask holds its vessels and tumours: the reference liver is all of it,
+    the tumour label stays, the body outline (skin) is background and the other masks name
+    the false organ."""
+    from hlfd_train.realct import ircadb_case, read_case
+
+    shape = (4, 24, 24)
+    skin, liver, tumour, vein, bone = (np.zeros(shape, np.uint8) for _ in range(5))
+    skin[:, 1:23, 1:23] = 1
+    liver[:, 4:14, 4:14] = 1
+    tumour[1:3, 6:9, 6:9] = 1
+    vein[:, 10:12, 2:20] = 1  # runs through the liver and beyond it
+    bone[:, 18:21, 10:13] = 1
+    folder = _ircadb_folder(
+        tmp_path / "3Dircadb1.5",
+        {"skin": skin, "liver": liver, "livertumor01": tumour, "venoussystem": vein, "bone": bone},
+        np.full(shape, 40),
+    )
+    case = ircadb_case(folder)
+    assert case.name == "3Dircadb1.5" and "kidneys unlabelled" in case.note
+    _, ref = read_case(tmp_path, case)
+    r = sitk.GetArrayFromImage(ref)
+    names = {v: k for k, v in case.names.items()}
+    assert set(np.unique(r)) == {0, names["liver"], names["livertumor01"], names["venoussystem"],
+                                 names["bone"]}  # fmt: skip
+    assert (r[tumour > 0] == names["livertumor01"]).all()
+    assert (r[(liver > 0) & (tumour == 0)] == names["liver"]).all()  # vessels inside: liver
+    pred = np.zeros(shape, np.uint8)
+    pred[liver > 0] = 1
+    pred[tumour > 0] = 2
+    pred[:, 18:21, 10:13] = 1  # bone called liver
+    pred[:, 16, 16] = 1  # body called liver
+    called = sitk.GetImageFromArray(pred)
+    called.CopyInformation(ref)
+    out = case_metrics(called, ref, case, "liver")
+    assert out["tumour_dice"] == 1.0 and out["lesions_found"] == 1
+    assert out["organ_dice"] == pytest.approx(2 * 400 / (400 + 436 + 4))
+    assert out["false_organ_ml"] == {"bone": 2.9}  # 36 voxels of 80 mm3; the body's 4: < 0.5 mL
+    kidney = case_metrics(called, ref, case, "kidney")
+    assert np.isnan(kidney["organ_dice"]) and kidney["organ_ml"] > 0
+
+
+def test_a_folder_that_is_not_ircadb_is_refused_with_one_line(tmp_path, capsys):
+    (tmp_path / "case" / "PATIENT_DICOM").mkdir(parents=True)
+    code = main(["real-ct", str(tmp_path / "out"), "--models", str(tmp_path),
+                 "--ircadb", str(tmp_path / "case")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "not a 3D-IRCADb-01 patient folder" in err[0], err
+    assert not (tmp_path / "out").exists()

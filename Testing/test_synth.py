@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from hlfd_train.cli import main as train_cli
 from hlfd_train.synth import SynthConfig, SynthError, synth_case
@@ -363,6 +364,29 @@ def test_splenomegaly_enlarges_the_spleen_toward_the_spine_from_its_own_stream()
     assert np.percentile(x[1], 2) < np.percentile(x[0], 2) - 5  # mm nearer the midline
     with pytest.raises(SynthError, match="splenomegaly"):
         SynthConfig(splenomegaly=2.0)
+
+
+def test_medulla_lag_keeps_portal_venous_pyramids_darker_from_its_own_stream():
+    """``medulla_lag``: a portal-venous kidney whose medulla stays 40-100 HU under the cortex
+    (a real CT's look that made every kidney model call tumour); same anatomy and labels, and
+    no other phase changes."""
+    from hlfd_train.synth.tissues import T
+
+    cfg = dict(task="kidney", phases={"portal_venous": 1.0}, tumour_free=1.0, metal=0.0)
+    plain = synth_case(fast(**cfg), 5)
+    lag = synth_case(fast(medulla_lag=1.0, **cfg), 5)
+    assert np.array_equal(plain.labels, lag.labels) and np.array_equal(plain.tissue, lag.tissue)
+    assert 40 <= lag.meta["medulla_lag_hu"] <= 100 and plain.meta["medulla_lag_hu"] == 0
+    cortex, medulla = (lag.tissue == T[n] for n in ("kidney_cortex", "kidney_medulla"))
+    gap = [float(np.median(c.image[cortex]) - np.median(c.image[medulla])) for c in (plain, lag)]
+    assert gap[1] > gap[0] + 25 and gap[1] > 30, gap
+    far = ~ndimage.binary_dilation(medulla, iterations=6)  # scanner blur spreads the change
+    assert np.abs(plain.image[far].astype(int) - lag.image[far]).max() == 0
+    late = dict(cfg, phases={"delayed": 1.0})
+    delayed = [synth_case(fast(**late), 5), synth_case(fast(medulla_lag=1.0, **late), 5)]
+    assert np.array_equal(delayed[0].image, delayed[1].image)
+    with pytest.raises(SynthError, match="medulla_lag"):
+        SynthConfig(medulla_lag=1.5)
 
 
 def stream(workers=0, context=0, **kw):

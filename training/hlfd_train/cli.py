@@ -5,7 +5,7 @@
                            [--matrix 512]
     hlfd-train synth report OUT [--task liver] [--cases 24]
     hlfd-train synth robustness OUT --task liver --models TEACHER STUDENT [--cases 3]
-    hlfd-train real-ct  OUT --models MODEL_DIR... (public real CTs from the package registry)
+    hlfd-train real-ct  OUT --models MODEL_DIR... [--ircadb DIR...] (public real CTs)
     hlfd-train prepare  --config C [--set data.root=...]
     hlfd-train teacher  --config C [--set train.steps=500 ...]
     hlfd-train distill  --config C --method hlfd --teacher runs/teacher [--set ...]
@@ -122,11 +122,12 @@ def cmd_synth_robustness(args: argparse.Namespace) -> None:
 
 
 def cmd_real_ct(args: argparse.Namespace) -> None:
-    from .realct import check_models, fetch_cases, write_report
+    from .realct import CASES, check_models, fetch_cases, ircadb_case, write_report
 
+    cases = (*CASES, *(ircadb_case(folder) for folder in args.ircadb or []))
     root = fetch_cases(args.cache, {p.name: p for p in args.source or []})
-    rows = check_models(root, args.models, args.out)
-    print(write_report(rows, args.out).read_text(encoding="utf-8"))
+    rows = check_models(root, args.models, args.out, cases)
+    print(write_report(rows, args.out, cases).read_text(encoding="utf-8"))
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -404,6 +405,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=Path("data/real-ct"), help="download folder")
     p.add_argument(
         "--source", type=Path, nargs="+", help="release files already downloaded (by file name)"
+    )
+    p.add_argument(
+        "--ircadb", type=Path, nargs="+", help="3D-IRCADb-01 patient folders you have (also scored)"
     )
     p.set_defaults(func=cmd_real_ct)
 

@@ -20,7 +20,15 @@ the package registry can, and a few packages on PyPI carry real CTs for their te
   but it does on the in-plane size (0.9 mm: liver 0.74, tumour 0.35 for liver 0.6.0; 1.2 mm:
   0.82 / 0.47). The crop cuts through the body on every side, tighter than any CT's field.
 
-Three cases are a screen for failures (organ called in the spleen, tumour in a healthy-looking
+Cases a user has on disk join with ``--ircadb DIR``: a patient folder of 3D-IRCADb-01 (IRCAD's
+public set of 20 contrast-enhanced CTs, most with liver tumours, with manual masks; research
+licence: nothing of it is fetched or copied here), ``PATIENT_DICOM/`` and
+``MASKS_DICOM/<structure>/`` DICOM series. The liver (``liver``) includes its vessels and
+tumours (``livertumor*``, ``tumor*``), kidneys where labelled (``leftkidney``,
+``rightkidney``), the body outline (``skin``) is background, and every other mask names the
+false organ found.
+
+The cases are a screen for failures (organ called in the spleen, tumour in a healthy-looking
 liver, metastases missed), not an accuracy estimate. Releases are fetched with ``pip download``
 and their sha256 checked; nothing of them is copied into this repository. Model files are never
 unpickled: the LiTS arrays are read from the package's MRC copies (a fixed binary header).
@@ -85,14 +93,19 @@ TS_ORGANS = {"liver": (5,), "kidney": (2, 3, 23, 24)}
 @dataclass(frozen=True)
 class RealCase:
     name: str
-    release: Release
-    image: str  # a file or a DICOM folder under the release's prefix
+    release: Release | None  # None: a folder on disk (``folder``)
+    image: str  # a file or a DICOM folder under the release's prefix (or ``folder``)
     reference: str  # its labels
     note: str
     organs: dict[str, tuple[int, ...]] = field(default_factory=lambda: TS_ORGANS)
     tumours: dict[str, tuple[int, ...]] = field(default_factory=dict)  # scored where given
     names: dict[int, str] = field(default_factory=lambda: TS_NAMES)
     spacing: tuple[float, float, float] | None = None  # for arrays stored without one
+    folder: Path | None = None  # a local case's folder (3D-IRCADb-01 layout)
+
+    @property
+    def source(self) -> str:
+        return self.release.spec if self.release else "3D-IRCADb-01, a local copy"
 
 
 CASES = (
@@ -126,6 +139,65 @@ CASES = (
         spacing=(1.05, 1.05, 1.95),
     ),
 )
+
+
+IRCADB_TUMOURS = ("livertumor", "tumor")  # mask folder prefixes of liver tumours
+IRCADB_KIDNEYS = ("leftkidney", "rightkidney", "kidney")
+IRCADB_BODY = ("skin",)  # the body outline: background, as in the other references
+
+
+def ircadb_case(folder: Path) -> RealCase:
+    """A 3D-IRCADb-01 patient folder as a case; its masks become labels 1, 2, ... in sorted
+    order of their folder names. One clear line if the layout is not there."""
+    masks = sorted(
+        p.name
+        for p in (folder / "MASKS_DICOM").glob("*")
+        if p.is_dir() and p.name.lower() not in IRCADB_BODY
+    )
+    if not (folder / "PATIENT_DICOM").is_dir() or not masks:
+        raise HLFDError(f"{folder}: not a 3D-IRCADb-01 patient folder (PATIENT_DICOM/ and "
+                        "MASKS_DICOM/<structure>/ expected)")  # fmt: skip
+    ids = {name: i for i, name in enumerate(masks, 1)}
+    tumours = tuple(i for n, i in ids.items() if n.lower().startswith(IRCADB_TUMOURS))
+    kidneys = tuple(i for n, i in ids.items() if n.lower().startswith(IRCADB_KIDNEYS))
+    liver = tuple(i for n, i in ids.items() if n.lower() == "liver")
+    labelled = ", ".join(masks)
+    return RealCase(
+        folder.name,
+        None,
+        "PATIENT_DICOM",
+        "MASKS_DICOM",
+        f"manual masks: {labelled}" + ("" if kidneys else " (kidneys unlabelled: kidney Dice n/a)"),
+        organs={"liver": liver + tumours, "kidney": kidneys},
+        tumours={"liver": tumours},
+        names={i: n for n, i in ids.items()},
+        folder=folder,
+    )
+
+
+def read_ircadb(case: RealCase) -> tuple[sitk.Image, sitk.Image]:
+    """The CT and one label image of a 3D-IRCADb-01 case (:func:`ircadb_case`): other
+    structures first (larger first), then the organs (IRCAD's liver holds its vessels), then
+    the tumours."""
+    from HLFDSegmentLib.io import read_image
+
+    folder = case.folder
+    image = read_image(folder / case.image)
+    masks = []
+    for value, name in case.names.items():
+        mask = read_image(folder / case.reference / name)
+        if mask.GetSize() != image.GetSize():
+            raise HLFDError(f"{folder / case.reference / name}: {mask.GetSize()} voxels, the CT "
+                            f"has {image.GetSize()}")  # fmt: skip
+        masks.append((value, sitk.GetArrayViewFromImage(mask) > 0))
+    labels = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
+    organs, tumours = set(case.organs["liver"] + case.organs["kidney"]), set(case.tumours["liver"])
+    rank = lambda m: (m[0] in tumours, m[0] in organs, -int(m[1].sum()))  # noqa: E731
+    for value, mask in sorted(masks, key=rank):
+        labels[mask] = value
+    reference = sitk.GetImageFromArray(labels)
+    reference.CopyInformation(image)
+    return image, reference
 
 
 def fetch_cases(cache: Path, sources: dict[str, Path] | None = None) -> Path:
@@ -192,6 +264,8 @@ def read_mrc(path: Path, spacing: tuple[float, float, float]) -> sitk.Image:
 def read_case(root: Path, case: RealCase) -> tuple[sitk.Image, sitk.Image]:
     from HLFDSegmentLib.io import read_image
 
+    if case.folder is not None:
+        return read_ircadb(case)
     folder = root / case.release.prefix
     if case.spacing is not None:
         return read_mrc(folder / case.image, case.spacing), read_mrc(
@@ -250,7 +324,9 @@ def lesions_found(called: np.ndarray, tumour: np.ndarray, ml: float) -> dict[str
     }
 
 
-def check_models(root: Path, models: list[Path], out: Path | None = None) -> list[dict[str, Any]]:
+def check_models(
+    root: Path, models: list[Path], out: Path | None = None, cases: tuple[RealCase, ...] = CASES
+) -> list[dict[str, Any]]:
     """Every model on every case, through the runtime pipeline (what ``hlfd-segment`` runs);
     with ``out``, the first model of each task's slices go to ``out/real-ct-TASK.png``."""
     from HLFDSegmentLib.modelpackage import load_package
@@ -262,7 +338,7 @@ def check_models(root: Path, models: list[Path], out: Path | None = None) -> lis
             raise HLFDError(f"{path}: task {package.card.get('task')!r}, expected liver or kidney")
     rows = []
     images, refs = {}, {}
-    for case in CASES:
+    for case in cases:
         images[case.name], refs[case.name] = read_case(root, case)
     shown: dict[str, tuple[str, dict]] = {}  # task -> its first model and its predictions
     for package in packages:
@@ -270,7 +346,7 @@ def check_models(root: Path, models: list[Path], out: Path | None = None) -> lis
         segmenter = Segmenter(package, "cpu")
         name = f"{package.name} {package.version}"
         preds = {}
-        for case in CASES:
+        for case in cases:
             preds[case.name] = segmenter(images[case.name]).labels
             rows.append(
                 {"model": name, "task": task, "case": case.name}
@@ -278,11 +354,13 @@ def check_models(root: Path, models: list[Path], out: Path | None = None) -> lis
             )
         shown.setdefault(task, (name, preds))
     for task, (name, preds) in shown.items() if out is not None else ():
-        write_montage(images, refs, preds, task, name, out / f"real-ct-{task}.png")
+        write_montage(images, refs, preds, task, name, out / f"real-ct-{task}.png", cases)
     return rows
 
 
-def write_montage(images, refs, preds, task: str, model: str, path: Path) -> Path:
+def write_montage(
+    images, refs, preds, task: str, model: str, path: Path, cases: tuple[RealCase, ...] = CASES
+) -> Path:
     """Four axial slices per case in the radiological view: reference organ green, the model's
     organ blue and tumour red (dashed)."""
     import matplotlib
@@ -292,8 +370,8 @@ def write_montage(images, refs, preds, task: str, model: str, path: Path) -> Pat
 
     from .synth.robustness import draw_slice
 
-    fig, axes = plt.subplots(len(CASES), 4, figsize=(16, 4.3 * len(CASES)), squeeze=False)
-    for row, case in zip(axes, CASES):
+    fig, axes = plt.subplots(len(cases), 4, figsize=(16, 4.3 * len(cases)), squeeze=False)
+    for row, case in zip(axes, cases):
         pred = sitk.DICOMOrient(preds[case.name], "LPS")  # rows anterior->posterior
         near = sitk.sitkNearestNeighbor
         img = sitk.Resample(images[case.name], pred, sitk.Transform(), sitk.sitkLinear, -1024)
@@ -317,7 +395,9 @@ def write_montage(images, refs, preds, task: str, model: str, path: Path) -> Pat
     return path
 
 
-def write_report(rows: list[dict[str, Any]], out: Path) -> Path:
+def write_report(
+    rows: list[dict[str, Any]], out: Path, cases: tuple[RealCase, ...] = CASES
+) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "real-ct.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     fmt = lambda v: "n/a" if not np.isfinite(v) else f"{v:.3f}"  # noqa: E731
@@ -339,7 +419,7 @@ def write_report(rows: list[dict[str, Any]], out: Path) -> Path:
             f"| {r['organ_ml']:g} ({r['reference_ml']:g}) | {r['tumour_ml']:g} "
             f"({r['reference_tumour_ml']:g}) | {found} | {where or '-'} |"
         )
-    cases = "\n".join(f"- `{c.name}` ({c.release.spec}): {c.note}" for c in CASES)
+    listed = "\n".join(f"- `{c.name}` ({c.source}): {c.note}" for c in cases)
     cut = {r["case"]: r for r in rows if "tumour_ml_at_border" in r}  # one row per case
     lines += [""] + [
         f"`{name}`: {r['tumour_ml_at_border']:g} of {r['reference_tumour_ml']:g} mL of the "
@@ -349,8 +429,8 @@ def write_report(rows: list[dict[str, Any]], out: Path) -> Path:
     shown = [f"![{p.stem}]({p.name})" for p in sorted(out.glob("real-ct-*.png"))]
     path = out / "real-ct.md"
     path.write_text(
-        "### Real CTs from the package registry (`hlfd-train real-ct`)\n\n"
-        f"{cases}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(shown) + "\n",
+        "### Real CTs (`hlfd-train real-ct`)\n\n"
+        f"{listed}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(shown) + "\n",
         encoding="utf-8",
     )
     return path

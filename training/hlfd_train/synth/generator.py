@@ -70,6 +70,12 @@ class SynthConfig:
     # oxaliplatin, Overman et al., J Clin Oncol 2010) and what a real liver CT's spleen looks
     # like beside the kidney models' false kidney
     splenomegaly: float = 0.0
+    # chance that a portal-venous case keeps the renal medulla 40-100 HU under the cortex: the
+    # corticomedullary phase lasts to about 70 s after injection and the homogeneous nephrogram
+    # comes from about 80-100 s (Yuh & Cohan, AJR 1999; homogeneous from +55 s after the bolus
+    # trigger, PMID 17367973), so a portal-venous CT at 60-70 s often still shows darker
+    # pyramids (3D-IRCADb-01 case 1.17: cortex about 160 HU, medulla about 105)
+    medulla_lag: float = 0.0
     # chance that the volume is cropped in-plane to a square of organ_crop_mm around the organ
     # (Slicer's Crop Volume before segmenting): organ and tumours run into the image border
     organ_crop: float = 0.0
@@ -97,6 +103,7 @@ class SynthConfig:
             "ascites",
             "hu_spread",
             "splenomegaly",
+            "medulla_lag",
             "organ_crop",
         ):
             if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
@@ -218,7 +225,11 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
     # its own stream too: with hu_spread at 0 (the default) earlier seeds are unchanged
     spread = np.random.default_rng([seed, 13])
     spread = spread if spread.random() < cfg.hu_spread else None
-    img = render(grid, anatomy, lesions, phase, rng, (sx, sx, fine_dz), fat_hu, spread)
+    lag = np.random.default_rng([seed, 23])  # and its own: at 0, earlier seeds unchanged
+    lag_hu = lag.uniform(40, 100) if lag.random() < cfg.medulla_lag else 0.0
+    if phase != "portal_venous":
+        lag_hu = 0.0
+    img = render(grid, anatomy, lesions, phase, rng, (sx, sx, fine_dz), fat_hu, spread, lag_hu)
     img = average_slices(img, k)
     organ = anatomy.liver if cfg.task == "liver" else anatomy.kidney
     tumour = anatomy.tissue == T[f"{cfg.task}_tumour"]
@@ -251,6 +262,7 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
         "ascites": ascites,
         "hu_spread": spread is not None,
         "splenomegaly": "spleen" in p.extra,
+        "medulla_lag_hu": round(lag_hu, 1),
         "organ_crop_mm": None,
         "lesions": [
             {k: v for k, v in rec.items() if k not in ("box", "q", "region")} for rec in lesions

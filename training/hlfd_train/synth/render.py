@@ -21,10 +21,14 @@ SOFT = ("liver", "spleen", "kidney_cortex", "kidney_medulla", "pancreas", "muscl
 
 
 def tissue_hu(
-    rng: np.random.Generator, phase: str, spread: np.random.Generator | None = None
+    rng: np.random.Generator,
+    phase: str,
+    spread: np.random.Generator | None = None,
+    medulla_lag_hu: float = 0.0,
 ) -> np.ndarray:
     """Per-case mean HU of every tissue id (a lookup table); ``spread`` widens it by patient
-    (see :func:`spread_hu`)."""
+    (see :func:`spread_hu`); ``medulla_lag_hu`` keeps the renal medulla that far under the
+    cortex (a corticomedullary difference that outlasts the arterial phase)."""
     k = PHASES.index(phase)
     drawn = [0.0 if name in KIN else rng.uniform(*HU[name][k]) for name in TISSUES]
     lut = np.array(drawn, dtype=np.float32)
@@ -36,6 +40,9 @@ def tissue_hu(
     # portal phase; the medulla never brighter than the cortex before the nephrographic phase
     if phase in ("arterial", "portal_venous"):
         lut[T["kidney_medulla"]] = min(lut[T["kidney_medulla"]], lut[T["kidney_cortex"]] - 5)
+    if medulla_lag_hu:
+        lag = max(lut[T["kidney_cortex"]] - medulla_lag_hu, HU["kidney_medulla"][0][1])
+        lut[T["kidney_medulla"]] = min(lut[T["kidney_medulla"]], lag)  # not under unenhanced
     return lut
 
 
@@ -65,6 +72,7 @@ def render(
     spacing,
     liver_fat_hu=0.0,
     spread: np.random.Generator | None = None,
+    medulla_lag_hu: float = 0.0,
 ) -> np.ndarray:
     """float32 HU image (fine grid) before slice averaging and noise.
 
@@ -72,8 +80,9 @@ def render(
     ``liver_fat_hu``: steatosis, the mean HU the liver parenchyma loses to fat, patchy (focal
     sparing and focal fat); its vessels and lesions keep their values (tumours hold no fat, so
     a hypodense metastasis loses contrast in a fatty liver, as on real CT).
+    ``medulla_lag_hu``: see :func:`tissue_hu`.
     """
-    lut = tissue_hu(rng, phase, spread)
+    lut = tissue_hu(rng, phase, spread, medulla_lag_hu)
     tissue = anatomy.tissue
     img = lut[tissue]
     for name, amp in TEXTURE.items():
