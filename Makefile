@@ -35,9 +35,10 @@ bench: setup
 	$(BIN)/python bench/bench_pipeline.py
 
 real-ct: setup       # the built-in students on public real CTs (downloads TotalSegmentator's
-                     # 38 MB source release once, sha256 checked; see training/hlfd_train/realct.py)
+                     # 38 MB source release once, sha256 checked; see training/hlfd_train/realct.py);
+                     # IRCADB="DIR..." adds 3D-IRCADb-01 patient folders you have
 	$(BIN)/hlfd-train real-ct docs/results/real-ct --models HLFDSegment/Resources/Models/liver \
-		HLFDSegment/Resources/Models/kidney
+		HLFDSegment/Resources/Models/kidney $(if $(IRCADB),--ircadb $(IRCADB))
 
 bench-kd: setup      # distillation benchmark (cpu: ~95 min here; PRESET=quick ~10 min;
                      # PRESET=gpu or synth-gpu (synthetic CT) on a GPU)
