@@ -389,6 +389,27 @@ def test_medulla_lag_keeps_portal_venous_pyramids_darker_from_its_own_stream():
         SynthConfig(medulla_lag=1.5)
 
 
+def test_huge_lesions_add_one_tumour_of_40_to_65_mm_from_their_own_stream():
+    """``huge_lesions``: one more liver tumour, radius 40-65 mm (a real CT's 669 mL metastasis
+    was larger than any the stream drew), placed first; none in a tumour-free case, none for
+    the kidney task, and the case as it was with the chance at 0."""
+    cfg = dict(tumour_free=0.0, metal=0.0)
+    plain, huge = synth_case(fast(**cfg), 6), synth_case(fast(huge_lesions=1.0, **cfg), 6)
+    assert np.array_equal(plain.image, synth_case(fast(huge_lesions=0.0, **cfg), 6).image)
+    radius = huge.meta["lesions"][0]["radius_mm"]
+    assert 40 <= radius <= 65
+    assert radius >= max(rec["radius_mm"] for rec in plain.meta["lesions"])
+    assert ml(huge, 2) > ml(plain, 2) + 50
+    free = synth_case(fast(huge_lesions=1.0, tumour_free=1.0), 6)
+    assert not (free.labels == 2).any()
+    kidney = dict(task="kidney", tumour_free=1.0)
+    assert np.array_equal(
+        synth_case(fast(**kidney), 6).image, synth_case(fast(huge_lesions=1.0, **kidney), 6).image
+    )
+    with pytest.raises(SynthError, match="huge_lesions"):
+        SynthConfig(huge_lesions=-1.0)
+
+
 def stream(workers=0, context=0, **kw):
     from hlfd_train.synth.stream import SynthSliceStream, stream_settings
 

@@ -23,8 +23,8 @@ the package registry can, and a few packages on PyPI carry real CTs for their te
 Cases a user has on disk join with ``--ircadb DIR``: a patient folder of 3D-IRCADb-01 (IRCAD's
 public set of 20 contrast-enhanced CTs, most with liver tumours, with manual masks; research
 licence: nothing of it is fetched or copied here), ``PATIENT_DICOM/`` and
-``MASKS_DICOM/<structure>/`` DICOM series. The liver (``liver``) includes its vessels and
-tumours (``livertumor*``, ``tumor*``), kidneys where labelled (``leftkidney``,
+``MASKS_DICOM/<structure>/`` DICOM series. The liver (``liver``) includes its vessels, cysts
+(``liverkyst``) and tumours (``livertumor*``, ``tumor*``), kidneys where labelled (``leftkidney``,
 ``rightkidney``), the body outline (``skin``) is background, and every other mask names the
 false organ found.
 
@@ -142,6 +142,7 @@ CASES = (
 
 
 IRCADB_TUMOURS = ("livertumor", "tumor")  # mask folder prefixes of liver tumours
+IRCADB_LIVER = ("liver", "liverkyst")  # the liver, and its cysts (liver, not tumour)
 IRCADB_KIDNEYS = ("leftkidney", "rightkidney", "kidney")
 IRCADB_BODY = ("skin",)  # the body outline: background, as in the other references
 
@@ -160,7 +161,7 @@ def ircadb_case(folder: Path) -> RealCase:
     ids = {name: i for i, name in enumerate(masks, 1)}
     tumours = tuple(i for n, i in ids.items() if n.lower().startswith(IRCADB_TUMOURS))
     kidneys = tuple(i for n, i in ids.items() if n.lower().startswith(IRCADB_KIDNEYS))
-    liver = tuple(i for n, i in ids.items() if n.lower() == "liver")
+    liver = tuple(i for n, i in ids.items() if n.lower() in IRCADB_LIVER)
     labelled = ", ".join(masks)
     return RealCase(
         folder.name,

@@ -76,6 +76,10 @@ class SynthConfig:
     # trigger, PMID 17367973), so a portal-venous CT at 60-70 s often still shows darker
     # pyramids (3D-IRCADb-01 case 1.17: cortex about 160 HU, medulla about 105)
     medulla_lag: float = 0.0
+    # chance of one more, huge liver tumour (radius 40-65 mm, up to 13 cm across; the issue's
+    # "huge (12 cm)", beyond Hu et al.'s large class): 3D-IRCADb-01 case 1.7's 669 mL mass,
+    # larger than any lesion the stream drew, was called liver by every liver model
+    huge_lesions: float = 0.0
     # chance that the volume is cropped in-plane to a square of organ_crop_mm around the organ
     # (Slicer's Crop Volume before segmenting): organ and tumours run into the image border
     organ_crop: float = 0.0
@@ -104,6 +108,7 @@ class SynthConfig:
             "hu_spread",
             "splenomegaly",
             "medulla_lag",
+            "huge_lesions",
             "organ_crop",
         ):
             if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
@@ -215,7 +220,10 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
         add_ascites(grid, anatomy, disease)
     share = TUMOUR_FREE[cfg.task] if cfg.tumour_free is None else cfg.tumour_free
     tumour_free = bool(rng.random() < share)
-    lesions = add_lesions(grid, anatomy, cfg.task, rng, tumour_free)
+    huge = np.random.default_rng([seed, 29])  # its own stream: at 0, earlier seeds unchanged
+    big = cfg.task == "liver" and huge.random() < cfg.huge_lesions
+    extra = (huge.uniform(40, 65),) if big else ()
+    lesions = add_lesions(grid, anatomy, cfg.task, rng, tumour_free, extra)
     if cfg.other_organ_lesions and rng.random() < cfg.other_organ_lesions:  # 0: no draw
         other = "kidney" if cfg.task == "liver" else "liver"
         lesions += add_lesions(grid, anatomy, other, rng, tumour_free=False)

@@ -117,15 +117,23 @@ def texture(shape, rng: np.random.Generator) -> np.ndarray:
 
 
 def add_lesions(
-    grid: Grid, anatomy, organ: str, rng: np.random.Generator, tumour_free: bool
+    grid: Grid,
+    anatomy,
+    organ: str,
+    rng: np.random.Generator,
+    tumour_free: bool,
+    extra_radii: tuple[float, ...] = (),
 ) -> list[dict]:
     """Paint tumours (unless ``tumour_free``) and 0-3 cysts of ``organ`` into the anatomy; the
-    per-lesion appearance goes to the returned records for the renderer."""
+    per-lesion appearance goes to the returned records for the renderer. ``extra_radii``: more
+    tumours (mm), placed first."""
     u = rng.uniform
     mask = anatomy.liver if organ == "liver" else anatomy.kidney
     tissue = anatomy.tissue
     out = []
     radii = [] if tumour_free else (_liver_radii(rng) if organ == "liver" else _kidney_radii(rng))
+    if not tumour_free:
+        radii = [*extra_radii, *radii]
     n_cysts = int(rng.choice([0, 1, 2, 3], p=[0.45, 0.3, 0.15, 0.1]))
     organ_voxels = max(1, int(mask.sum()))
     tumour_voxels = 0
