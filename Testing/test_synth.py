@@ -410,6 +410,13 @@ def test_huge_lesions_add_one_tumour_of_40_to_65_mm_from_their_own_stream():
         SynthConfig(huge_lesions=-1.0)
 
 
+def test_a_thin_patient_seed_makes_a_case():
+    """Seed 82782 draws a patient so thin that the small bowel's box had no room front to back:
+    the generator raised inside a training stream (1 in about 70,000 seeds)."""
+    case = synth_case(fast(), 82782)
+    assert case.image.shape == case.labels.shape and (case.labels == 1).any()
+
+
 def stream(workers=0, context=0, **kw):
     from hlfd_train.synth.stream import SynthSliceStream, stream_settings
 
