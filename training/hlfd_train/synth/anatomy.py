@@ -541,7 +541,7 @@ def _bowel(grid, tissue, p, abdomen, organs, rng):
     # small bowel: loops of fluid, air or oral contrast in the mid and lower abdomen
     lo = (-0.55 * a, -0.8 * ba, -170)
     hi = (0.55 * a, p.y_vb - 25, min(p.kidney_z) + 30)
-    hi = tuple(max(h, l) for h, l in zip(hi, lo))  # a thin patient (1 in 70,000 seeds)
+    hi = tuple(max(top, low) for top, low in zip(hi, lo))  # a thin patient (1 in 70,000 seeds)
     for _ in range(int(u(6, 14))):
         start = rng.uniform(lo, hi)
         walk = random_walk(start, int(u(4, 10)), u(15, 25), lo, hi, rng)
