@@ -234,9 +234,8 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
     spread = np.random.default_rng([seed, 13])
     spread = spread if spread.random() < cfg.hu_spread else None
     lag = np.random.default_rng([seed, 23])  # and its own: at 0, earlier seeds unchanged
-    lag_hu = lag.uniform(40, 100) if lag.random() < cfg.medulla_lag else 0.0
-    if phase != "portal_venous":
-        lag_hu = 0.0
+    lagging = phase == "portal_venous" and lag.random() < cfg.medulla_lag
+    lag_hu = lag.uniform(40, 100) if lagging else 0.0
     img = render(grid, anatomy, lesions, phase, rng, (sx, sx, fine_dz), fat_hu, spread, lag_hu)
     img = average_slices(img, k)
     organ = anatomy.liver if cfg.task == "liver" else anatomy.kidney

@@ -131,9 +131,8 @@ def add_lesions(
     mask = anatomy.liver if organ == "liver" else anatomy.kidney
     tissue = anatomy.tissue
     out = []
-    radii = [] if tumour_free else (_liver_radii(rng) if organ == "liver" else _kidney_radii(rng))
-    if not tumour_free:
-        radii = [*extra_radii, *radii]
+    drawn = [] if tumour_free else (_liver_radii(rng) if organ == "liver" else _kidney_radii(rng))
+    radii = [] if tumour_free else [*extra_radii, *drawn]
     n_cysts = int(rng.choice([0, 1, 2, 3], p=[0.45, 0.3, 0.15, 0.1]))
     organ_voxels = max(1, int(mask.sum()))
     tumour_voxels = 0
