@@ -410,6 +410,47 @@ def test_huge_lesions_add_one_tumour_of_40_to_65_mm_from_their_own_stream():
         SynthConfig(huge_lesions=-1.0)
 
 
+@pytest.mark.slow
+def test_renal_detail_gives_pyramids_calyces_and_sinus_vessels_from_its_own_stream():
+    """``renal_detail``: the inside of a real kidney (darker cone-shaped pyramids round the sinus,
+    calyces, bright segmental vessels in the sinus fat) in the same kidneys; nothing outside
+    them changes, and the vessels stay kidney in the labels."""
+    from hlfd_train.synth.tissues import T
+
+    cfg = dict(task="kidney", phases={"arterial": 1.0}, tumour_free=1.0, metal=0.0)
+    cfg.update(inplane_mm=(1.4, 1.5), slice_mm=(1.5,), slice_weights=(1.0,), fov_cut=0.0)
+    plain = synth_case(SynthConfig(**cfg, max_slices=64), 3)
+    real = synth_case(SynthConfig(**cfg, max_slices=64, renal_detail=1.0), 3)
+    assert real.meta["renal_detail"] and not plain.meta["renal_detail"]
+    kidney = [c.labels == 1 for c in (plain, real)]
+    assert (kidney[0] & kidney[1]).sum() >= 0.99 * kidney[0].sum()
+    near = ndimage.binary_dilation(kidney[0] | kidney[1], iterations=3)
+    assert np.array_equal(plain.tissue[~near], real.tissue[~near])
+    vessels = kidney[1] & np.isin(real.tissue, [T["aorta"], T["ivc"]])
+    assert vessels.sum() > 20 and not (kidney[0] & np.isin(plain.tissue, [T["aorta"]])).any()
+    medulla = kidney[1] & (real.tissue == T["kidney_medulla"])
+    parenchyma = medulla | (kidney[1] & (real.tissue == T["kidney_cortex"]))
+    assert 0.15 < medulla.sum() / parenchyma.sum() < 0.45
+    calyx = kidney[1] & (real.tissue == T["renal_pelvis"])
+    assert (ndimage.binary_dilation(calyx) & medulla).sum() > 50  # papillae open into calyces
+    cortex = kidney[1] & (real.tissue == T["kidney_cortex"])
+    assert np.median(real.image[cortex]) - np.median(real.image[medulla]) > 40  # arterial
+    with pytest.raises(SynthError, match="renal_detail"):
+        SynthConfig(renal_detail=2.0)
+
+
+@pytest.mark.slow
+def test_medulla_lag_and_organ_crop_draw_from_streams_of_their_own():
+    """Both chances drew the first number of the same stream: every cropped portal-venous case
+    lagged and no uncropped one did."""
+    cfg = fast(task="kidney", phases={"portal_venous": 1.0}, medulla_lag=0.5, organ_crop=0.5)
+    cases = [synth_case(cfg, seed) for seed in range(12)]
+    lagging = [c.meta["medulla_lag_hu"] > 0 for c in cases]
+    cropped = [c.meta["organ_crop_mm"] is not None for c in cases]
+    assert 0 < sum(lagging) < 12 and 0 < sum(cropped) < 12
+    assert lagging != cropped
+
+
 def test_a_thin_patient_seed_makes_a_case():
     """Seed 82782 draws a patient so thin that the small bowel's box had no room front to back:
     the generator raised inside a training stream (1 in about 70,000 seeds)."""

@@ -134,7 +134,7 @@ def build(grid: Grid, p: Patient, rng: np.random.Generator) -> Anatomy:
     vessels = _great_vessels(grid, tissue, p, rng)
     liver = _liver(grid, tissue, p, abdomen, zd, vessels, rng)
     _spleen_stomach_pancreas(grid, tissue, p, abdomen, zd, vessels, rng)
-    kidney = _kidneys(grid, tissue, p, abdomen, vessels, rng)
+    kidney, sinus_vessels = _kidneys(grid, tissue, p, abdomen, vessels, rng)
     _bowel(grid, tissue, p, abdomen, liver | kidney, rng)
     _pelvis(grid, tissue, p, abdomen, rng)
     _mesenteric_vessels(grid, tissue, p, abdomen, rng)
@@ -155,7 +155,7 @@ def build(grid: Grid, p: Patient, rng: np.random.Generator) -> Anatomy:
             T["renal_sinus_fat"],
             T["cyst"],
         ],
-    )
+    ) | (kidney & sinus_vessels & np.isin(tissue, [T["aorta"], T["ivc"]]))
     return Anatomy(tissue, liver, kidney, rho.astype(np.float32), metal, abdomen)
 
 
@@ -450,9 +450,12 @@ def _spleen_stomach_pancreas(grid, tissue, p, abdomen, zd, vessels, rng):
             )
 
 
-def _kidneys(grid, tissue, p, abdomen, vessels, rng) -> np.ndarray:
+def _kidneys(grid, tissue, p, abdomen, vessels, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Both kidneys' hulls, and the vessels painted inside them (``renal_detail`` only)."""
     u = rng.uniform
     kidney = np.zeros(grid.shape, dtype=bool)
+    sinus_vessels = np.zeros(grid.shape, dtype=bool)
+    detail = p.extra.get("renal_detail")  # a Generator of its own, or None
     vw = p.vb_r[0]
     for side, s in ((0, -1), (1, 1)):
         half_len = p.kidney_len[side] / 2
@@ -488,6 +491,9 @@ def _kidneys(grid, tissue, p, abdomen, vessels, rng) -> np.ndarray:
         sub[hull & (sinus <= 1)] = T["renal_sinus_fat"]
         sub[hull & (pelvis <= 1)] = T["renal_pelvis"]
         kidney[sl] |= hull
+        if detail is not None:
+            frame = (np.asarray(c, dtype=float), rot, r, s)
+            _renal_detail(grid, tissue, sl, hull, (lu, lv, lw), sinus, frame, sinus_vessels, detail)
         # renal vein to the IVC, artery from the aorta, ureter down from the pelvis
         hil = np.array(c) + rot @ np.array([-s * r[0] * 0.8, 0, 0])
         ivc = vessels["ivc"]
@@ -507,7 +513,73 @@ def _kidneys(grid, tissue, p, abdomen, vessels, rng) -> np.ndarray:
             (s * (vw + 20), p.y_vb - 10, hil[2] - 250),
         ]
         _paint(tissue, *_inside(grid.tube(ureter, 2.5)), "renal_pelvis", abdomen & ~kidney)
-    return kidney
+    return kidney, sinus_vessels
+
+
+def _renal_detail(grid, tissue, sl, hull, local, sinus, frame, sinus_vessels, rng) -> None:
+    """The inside of a real kidney, for one kidney's box: 8-15 cone-shaped medullary pyramids
+    whose papillae point into the sinus, each capped by a minor calyx joined to the pelvis, and
+    segmental arteries and veins branching through the sinus fat (Netter; a kidney has 7-18
+    pyramids). In a corticomedullary CT the pyramids are the darker cones around the sinus, in a
+    nephrographic one they fade into the cortex; the vessels are bright in every contrast phase.
+    Draws from ``rng`` only (its own stream): the cases without detail stay as they were."""
+    u = rng.uniform
+    c, rot, r, s = frame
+    lu, lv, lw = local
+    k_sin = np.array([0.45, 0.5, 0.62])  # the sinus ellipsoid of _kidneys, in kidney radii
+    cs_u = -s * r[0] * 0.35
+    # position in the parenchyma: 0 on the sinus surface, 1 on the kidney's surface
+    ell = np.sqrt((lu / r[0]) ** 2 + (lv / r[1]) ** 2 + (lw / r[2]) ** 2)
+    rs = np.sqrt(np.maximum(sinus, 0.0))
+    depth = (rs - 1.0) / np.maximum((rs - 1.0) + (1.0 - ell), 1e-3)
+    du, dv, dw = (lu - cs_u) / r[0], lv / r[1], lw / r[2]
+    norm = np.sqrt(du * du + dv * dv + dw * dw) + 1e-6
+    du, dv, dw = du / norm, dv / norm, dw / norm
+    sub = tissue[sl]
+    parenchyma = hull & (sinus > 1)
+    sub[parenchyma & (sub == T["kidney_medulla"])] = T["kidney_cortex"]  # the plain band goes
+    # pyramid axes spread evenly (a turned Fibonacci sphere), none into the hilum
+    n = int(rng.integers(11, 18))
+    k = np.arange(n) + 0.5
+    z = 1.0 - 2.0 * k / n
+    ring = np.sqrt(1.0 - z * z)
+    fib = np.stack([ring * np.cos(2.39996 * k), ring * np.sin(2.39996 * k), z], axis=1)
+    turn, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    axes = [a for a in fib @ turn.T if -s * a[0] <= 0.5]
+    spacing = np.sqrt(4 * np.pi / n)  # rad between neighbouring axes
+    base = u(0.65, 0.85)  # where the pyramids' bases stop: the cortex is the rest
+    pelvis_c = c + rot @ np.array([-s * r[0] * 0.45, 0.0, -r[2] * 0.1])
+    this = np.zeros(grid.shape, dtype=bool)
+    this[sl] = hull
+    for a in axes:
+        half = spacing * u(0.5, 0.65)  # columns of cortex stay between the pyramids
+        theta = np.arccos(np.clip(du * a[0] + dv * a[1] + dw * a[2], -1.0, 1.0))
+        t = np.clip(depth / base, 0.0, 1.0)
+        cone = (depth > -0.12) & (depth < base) & (theta < half * (0.45 + 0.55 * t))
+        cup = (depth > -0.45) & (depth <= 0.0) & (theta < half * 0.55) & ~cone
+        sub[hull & cup] = T["renal_pelvis"]  # the minor calyx around the papilla
+        sub[hull & cone] = T["kidney_medulla"]
+        # an infundibulum from the calyx to the pelvis
+        scale = 1.0 / np.sqrt(np.sum((a / k_sin) ** 2))  # to the sinus surface along a
+        tip = c + rot @ (np.array([cs_u, 0.0, 0.0]) + 0.8 * scale * a * np.asarray(r))
+        _paint(tissue, *_inside(grid.tube([tip, pelvis_c], u(1.0, 2.0))), "renal_pelvis", this)
+    # segmental vessels from the hilum through the sinus, to between the pyramids
+    hil = c + rot @ np.array([-s * r[0] * 0.75, 0.0, 0.0])
+    for _ in range(int(rng.integers(3, 7))):
+        a = rng.normal(size=3)
+        a[0] = s * abs(a[0])  # away from the hilum
+        a /= np.linalg.norm(a)
+        scale = 1.0 / np.sqrt(np.sum((a / k_sin) ** 2))
+        end = c + rot @ (np.array([cs_u, 0.0, 0.0]) + u(0.9, 1.3) * scale * a * np.asarray(r))
+        mid = (hil + end) / 2 + rng.normal(0, 3.0, 3)
+        for name, radius in (("ivc", u(1.5, 2.8)), ("aorta", u(0.9, 1.6))):
+            shift = rng.normal(0, 2.0, 3)
+            box, inside = _inside(grid.tube([hil + shift, mid + shift, end + shift], radius))
+            if box is None:
+                continue
+            inside &= this[box]
+            tissue[box][inside] = T[name]
+            sinus_vessels[box] |= inside
 
 
 def _bowel(grid, tissue, p, abdomen, organs, rng):

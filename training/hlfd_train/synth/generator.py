@@ -80,6 +80,10 @@ class SynthConfig:
     # "huge (12 cm)", beyond Hu et al.'s large class): 3D-IRCADb-01 case 1.7's 669 mL mass,
     # larger than any lesion the stream drew, was called liver by every liver model
     huge_lesions: float = 0.0
+    # chance that the kidneys get a real inside (anatomy._renal_detail): cone-shaped pyramids
+    # around the sinus, calyces, and segmental vessels in the sinus fat. 3D-IRCADb-01's kidneys
+    # (1.7 nephrographic, 1.17 corticomedullary) show them; every kidney model called them tumour
+    renal_detail: float = 0.0
     # chance that the volume is cropped in-plane to a square of organ_crop_mm around the organ
     # (Slicer's Crop Volume before segmenting): organ and tumours run into the image border
     organ_crop: float = 0.0
@@ -109,6 +113,7 @@ class SynthConfig:
             "splenomegaly",
             "medulla_lag",
             "huge_lesions",
+            "renal_detail",
             "organ_crop",
         ):
             if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
@@ -187,6 +192,9 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
             spleen.uniform(0, 0.15),
             spleen.uniform(0, 0.15),
         )
+    detail = np.random.default_rng([seed, 37])  # its own stream: at 0, earlier seeds unchanged
+    if detail.random() < cfg.renal_detail:
+        p.extra["renal_detail"] = detail
     # acquisition grid
     sx = u(*cfg.inplane_mm)
     sz = float(rng.choice(cfg.slice_mm, p=np.asarray(cfg.slice_weights) / sum(cfg.slice_weights)))
@@ -233,7 +241,7 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
     # its own stream too: with hu_spread at 0 (the default) earlier seeds are unchanged
     spread = np.random.default_rng([seed, 13])
     spread = spread if spread.random() < cfg.hu_spread else None
-    lag = np.random.default_rng([seed, 23])  # and its own: at 0, earlier seeds unchanged
+    lag = np.random.default_rng([seed, 31])  # and its own: at 0, earlier seeds unchanged
     lagging = phase == "portal_venous" and lag.random() < cfg.medulla_lag
     lag_hu = lag.uniform(40, 100) if lagging else 0.0
     img = render(grid, anatomy, lesions, phase, rng, (sx, sx, fine_dz), fat_hu, spread, lag_hu)
@@ -270,6 +278,7 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
         "hu_spread": spread is not None,
         "splenomegaly": "spleen" in p.extra,
         "medulla_lag_hu": round(lag_hu, 1),
+        "renal_detail": "renal_detail" in p.extra,
         "organ_crop_mm": None,
         "lesions": [
             {k: v for k, v in rec.items() if k not in ("box", "q", "region")} for rec in lesions
