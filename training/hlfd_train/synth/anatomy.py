@@ -517,10 +517,10 @@ def _kidneys(grid, tissue, p, abdomen, vessels, rng) -> tuple[np.ndarray, np.nda
 
 
 def _renal_detail(grid, tissue, sl, hull, local, sinus, frame, sinus_vessels, rng) -> None:
-    """The inside of a real kidney, for one kidney's box: 8-15 cone-shaped medullary pyramids
-    whose papillae point into the sinus, each capped by a minor calyx joined to the pelvis, and
-    segmental arteries and veins branching through the sinus fat (Netter; a kidney has 7-18
-    pyramids). In a corticomedullary CT the pyramids are the darker cones around the sinus, in a
+    """The inside of a real kidney, for one kidney's box: 8-13 cone-shaped medullary pyramids
+    (a kidney has 8-18: Gray's Anatomy) whose papillae point into the sinus, each capped by a
+    minor calyx joined to the pelvis, and segmental arteries and veins branching through the
+    sinus fat. In a corticomedullary CT the pyramids are the darker cones around the sinus, in a
     nephrographic one they fade into the cortex; the vessels are bright in every contrast phase.
     Draws from ``rng`` only (its own stream): the cases without detail stay as they were."""
     u = rng.uniform
@@ -540,10 +540,10 @@ def _renal_detail(grid, tissue, sl, hull, local, sinus, frame, sinus_vessels, rn
     sub[parenchyma & (sub == T["kidney_medulla"])] = T["kidney_cortex"]  # the plain band goes
     # pyramid axes spread evenly (a turned Fibonacci sphere), none into the hilum
     n = int(rng.integers(11, 18))
-    k = np.arange(n) + 0.5
-    z = 1.0 - 2.0 * k / n
-    ring = np.sqrt(1.0 - z * z)
-    fib = np.stack([ring * np.cos(2.39996 * k), ring * np.sin(2.39996 * k), z], axis=1)
+    i = np.arange(n) + 0.5
+    height = 1.0 - 2.0 * i / n
+    ring = np.sqrt(1.0 - height * height)
+    fib = np.stack([ring * np.cos(2.39996 * i), ring * np.sin(2.39996 * i), height], axis=1)
     turn, _ = np.linalg.qr(rng.normal(size=(3, 3)))
     axes = [a for a in fib @ turn.T if -s * a[0] <= 0.5]
     spacing = np.sqrt(4 * np.pi / n)  # rad between neighbouring axes
