@@ -451,6 +451,26 @@ def test_medulla_lag_and_organ_crop_draw_from_streams_of_their_own():
     assert lagging != cropped
 
 
+def test_bowel_by_kidney_lays_loops_against_the_kidneys_in_the_fat_only():
+    """``bowel_by_kidney``: small-bowel loops against the kidneys (a real CT's jejunum by the
+    left kidney was called kidney and tumour), painted over abdominal fat only: the labels and
+    every organ stay as they were."""
+    from hlfd_train.synth.tissues import T
+
+    cfg = dict(task="kidney", tumour_free=1.0, metal=0.0, fov_cut=0.0)
+    plain, loops = synth_case(fast(**cfg), 3), synth_case(fast(bowel_by_kidney=1.0, **cfg), 3)
+    assert loops.meta["bowel_by_kidney"] and not plain.meta["bowel_by_kidney"]
+    assert np.array_equal(plain.labels, loops.labels)
+    changed = plain.tissue != loops.tissue
+    assert changed.any() and (plain.tissue[changed] == T["visceral_fat"]).all()
+    kidney = plain.labels == 1
+    rim = ndimage.binary_dilation(kidney, iterations=2) & ~kidney
+    wall = [(c.tissue == T["bowel_wall"]) & rim for c in (plain, loops)]
+    assert wall[1].sum() > wall[0].sum()
+    with pytest.raises(SynthError, match="bowel_by_kidney"):
+        SynthConfig(bowel_by_kidney=-0.1)
+
+
 def test_a_thin_patient_seed_makes_a_case():
     """Seed 82782 draws a patient so thin that the small bowel's box had no room front to back:
     the generator raised inside a training stream (1 in about 70,000 seeds)."""

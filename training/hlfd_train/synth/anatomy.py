@@ -136,6 +136,8 @@ def build(grid: Grid, p: Patient, rng: np.random.Generator) -> Anatomy:
     _spleen_stomach_pancreas(grid, tissue, p, abdomen, zd, vessels, rng)
     kidney, sinus_vessels = _kidneys(grid, tissue, p, abdomen, vessels, rng)
     _bowel(grid, tissue, p, abdomen, liver | kidney, rng)
+    if "bowel_by_kidney" in p.extra:  # a Generator of its own
+        _loops_by_kidneys(grid, tissue, abdomen, kidney, p.extra["bowel_by_kidney"])
     _pelvis(grid, tissue, p, abdomen, rng)
     _mesenteric_vessels(grid, tissue, p, abdomen, rng)
     if p.arms:
@@ -630,6 +632,44 @@ def _bowel(grid, tissue, p, abdomen, organs, rng):
         if p.oral_contrast and rng.random() < 0.7:
             kind = "oral_contrast"
         tissue[sl][lumen] = T[str(kind)]
+
+
+def _loops_by_kidneys(grid, tissue, abdomen, kidney, rng) -> None:
+    """1-3 small-bowel loops against each kidney's front and side (jejunum lies on the left
+    kidney; duodenum and colon touch both), collapsed or filled with fluid, air or oral
+    contrast, their walls enhancing like a kidney's outer cortex: the hard negative behind the
+    kidney models' false kidney and "tumour" in the bowel of a real CT (3D-IRCADb-01 case 1.1).
+    Painted in the abdominal fat only: no organ loses a voxel. Draws from ``rng`` only."""
+    u = rng.uniform
+    free = abdomen & (tissue == T["visceral_fat"])
+    for s in (-1, 1):
+        side = kidney & ((grid.X > 0) if s > 0 else (grid.X <= 0))
+        z, y, x = np.nonzero(side)
+        if len(z) < 50:
+            continue
+        cx, cy = float(grid.xs[x].mean()), float(grid.ys[y].mean())
+        front = (grid.ys[y] < cy + u(-5, 5)) & (s * grid.xs[x] > s * cx - 10)  # front / side
+        if not front.any():
+            continue
+        lo = (grid.xs[x].min() - 60, grid.ys[y].min() - 60, grid.zs[z].min() - 20)
+        hi = (grid.xs[x].max() + 60, grid.ys[y].max(), grid.zs[z].max() + 20)
+        for _ in range(int(rng.integers(1, 4))):
+            k = int(rng.choice(np.flatnonzero(front)))
+            surface = np.array([grid.xs[x[k]], grid.ys[y[k]], grid.zs[z[k]]], dtype=float)
+            out = np.array([s * u(0.3, 1.0), -u(0.5, 1.0), u(-0.3, 0.3)])
+            radius = u(6, 12)
+            start = surface + out / np.linalg.norm(out) * (radius + u(0, 3))
+            walk = random_walk(start, int(u(3, 7)), u(12, 18), lo, hi, rng)
+            t = grid.tube(walk, radius)
+            if t is None:
+                continue
+            sl, d = t
+            wall = (d <= 1) & free[sl]
+            tissue[sl][wall] = T["bowel_wall"]
+            kind = rng.choice(
+                ["bowel_wall", "bowel_fluid", "air", "oral_contrast"], p=[0.4, 0.35, 0.1, 0.15]
+            )
+            tissue[sl][wall & (d <= u(0.5, 0.75))] = T[str(kind)]
 
 
 def _pelvis(grid, tissue, p, abdomen, rng):

@@ -84,6 +84,9 @@ class SynthConfig:
     # around the sinus, calyces, and segmental vessels in the sinus fat. 3D-IRCADb-01's kidneys
     # (1.7 nephrographic, 1.17 corticomedullary) show them; every kidney model called them tumour
     renal_detail: float = 0.0
+    # chance of 1-3 small-bowel loops against each kidney's front and side (collapsed or filled):
+    # 3D-IRCADb-01 case 1.1's jejunum by the left kidney was called kidney and tumour
+    bowel_by_kidney: float = 0.0
     # chance that the volume is cropped in-plane to a square of organ_crop_mm around the organ
     # (Slicer's Crop Volume before segmenting): organ and tumours run into the image border
     organ_crop: float = 0.0
@@ -114,6 +117,7 @@ class SynthConfig:
             "medulla_lag",
             "huge_lesions",
             "renal_detail",
+            "bowel_by_kidney",
             "organ_crop",
         ):
             if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
@@ -195,6 +199,9 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
     detail = np.random.default_rng([seed, 37])  # its own stream: at 0, earlier seeds unchanged
     if detail.random() < cfg.renal_detail:
         p.extra["renal_detail"] = detail
+    loops = np.random.default_rng([seed, 41])  # its own stream: at 0, earlier seeds unchanged
+    if loops.random() < cfg.bowel_by_kidney:
+        p.extra["bowel_by_kidney"] = loops
     # acquisition grid
     sx = u(*cfg.inplane_mm)
     sz = float(rng.choice(cfg.slice_mm, p=np.asarray(cfg.slice_weights) / sum(cfg.slice_weights)))
@@ -279,6 +286,7 @@ def synth_case(config: SynthConfig | None = None, seed: int = 0) -> SynthCase:
         "splenomegaly": "spleen" in p.extra,
         "medulla_lag_hu": round(lag_hu, 1),
         "renal_detail": "renal_detail" in p.extra,
+        "bowel_by_kidney": "bowel_by_kidney" in p.extra,
         "organ_crop_mm": None,
         "lesions": [
             {k: v for k, v in rec.items() if k not in ("box", "q", "region")} for rec in lesions
