@@ -148,7 +148,7 @@ def build(grid: Grid, p: Patient, rng: np.random.Generator) -> Anatomy:
         metal = _metal(grid, tissue, p, rng)
     # the organs' final masks: what is still theirs after everything was painted
     liver &= np.isin(tissue, [T["liver"], T["portal_vein"], T["hepatic_vein"], T["cyst"]])
-    kidney &= np.isin(
+    kidney_tissue = np.isin(
         tissue,
         [
             T["kidney_cortex"],
@@ -157,7 +157,10 @@ def build(grid: Grid, p: Patient, rng: np.random.Generator) -> Anatomy:
             T["renal_sinus_fat"],
             T["cyst"],
         ],
-    ) | (kidney & sinus_vessels & np.isin(tissue, [T["aorta"], T["ivc"]]))
+    )
+    if sinus_vessels is not None:  # renal_detail: the sinus vessels stay kidney
+        kidney_tissue |= sinus_vessels & np.isin(tissue, [T["aorta"], T["ivc"]])
+    kidney &= kidney_tissue
     return Anatomy(tissue, liver, kidney, rho.astype(np.float32), metal, abdomen)
 
 
@@ -452,12 +455,12 @@ def _spleen_stomach_pancreas(grid, tissue, p, abdomen, zd, vessels, rng):
             )
 
 
-def _kidneys(grid, tissue, p, abdomen, vessels, rng) -> tuple[np.ndarray, np.ndarray]:
-    """Both kidneys' hulls, and the vessels painted inside them (``renal_detail`` only)."""
+def _kidneys(grid, tissue, p, abdomen, vessels, rng) -> tuple[np.ndarray, np.ndarray | None]:
+    """Both kidneys' hulls, and the vessels painted inside them (None without ``renal_detail``)."""
     u = rng.uniform
     kidney = np.zeros(grid.shape, dtype=bool)
-    sinus_vessels = np.zeros(grid.shape, dtype=bool)
     detail = p.extra.get("renal_detail")  # a Generator of its own, or None
+    sinus_vessels = None if detail is None else np.zeros(grid.shape, dtype=bool)
     vw = p.vb_r[0]
     for side, s in ((0, -1), (1, 1)):
         half_len = p.kidney_len[side] / 2
@@ -537,6 +540,12 @@ def _renal_detail(grid, tissue, sl, hull, local, sinus, frame, sinus_vessels, rn
     du, dv, dw = (lu - cs_u) / r[0], lv / r[1], lw / r[2]
     norm = np.sqrt(du * du + dv * dv + dw * dw) + 1e-6
     du, dv, dw = du / norm, dv / norm, dw / norm
+
+    def sinus_point(a: np.ndarray, f: float) -> np.ndarray:
+        """The point ``f`` times the way from the sinus centre to its surface along ``a``."""
+        to_surface = 1.0 / np.sqrt(np.sum((a / k_sin) ** 2))
+        return c + rot @ (np.array([cs_u, 0.0, 0.0]) + f * to_surface * a * np.asarray(r))
+
     sub = tissue[sl]
     parenchyma = hull & (sinus > 1)
     sub[parenchyma & (sub == T["kidney_medulla"])] = T["kidney_cortex"]  # the plain band goes
@@ -550,20 +559,19 @@ def _renal_detail(grid, tissue, sl, hull, local, sinus, frame, sinus_vessels, rn
     axes = [a for a in fib @ turn.T if -s * a[0] <= 0.5]
     spacing = np.sqrt(4 * np.pi / n)  # rad between neighbouring axes
     base = u(0.65, 0.85)  # where the pyramids' bases stop: the cortex is the rest
+    t = np.clip(depth / base, 0.0, 1.0)  # 0 at the papilla, 1 at the base
     pelvis_c = c + rot @ np.array([-s * r[0] * 0.45, 0.0, -r[2] * 0.1])
     this = np.zeros(grid.shape, dtype=bool)
     this[sl] = hull
     for a in axes:
         half = spacing * u(0.5, 0.65)  # columns of cortex stay between the pyramids
         theta = np.arccos(np.clip(du * a[0] + dv * a[1] + dw * a[2], -1.0, 1.0))
-        t = np.clip(depth / base, 0.0, 1.0)
         cone = (depth > -0.12) & (depth < base) & (theta < half * (0.45 + 0.55 * t))
         cup = (depth > -0.45) & (depth <= 0.0) & (theta < half * 0.55) & ~cone
         sub[hull & cup] = T["renal_pelvis"]  # the minor calyx around the papilla
         sub[hull & cone] = T["kidney_medulla"]
         # an infundibulum from the calyx to the pelvis
-        scale = 1.0 / np.sqrt(np.sum((a / k_sin) ** 2))  # to the sinus surface along a
-        tip = c + rot @ (np.array([cs_u, 0.0, 0.0]) + 0.8 * scale * a * np.asarray(r))
+        tip = sinus_point(a, 0.8)
         _paint(tissue, *_inside(grid.tube([tip, pelvis_c], u(1.0, 2.0))), "renal_pelvis", this)
     # segmental vessels from the hilum through the sinus, to between the pyramids
     hil = c + rot @ np.array([-s * r[0] * 0.75, 0.0, 0.0])
@@ -571,8 +579,7 @@ def _renal_detail(grid, tissue, sl, hull, local, sinus, frame, sinus_vessels, rn
         a = rng.normal(size=3)
         a[0] = s * abs(a[0])  # away from the hilum
         a /= np.linalg.norm(a)
-        scale = 1.0 / np.sqrt(np.sum((a / k_sin) ** 2))
-        end = c + rot @ (np.array([cs_u, 0.0, 0.0]) + u(0.9, 1.3) * scale * a * np.asarray(r))
+        end = sinus_point(a, u(0.9, 1.3))
         mid = (hil + end) / 2 + rng.normal(0, 3.0, 3)
         for name, radius in (("ivc", u(1.5, 2.8)), ("aorta", u(0.9, 1.6))):
             shift = rng.normal(0, 2.0, 3)
